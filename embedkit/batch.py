@@ -1,0 +1,167 @@
+"""PackedBatch: the varlen description of a batch of sequences concatenated into [T, ...].
+
+Holds cu_seqlens (int32 [B+1]), max_seqlen, and optional per-token position ids ([T] or [3, T]),
+modality ids ([T]) and pool mask ([T] bool). `unpad` / `pad` move token tensors between the
+padded [B, L, ...] layout and the packed one; the flat token indices are kept so that `pad`
+restores exactly the layout `unpad` came from (left- or right-padded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+
+from .ops import _checks
+from .ops.reference import segment_ids as _segment_ids
+
+
+@dataclass
+class PackedBatch:
+    cu_seqlens: torch.Tensor
+    max_seqlen: int | None = None
+    position_ids: torch.Tensor | None = None
+    modality_ids: torch.Tensor | None = None
+    pool_mask: torch.Tensor | None = None
+    # Flat indices into [B * padded_len] of each packed token, when built from a padded batch.
+    token_indices: torch.Tensor | None = field(default=None, repr=False)
+    padded_len: int | None = None
+
+    def __post_init__(self) -> None:
+        cu = _checks.check_cu_seqlens(self.cu_seqlens, None, None)
+        device = cu.device
+        lengths = cu[1:] - cu[:-1]
+        if self.max_seqlen is None:
+            self.max_seqlen = int(lengths.max())
+        else:
+            self.max_seqlen = _checks.check_max_seqlen(self.max_seqlen, cu)
+        total = self.total_tokens
+        if self.position_ids is not None:
+            pos = _checks.check_tensor(self.position_ids, "position_ids",
+                                       dtypes=(torch.int32, torch.int64), device=device)
+            if not (pos.shape == (total,) or pos.shape == (3, total)):
+                raise ValueError(f"position_ids must have shape [T] or [3, T] with T = {total}, "
+                                 f"got {tuple(pos.shape)}")
+        if self.modality_ids is not None:
+            mod = _checks.check_tensor(self.modality_ids, "modality_ids", ndim=1,
+                                       dtypes=(torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64),
+                                       device=device)
+            if mod.shape[0] != total:
+                raise ValueError(f"modality_ids must have T = {total} entries, got {mod.shape[0]}")
+        if self.pool_mask is not None:
+            pm = _checks.check_tensor(self.pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=device)
+            if pm.shape[0] != total:
+                raise ValueError(f"pool_mask must have T = {total} entries, got {pm.shape[0]}")
+        if self.token_indices is not None:
+            idx = _checks.check_tensor(self.token_indices, "token_indices", ndim=1,
+                                       dtypes=(torch.int64,), device=device)
+            if idx.shape[0] != total:
+                raise ValueError(f"token_indices must have T = {total} entries, got {idx.shape[0]}")
+            if self.padded_len is None:
+                raise ValueError("padded_len is required together with token_indices")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int] | torch.Tensor, *, device: torch.device | str | None = None,
+                     **fields) -> "PackedBatch":
+        """Sequences of the given lengths, packed back to back."""
+        lens = torch.as_tensor(lengths, device=device)
+        if lens.dim() != 1 or lens.numel() == 0:
+            raise ValueError(f"lengths must be a non-empty 1-D sequence of ints, got shape {tuple(lens.shape)}")
+        if lens.is_floating_point() or lens.dtype == torch.bool:
+            raise TypeError(f"lengths must be integers, got dtype {lens.dtype}")
+        if bool((lens < 0).any()):
+            raise ValueError("lengths must be >= 0")
+        cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=lens.device)
+        cu[1:] = torch.cumsum(lens, 0)
+        return cls(cu, int(lens.max()), **fields)
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor, **fields) -> "PackedBatch":
+        """The packing of a padded batch whose attention_mask [B, L] marks real tokens with 1/True."""
+        mask = _checks.check_tensor(attention_mask, "attention_mask", ndim=2)
+        if mask.is_floating_point():
+            raise TypeError(f"attention_mask must be bool or integer (1 = token, 0 = padding), got {mask.dtype}")
+        mask = mask.bool()
+        lengths = mask.sum(dim=1, dtype=torch.int32)
+        cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+        max_len = int(lengths.max()) if mask.shape[0] else 0
+        return cls(cu, max_len, token_indices=indices, padded_len=mask.shape[1], **fields)
+
+    @classmethod
+    def from_padded(cls, padded: torch.Tensor, attention_mask: torch.Tensor, **fields):
+        """(packed [T, ...], PackedBatch) from padded [B, L, ...] and attention_mask [B, L]."""
+        batch = cls.from_attention_mask(attention_mask, **fields)
+        return batch.unpad(padded), batch
+
+    # ---- layout conversion --------------------------------------------------------------------
+    def _indices(self) -> torch.Tensor:
+        if self.token_indices is not None:
+            return self.token_indices
+        # Right-padded layout: token j of sequence b sits at b * max_seqlen + j.
+        seg = self.seq_ids()
+        offs = torch.arange(self.total_tokens, device=self.device) - self.cu_seqlens.long()[seg]
+        return seg * self.max_seqlen + offs
+
+    def _padded_len(self) -> int:
+        return self.padded_len if self.padded_len is not None else self.max_seqlen
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Packed [T, ...] tokens of padded [B, L, ...]."""
+        x = _checks.check_tensor(padded, "padded", device=self.device)
+        if x.dim() < 2 or x.shape[0] != self.batch_size or x.shape[1] != self._padded_len():
+            raise ValueError(f"padded must have shape [B={self.batch_size}, L={self._padded_len()}, ...], "
+                             f"got {tuple(x.shape)}")
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self._indices())
+
+    def pad(self, packed: torch.Tensor, padding_value: float = 0.0) -> torch.Tensor:
+        """Padded [B, L, ...] of packed [T, ...] tokens (padding filled with padding_value)."""
+        x = _checks.check_tensor(packed, "packed", device=self.device)
+        if x.dim() < 1 or x.shape[0] != self.total_tokens:
+            raise ValueError(f"packed must have T = {self.total_tokens} rows, got shape {tuple(x.shape)}")
+        length = self._padded_len()
+        out = x.new_full((self.batch_size * length, *x.shape[1:]), padding_value)
+        out = out.index_copy(0, self._indices(), x)
+        return out.view(self.batch_size, length, *x.shape[1:])
+
+    def attention_mask(self) -> torch.Tensor:
+        """bool [B, L]: True where a padded position holds a token."""
+        flat = torch.zeros(self.batch_size * self._padded_len(), dtype=torch.bool, device=self.device)
+        flat[self._indices()] = True
+        return flat.view(self.batch_size, self._padded_len())
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def seq_ids(self) -> torch.Tensor:
+        """int64 [T]: which sequence each token belongs to."""
+        return _segment_ids(self.cu_seqlens, self.total_tokens)
+
+    def positions(self) -> torch.Tensor:
+        """position_ids if given, else each token's 0-based index within its sequence ([T], int64)."""
+        if self.position_ids is not None:
+            return self.position_ids
+        seg = self.seq_ids()
+        return torch.arange(self.total_tokens, device=self.device) - self.cu_seqlens.long()[seg]
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, cu_seqlens=self.cu_seqlens.to(device), position_ids=move(self.position_ids),
+                       modality_ids=move(self.modality_ids), pool_mask=move(self.pool_mask),
+                       token_indices=move(self.token_indices))

@@ -1,0 +1,56 @@
+"""The `embedkit` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _cmd_bench(args) -> int:
+    root = _repo_root()
+    if not (root / "bench" / "run.py").exists():
+        print("embedkit bench needs the source checkout (bench/ beside embedkit/): install with "
+              "`pip install -e .` from the repository", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench.run import main
+
+    main(quick=args.quick, ops=args.op, out_dir=args.out, device=args.device)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    import embedkit
+    from embedkit.ops import _dispatch
+
+    print(f"embedkit {embedkit.__version__}, torch {torch.__version__}, "
+          f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    print(f"backend in force: {embedkit.get_backend()}")
+    for op in _dispatch.registered_ops():
+        print(f"  {op:24s} {', '.join(embedkit.available_backends(op))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="embedkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run the kernel benchmarks and save JSON / Markdown / PNG results")
+    b.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    b.add_argument("--op", action="append", help="benchmark only this op (repeatable)")
+    b.add_argument("--out", help="results folder (default bench/results/<machine>/)")
+    b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    b.set_defaults(func=_cmd_bench)
+    i = sub.add_parser("info", help="versions and the backends available for each op")
+    i.set_defaults(func=_cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

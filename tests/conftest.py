@@ -1,0 +1,52 @@
+"""Test setup shared by every test module.
+
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
+triton decorates the kernels, i.e. before embedkit / tritonkernels are first imported, so it is
+set here, at conftest import time.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import embedkit  # noqa: E402
+
+settings.register_profile(
+    "default", deadline=None, max_examples=20, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_settings():
+    """Each test starts on backend 'auto' with validation on, whatever the previous test did."""
+    embedkit.set_validation(True)
+    embedkit._config._backend = None
+    yield
+    embedkit.set_validation(True)
+    embedkit._config._backend = None
+
+
+@pytest.fixture
+def device():
+    return DEVICE
