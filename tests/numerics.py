@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-# Dtypes the Triton backend is tested in on this machine. bf16 runs everywhere for the kernels that
-# widen bf16 dot operands under the interpreter (see tritonkernels._dtypes.dot_code).
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Dtypes the kernel backends are held to the tolerance rule in. bf16 only on a GPU: the Triton
+# interpreter converts fp32 -> bf16 by truncation (round toward zero, whatever fp_downcast_rounding
+# says), so interpreted bf16 outputs carry up to 1 ulp where torch rounds to nearest (1/2 ulp).
+# On CPU, bf16 gets the looser `assert_bf16_interpreted` check instead.
+TRITON_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if torch.cuda.is_available() else ())
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,3 +38,13 @@ def leaf(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh leaf copy (optionally cast) that requires grad."""
     y = x.detach().to(dtype or x.dtype).clone()
     return y.requires_grad_(y.is_floating_point())
+
+
+def assert_bf16_interpreted(name: str, actual: torch.Tensor, oracle: torch.Tensor, *, ulps: float = 2.0,
+                            atol: float = 1e-3) -> None:
+    """Interpreter bf16 check: error within `ulps` bf16 ulps (2**-7 relative) of each oracle value."""
+    assert actual.dtype == torch.bfloat16, name
+    err = (actual.double() - oracle.double()).abs()
+    bound = ulps * 2.0 ** -7 * oracle.double().abs() + atol
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, f"{name}: bf16 error exceeds {ulps} ulps + {atol:g} by {worst:.3e}"

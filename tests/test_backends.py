@@ -1,0 +1,112 @@
+"""Backend selection and validation switches: set_backend, use_backend, EMBEDKIT_BACKEND, set_validation,
+available_backends; explicit backends never fall back."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import embedkit
+from embedkit.ops import _dispatch
+
+
+def _inputs():
+    return torch.randn(6, 4), torch.tensor([0, 2, 6], dtype=torch.int32), torch.randn(5, 4)
+
+
+def test_default_is_auto_and_auto_on_cpu_never_picks_the_interpreter():
+    assert embedkit.get_backend() == "auto"
+    assert _dispatch.resolve("pool_project", torch.device("cpu")) in ("native", "reference")
+
+
+def test_set_backend_and_use_backend_restore():
+    embedkit.set_backend("reference")
+    assert embedkit.get_backend() == "reference"
+    with embedkit.use_backend("triton"):
+        assert embedkit.get_backend() == "triton"
+        with embedkit.use_backend("auto"):
+            assert embedkit.get_backend() == "auto"
+        assert embedkit.get_backend() == "triton"
+    assert embedkit.get_backend() == "reference"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with embedkit.use_backend("triton"):
+            raise RuntimeError("boom")
+    assert embedkit.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["cuda", "", None, 3])
+def test_unknown_backend_names_are_rejected(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        embedkit.set_backend(bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with embedkit.use_backend(bad):
+            pass
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("EMBEDKIT_BACKEND", "Reference")
+    assert embedkit.get_backend() == "reference"
+    embedkit.set_backend("triton")  # code wins over the environment
+    assert embedkit.get_backend() == "triton"
+    embedkit._config._backend = None
+    monkeypatch.setenv("EMBEDKIT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="EMBEDKIT_BACKEND must be one of"):
+        embedkit.get_backend()
+
+
+def test_available_backends():
+    found = embedkit.available_backends("pool_project")
+    assert found[-1] == "reference"
+    assert ("triton" in found) == (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    with pytest.raises(ValueError, match="op must be one of"):
+        embedkit.available_backends("no_such_op")
+
+
+def test_explicit_backend_without_an_implementation_raises():
+    # An op registered with no native implementation: asking for native must not fall back.
+    _dispatch.register_op("_test_only_op", set())
+    embedkit.set_backend("native")
+    with pytest.raises(embedkit.BackendUnavailableError, match="no 'native' implementation of _test_only_op"):
+        _dispatch.resolve("_test_only_op", torch.device("cpu"))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import os, torch, embedkit\n"
+        "os.environ.pop('TRITON_INTERPRET', None)\n"
+        "h, cu, w = torch.randn(6, 4), torch.tensor([0, 2, 6], dtype=torch.int32), torch.randn(5, 4)\n"
+        "embedkit.set_backend('triton')\n"
+        "try:\n"
+        "    embedkit.pool_project(h, cu, w)\n"
+        "except embedkit.BackendUnavailableError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EMBEDKIT_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "ERR backend 'triton' cannot run pool_project on cpu tensors" in out.stdout, out.stdout + out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_set_validation():
+    assert embedkit.validation_enabled()
+    embedkit.set_validation(False)
+    assert not embedkit.validation_enabled()
+    h, cu, w = _inputs()
+    bad_cu = torch.tensor([0, 2, 6, 6], dtype=torch.int32)  # an empty sequence: a content check (sync)
+    out = embedkit.pool_project(h, bad_cu, w)  # not checked: the empty mean is NaN, as documented
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[:2]).all()
+    embedkit.set_validation(True)
+    with pytest.raises(ValueError, match="sequence 2 is empty"):
+        embedkit.pool_project(h, bad_cu, w)
+
+
+def test_cli_info_lists_ops():
+    from embedkit.cli import main
+
+    assert main(["info"]) == 0
