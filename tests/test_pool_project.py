@@ -82,7 +82,8 @@ def test_bfloat16_on_cpu_within_truncation_bound(backend):
     xs = [leaf(x, torch.bfloat16) for x in (hidden, weight, bias)]
     with embedkit.use_backend(backend):
         out = embedkit.pool_project(xs[0], cu, xs[1], xs[2], pool_mask=pool_mask, out_dim=24, normalize=True)
-    g = torch.randn_like(out, dtype=torch.float64)
+    # grad_out holds bf16 values for both sides, so only the kernel's own rounding differs.
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).double()
     got = grads(out, xs, g)
     ref_in = [leaf(x) for x in xs]  # the same bf16 values, widened: isolates the kernel's own error
     ref = reference.pool_project(ref_in[0], cu, ref_in[1], ref_in[2], pool_mask=pool_mask, out_dim=24, normalize=True)
