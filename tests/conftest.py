@@ -15,6 +15,11 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import embedkit  # noqa: E402
+import hopper_aot  # noqa: E402
+
+# Record every interpreted kernel launch, to compile each specialization for sm_90 at the end.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    hopper_aot.install_recorder()
 
 settings.register_profile(
     "default", deadline=None, max_examples=20, print_blob=True,

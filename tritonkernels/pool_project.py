@@ -16,16 +16,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dtypes import DOT_BF16, DOT_FP16, DOT_FP32, dot_code, next_pow2
+from . import INTERPRET
+from ._dtypes import dot_code, next_pow2
 
 
+def _gpu_autotune(configs, key):
+    """triton.autotune on a GPU; under the interpreter one fixed config (tuning there is meaningless)."""
+    def wrap(fn):
+        return fn if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
+    return wrap
+
+
+_MEAN_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
+                 for bt, bh, w in ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (16, 256, 4))]
+
+
+@_gpu_autotune(_MEAN_CONFIGS, key=["H", "SPLIT", "HAS_MASK"])
 @triton.jit
-def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, pooled, counts, H,
-                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, out, counts, H, SPLIT,
+                        HAS_MASK: tl.constexpr, FINAL: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """Program (seq, hblock, split) sums the pooled tokens of chunk `split` of sequence `seq`.
+
+    FINAL (SPLIT == 1): writes the mean to out [B, H] and the count to counts [B]. Otherwise writes
+    fp32 partial sums to out [SPLIT, B, H] and counts [SPLIT, B], reduced in a fixed order by
+    _reduce_partials_kernel (deterministic, no atomics).
+    """
     seq = tl.program_id(0)
     hblock = tl.program_id(1)
-    start = tl.load(cu_seqlens + seq)
-    end = tl.load(cu_seqlens + seq + 1)
+    split = tl.program_id(2)
+    n_seq = tl.num_programs(0)
+    seq_start = tl.load(cu_seqlens + seq)
+    seq_end = tl.load(cu_seqlens + seq + 1)
+    chunk = tl.cdiv(seq_end - seq_start, SPLIT)
+    start = seq_start + split * chunk
+    end = tl.minimum(start + chunk, seq_end)
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     # A 2-D accumulator keeps BLOCK_T independent fp32 sums in flight; reduced once at the end.
@@ -42,12 +67,39 @@ def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, pooled, counts
                     mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
         acc += x * w[:, None]
         n += w
+    total = tl.sum(acc, axis=0)
     count = tl.sum(n, axis=0)
-    tl.store(pooled + seq.to(tl.int64) * H + offs_h, tl.sum(acc, axis=0) / count, mask=h_ok)
+    row = split.to(tl.int64) * n_seq + seq
+    if FINAL:
+        total = total / count
+    tl.store(out + row * H + offs_h, total, mask=h_ok)
     if hblock == 0:
+        tl.store(counts + row, count)
+
+
+@triton.jit
+def _reduce_partials_kernel(partial, partial_counts, out, counts, B, H, SPLIT, BLOCK_H: tl.constexpr):
+    seq = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    count = tl.load(partial_counts + seq)
+    total += tl.load(partial + seq.to(tl.int64) * H + offs_h, mask=h_ok, other=0.0)
+    for s in range(1, SPLIT):
+        row = s * B + seq
+        total += tl.load(partial + row.to(tl.int64) * H + offs_h, mask=h_ok, other=0.0)
+        count += tl.load(partial_counts + row)
+    tl.store(out + seq.to(tl.int64) * H + offs_h, total / count, mask=h_ok)
+    if tl.program_id(1) == 0:
         tl.store(counts + seq, count)
 
 
+_MATMUL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                   for m, n, k, w, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                          (64, 64, 64, 4, 4), (32, 64, 32, 4, 4), (128, 128, 32, 8, 4))]
+
+
+@_gpu_autotune(_MATMUL_CONFIGS, key=["M", "N", "K", "DOT"])
 @triton.jit
 def _matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
@@ -121,13 +173,19 @@ def _column_sum_kernel(x, stride_x, out, M, N, BLOCK_M: tl.constexpr, BLOCK_N: t
     tl.store(out + offs_n, tl.sum(acc, axis=0).to(out.dtype.element_ty), mask=n_ok)
 
 
+@_gpu_autotune(_MEAN_CONFIGS, key=["H", "SPLIT", "HAS_MASK"])
 @triton.jit
-def _masked_mean_bwd_kernel(d_pooled, counts, cu_seqlens, pool_mask, d_hidden, stride_dt, H,
+def _masked_mean_bwd_kernel(d_pooled, counts, cu_seqlens, pool_mask, d_hidden, stride_dt, H, SPLIT,
                             HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """d_hidden[t] = mask[t] * d_pooled[seq] / count[seq] over chunk `split` of sequence `seq`."""
     seq = tl.program_id(0)
     hblock = tl.program_id(1)
-    start = tl.load(cu_seqlens + seq)
-    end = tl.load(cu_seqlens + seq + 1)
+    split = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + seq)
+    seq_end = tl.load(cu_seqlens + seq + 1)
+    chunk = tl.cdiv(seq_end - seq_start, SPLIT)
+    start = seq_start + split * chunk
+    end = tl.minimum(start + chunk, seq_end)
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     g = tl.load(d_pooled + seq.to(tl.int64) * H + offs_h, mask=h_ok, other=0.0) / tl.load(counts + seq)
@@ -145,9 +203,26 @@ def _masked_mean_bwd_kernel(d_pooled, counts, cu_seqlens, pool_mask, d_hidden, s
 
 # ---- host launchers ---------------------------------------------------------------------------
 
-def _mean_blocks(H: int) -> tuple[int, int]:
-    block_h = min(128, next_pow2(H))
-    return 32, max(16, block_h)
+_INTERPRET_MEAN_BLOCKS = {"BLOCK_T": 32, "BLOCK_H": 64}
+
+
+def _mean_launch(kernel, grid_fn, *args, **kw):
+    """Launch a pooling kernel: autotuned blocks on GPU, fixed blocks under the interpreter."""
+    if INTERPRET:
+        kernel[grid_fn(_INTERPRET_MEAN_BLOCKS)](*args, **kw, **_INTERPRET_MEAN_BLOCKS)
+    else:
+        kernel[grid_fn](*args, **kw)
+
+
+def token_splits(T: int, B: int, H: int, device: torch.device) -> int:
+    """How many chunks to cut each sequence into so that the (sequence, H-block) grid fills the GPU:
+    a batch of a few long sequences would otherwise leave most SMs idle. Decided from host-side
+    sizes only (no sync): assumes lengths near the mean T / B."""
+    if device.type != "cuda" or B == 0:
+        return 1
+    programs = B * triton.cdiv(H, 128)
+    want = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    return int(max(1, min(want, T // max(1, B) // 256, 64)))
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, dot: int) -> None:
@@ -156,32 +231,53 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
     N = b.shape[1]
     if M == 0 or N == 0:
         return
-    block_m = 64 if M >= 64 else max(16, next_pow2(M))
-    block_n = 64 if N >= 64 else max(16, next_pow2(N))
-    block_k = 32 if dot == DOT_FP32 else 64
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _matmul_kernel[grid](a, b, c, bias if bias is not None else c, M, N, K,
-                         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                         HAS_BIAS=bias is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    args = (a, b, c, bias if bias is not None else c, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    if INTERPRET:
+        blocks = {"BLOCK_M": min(64, max(16, next_pow2(M))), "BLOCK_N": min(64, max(16, next_pow2(N))),
+                  "BLOCK_K": 32}
+        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+        _matmul_kernel[grid](*args, HAS_BIAS=bias is not None, DOT=dot, **blocks)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _matmul_kernel[grid](*args, HAS_BIAS=bias is not None, DOT=dot)
 
 
-def pool_project_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None, pool_mask: torch.Tensor | None, out_dim: int,
-                     normalize: bool):
-    """Returns (out [B, out_dim] in hidden's dtype, pooled fp32 [B, H], counts fp32 [B],
-    y fp32 [B, out_dim] (pre-normalization; empty unless normalize), inv_norm fp32 [B] (same))."""
+def masked_mean_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor | None,
+                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled fp32 [B, H], counts fp32 [B]): the mean of the pooled tokens of each sequence."""
     T, H = hidden.shape
     B = cu_seqlens.numel() - 1
     dev = hidden.device
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
+    splits = token_splits(T, B, H, dev) if splits is None else splits
     pooled = torch.empty(B, H, dtype=torch.float32, device=dev)
     counts = torch.empty(B, dtype=torch.float32, device=dev)
-    mask_u8 = pool_mask.view(torch.uint8) if pool_mask is not None else None
-    block_t, block_h = _mean_blocks(H)
-    _masked_mean_kernel[(B, triton.cdiv(H, block_h))](
-        hidden, hidden.stride(0), cu_seqlens, mask_u8 if mask_u8 is not None else cu_seqlens,
-        pooled, counts, H, HAS_MASK=mask_u8 is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+    mask_arg = pool_mask.view(torch.uint8) if pool_mask is not None else cu_seqlens
+    if splits == 1:
+        out, out_counts = pooled, counts
+    else:
+        out = torch.empty(splits, B, H, dtype=torch.float32, device=dev)
+        out_counts = torch.empty(splits, B, dtype=torch.float32, device=dev)
+    _mean_launch(_masked_mean_kernel, lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]), splits),
+                 hidden, hidden.stride(0), cu_seqlens, mask_arg, out, out_counts, H, splits,
+                 HAS_MASK=pool_mask is not None, FINAL=splits == 1)
+    if splits > 1:
+        block_h = min(1024, max(16, next_pow2(H)))
+        _reduce_partials_kernel[(B, triton.cdiv(H, block_h))](out, out_counts, pooled, counts, B, H, splits,
+                                                              BLOCK_H=block_h)
+    return pooled, counts
+
+
+def pool_project_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, pool_mask: torch.Tensor | None, out_dim: int,
+                     normalize: bool, splits: int | None = None):
+    """Returns (out [B, out_dim] in hidden's dtype, pooled fp32 [B, H], counts fp32 [B],
+    y fp32 [B, out_dim] (pre-normalization; empty unless normalize), inv_norm fp32 [B] (same))."""
+    B = cu_seqlens.numel() - 1
+    dev = hidden.device
+    pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask, splits)
     w = weight[:out_dim]
     b = bias[:out_dim] if bias is not None else None
     out = torch.empty(B, out_dim, dtype=hidden.dtype, device=dev)
@@ -201,7 +297,8 @@ def pool_project_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: tor
 def pool_project_bwd(grad_out: torch.Tensor, pooled: torch.Tensor, counts: torch.Tensor,
                      y: torch.Tensor, inv_norm: torch.Tensor, hidden_shape: tuple[int, int],
                      hidden_dtype: torch.dtype, cu_seqlens: torch.Tensor, weight: torch.Tensor,
-                     has_bias: bool, pool_mask: torch.Tensor | None, normalize: bool):
+                     has_bias: bool, pool_mask: torch.Tensor | None, normalize: bool,
+                     splits: int | None = None):
     """Returns (d_hidden [T, H], d_weight [D_out, H], d_bias [D_out] or None)."""
     T, H = hidden_shape
     B, out_dim = grad_out.shape
@@ -226,9 +323,9 @@ def pool_project_bwd(grad_out: torch.Tensor, pooled: torch.Tensor, counts: torch
     d_pooled = torch.empty(B, H, dtype=torch.float32, device=dev)
     _matmul(dy, weight[:out_dim], d_pooled, None, dot)
     d_hidden = torch.empty(T, H, dtype=hidden_dtype, device=dev)
-    mask_u8 = pool_mask.view(torch.uint8) if pool_mask is not None else None
-    block_t, block_h = _mean_blocks(H)
-    _masked_mean_bwd_kernel[(B, triton.cdiv(H, block_h))](
-        d_pooled, counts, cu_seqlens, mask_u8 if mask_u8 is not None else cu_seqlens, d_hidden,
-        d_hidden.stride(0), H, HAS_MASK=mask_u8 is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+    splits = token_splits(T, B, H, dev) if splits is None else splits
+    mask_arg = pool_mask.view(torch.uint8) if pool_mask is not None else cu_seqlens
+    _mean_launch(_masked_mean_bwd_kernel, lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]), splits),
+                 d_pooled, counts, cu_seqlens, mask_arg, d_hidden, d_hidden.stride(0), H, splits,
+                 HAS_MASK=pool_mask is not None)
     return d_hidden, d_weight, d_bias
