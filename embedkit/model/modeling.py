@@ -47,10 +47,10 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        x32 = x.float()
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # fp64 stays fp64
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (y * (self.weight.float() + self.offset)).to(x.dtype)
+            return (y * (self.weight.to(y.dtype) + self.offset)).to(x.dtype)
         return self.weight * y.to(x.dtype)
 
 
