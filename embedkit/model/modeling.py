@@ -28,7 +28,7 @@ from .._config import validation_enabled
 from ..batch import PackedBatch
 from .config import SPECIAL_TOKENS, EmbedderConfig
 from .inputs import SEGMENT_TYPES, Interleaved
-from .processor import HFTokenizer, ModelInputs, Processor, load_tokenizer
+from .processor import HFTokenizer, ModelInputs, Processor
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -329,14 +329,14 @@ class Embedder(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
-        tok = self.processor._tokenizer_spec
-        if not (tok is None or isinstance(tok, str)):
-            tok = load_tokenizer(tok)
-            if isinstance(tok, HFTokenizer):
-                tok.tok.save_pretrained(str(out / TOKENIZER_DIR))
-                cfg["tokenizer"] = "./" + TOKENIZER_DIR
-            else:
-                cfg["tokenizer"] = "bytes"
+        # A Hugging Face tokenizer (given as a path or an object) is saved beside the weights, so the
+        # directory is self-contained; the built-in byte tokenizer is just named.
+        tok = self.processor.tokenizer
+        if isinstance(tok, HFTokenizer):
+            tok.tok.save_pretrained(str(out / TOKENIZER_DIR))
+            cfg["tokenizer"] = "./" + TOKENIZER_DIR
+        elif tok is not None:
+            cfg["tokenizer"] = "bytes"
         (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "embedkit"})
