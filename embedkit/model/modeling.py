@@ -26,6 +26,7 @@ from torch import nn
 from .. import ops
 from .._config import validation_enabled
 from ..batch import PackedBatch
+from ..ops.reference import segment_ids
 from .config import SPECIAL_TOKENS, EmbedderConfig
 from .inputs import SEGMENT_TYPES, Interleaved
 from .processor import HFTokenizer, ModelInputs, Processor
@@ -205,8 +206,8 @@ class Embedder(nn.Module):
             x = x.index_copy(0, inputs.audio_index, self.audio_embed(inputs.audio_patches.to(x.dtype)))
         b = inputs.batch
         if self.position_embed is not None:
-            T = x.shape[0]
-            seq_pos = torch.arange(T, device=x.device) - b.cu_seqlens.long()[b.seq_ids()]
+            T = x.shape[0]  # (not b.total_tokens: that would sync with the device)
+            seq_pos = torch.arange(T, device=x.device) - b.cu_seqlens.long()[segment_ids(b.cu_seqlens, T)]
             x = x + self.position_embed(seq_pos)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
