@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import embedkit
 from embedkit.model import Embedder, EmbedderConfig
@@ -330,3 +332,55 @@ def test_text_needs_a_tokenizer():
         model.encode("text")
     # Images alone still work without a tokenizer (no bos / eos then).
     assert model.encode(embedkit.Image(torch.rand(8, 8, 3))).shape == (768,)
+
+
+# ---- random mixes (hypothesis) ---------------------------------------------------------------------
+
+
+@st.composite
+def _segment(draw):
+    kind = draw(st.sampled_from(["text", "image", "video", "audio"]))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = np.random.default_rng(seed)
+    if kind == "text":
+        return embedkit.Text(draw(st.text(alphabet="abc xyzé", max_size=12)))
+    if kind == "image":
+        h, w = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+        return embedkit.Image(g.integers(0, 256, (h, w, draw(st.sampled_from([1, 3, 4]))), dtype=np.uint8))
+    if kind == "video":
+        t, h, w = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
+        return embedkit.Video(g.random((t, h, w, 3)).astype(np.float32))
+    n = draw(st.integers(1, 3000))
+    return embedkit.Audio(g.standard_normal(n).astype(np.float32), draw(st.sampled_from([8000, 16000, 22050])))
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    torch.manual_seed(3)
+    return Embedder(EmbedderConfig.tiny(qk_norm=True)).double()
+
+
+@given(items=st.lists(st.lists(_segment(), min_size=1, max_size=4), min_size=1, max_size=3),
+       task=st.one_of(st.none(), st.text(alphabet="qrs ", min_size=1, max_size=6)))
+def test_random_mixes_match_padded_reference(tiny64, items, task):
+    inp = tiny64.processor([embedkit.Interleaved(x) for x in items], task=task)
+    b = inp.batch
+    seq = b.seq_ids()
+    # Patch rows sit on tokens of their modality, in order, each row once.
+    for name, mods in (("vision", (embedkit.model.IMAGE, embedkit.model.VIDEO)), ("audio", (embedkit.model.AUDIO,))):
+        idx = getattr(inp, f"{name}_index")
+        if idx is None:
+            continue
+        assert torch.all(idx[1:] > idx[:-1])
+        assert all(m in mods for m in b.modality_ids[idx].tolist())
+    # Every sequence starts at position (0, 0, 0); temporal positions never go back within a sequence.
+    starts = b.cu_seqlens[:-1].long()
+    assert (b.position_ids[:, starts] == 0).all()
+    t = b.position_ids[0]
+    same_seq = seq[1:] == seq[:-1]
+    assert torch.all((t[1:] >= t[:-1]) | ~same_seq)
+    with embedkit.use_backend("reference"):
+        emb, hidden = tiny64(inp, return_hidden=True)
+    ref_emb, ref_hidden, valid = padded_forward(tiny64, inp)
+    torch.testing.assert_close(emb, ref_emb, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(hidden, ref_hidden[valid], rtol=1e-9, atol=1e-10)
