@@ -309,6 +309,24 @@ def test_trainer_entry_point_gradients(tiny):
     tiny.zero_grad(set_to_none=True)
 
 
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(4)
+    model = Embedder(EmbedderConfig.tiny()).double().train()
+    inp = model.processor(_items())
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(inp, dim=768).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing = True
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-12, atol=1e-14)
+
+
 def test_bad_model_inputs(tiny):
     inp = tiny.processor(_items())
     with pytest.raises(TypeError, match="ModelInputs"):
@@ -320,6 +338,10 @@ def test_bad_model_inputs(tiny):
         tiny(replace(inp, audio_index=None))
     with pytest.raises(ValueError, match="input_ids has"):
         tiny(replace(inp, input_ids=inp.input_ids[:-1]))
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        tiny(replace(inp, input_ids=inp.input_ids + 10_000))
+    with pytest.raises(ValueError, match="audio_index must point"):
+        tiny(replace(inp, audio_index=inp.audio_index + inp.num_tokens))
     with pytest.raises(ValueError, match="EmbedderConfig: num_heads"):
         EmbedderConfig.tiny(num_heads=3)
     with pytest.raises(TypeError, match="EmbedderConfig"):

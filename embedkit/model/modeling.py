@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
@@ -144,6 +145,8 @@ class Embedder(nn.Module):
         self.final_norm = None if post else Norm(H, cfg.norm_eps, cfg.norm_type, cfg.norm_offset)
         self.projection = nn.Linear(H, cfg.out_dim, bias=cfg.projection_bias)
         self.processor = Processor(cfg, tokenizer)
+        # Trainers may set this: blocks are recomputed in backward (training mode only).
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -188,10 +191,17 @@ class Embedder(nn.Module):
         if self.position_embed is not None and inputs.batch.max_seqlen > cfg.max_position_embeddings:
             raise ValueError(f"a sequence of {inputs.batch.max_seqlen} tokens exceeds the "
                              f"{cfg.max_position_embeddings} learned positions")
-        if validation_enabled() and not torch.compiler.is_compiling():
-            if inputs.batch.total_tokens != ids.shape[0]:
-                raise ValueError(f"input_ids has {ids.shape[0]} tokens but the batch packs "
-                                 f"{inputs.batch.total_tokens}")
+        if validation_enabled() and not torch.compiler.is_compiling():  # content checks: a host sync
+            T = ids.shape[0]
+            if inputs.batch.total_tokens != T:
+                raise ValueError(f"input_ids has {T} tokens but the batch packs {inputs.batch.total_tokens}")
+            if T and (int(ids.min()) < 0 or int(ids.max()) >= self.embed_tokens.num_embeddings):
+                raise ValueError(f"input_ids must lie in [0, {self.embed_tokens.num_embeddings}) (vocabulary "
+                                 "plus modality start/end tokens)")
+            for name in ("vision", "audio"):
+                idx = getattr(inputs, f"{name}_index")
+                if idx is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= T):
+                    raise ValueError(f"{name}_index must point at rows of the token stream, in [0, {T})")
 
     def embed_inputs(self, inputs: ModelInputs) -> torch.Tensor:
         """[T, H] input states: token embeddings with the patch embeddings written into their rows."""
@@ -231,8 +241,13 @@ class Embedder(nn.Module):
         x = self.embed_inputs(inputs)
         rotary = self.rotary(b)
         states = [x]
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, b.cu_seqlens, b.max_seqlen, rotary)
+            if checkpoint:  # recompute each block in backward: activation memory of one block
+                x = torch.utils.checkpoint.checkpoint(layer, x, b.cu_seqlens, b.max_seqlen, rotary,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, b.cu_seqlens, b.max_seqlen, rotary)
             states.append(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
