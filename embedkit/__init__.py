@@ -9,3 +9,8 @@ __all__ = [
     "BackendUnavailableError", "PackedBatch", "available_backends", "get_backend", "pool_project",
     "rotary_tables", "set_backend", "set_validation", "use_backend", "validation_enabled", "varlen_attention",
 ]
+
+# The multimodal Embedder (issue 7).
+from .model import Audio, Embedder, EmbedderConfig, Image, Interleaved, ModelInputs, Text, Video  # noqa: E402
+
+__all__ += ["Audio", "Embedder", "EmbedderConfig", "Image", "Interleaved", "ModelInputs", "Text", "Video"]

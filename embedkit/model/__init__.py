@@ -1,0 +1,8 @@
+"""The multimodal Embedder: inputs, processor, transformer and pooling head."""
+from .config import AUDIO, IMAGE, MODALITIES, SPECIAL_TOKENS, TEXT, VIDEO, EmbedderConfig
+from .inputs import Audio, Image, Interleaved, Text, Video
+from .modeling import Embedder
+from .processor import ByteTokenizer, ModelInputs, Processor
+
+__all__ = ["AUDIO", "IMAGE", "MODALITIES", "SPECIAL_TOKENS", "TEXT", "VIDEO", "Audio", "ByteTokenizer", "Embedder",
+           "EmbedderConfig", "Image", "Interleaved", "ModelInputs", "Processor", "Text", "Video"]

@@ -1,0 +1,152 @@
+"""The input segments of the Embedder: Text, Image, Video and Audio, interleaved in any order.
+
+Segments only hold and check what the user gave; turning them into tokens is the Processor's job.
+Arrays may be NumPy arrays or torch tensors (anything with `__array__`, e.g. a PIL image, works
+for Image too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+import numpy as np
+import torch
+
+_PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_WAVE_DTYPES = (torch.int16, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _as_tensor(x, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__") or hasattr(x, "__array_interface__"):
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "uif":
+            raise TypeError(f"{what} must hold numbers, got an array of dtype {arr.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    raise TypeError(f"{what} must be a NumPy array or a torch tensor, got {type(x).__name__}")
+
+
+@dataclass(frozen=True, init=False)
+class Text:
+    """A piece of text."""
+    text: str
+
+    def __init__(self, text: str):
+        if not isinstance(text, str):
+            raise TypeError(f"Text takes a str, got {type(text).__name__}")
+        object.__setattr__(self, "text", text)
+
+
+@dataclass(frozen=True, init=False, eq=False)
+class Image:
+    """An image, H x W x C (C = 3 RGB, 1 grey, or 4 RGBA whose alpha is dropped).
+
+    uint8 pixels are read as 0..255, float pixels as 0..1.
+    """
+    pixels: torch.Tensor
+
+    def __init__(self, pixels):
+        x = _as_tensor(pixels, "Image pixels")
+        if x.dtype not in _PIXEL_DTYPES:
+            raise TypeError(f"Image pixels must be uint8 (0..255) or float (0..1), got dtype {x.dtype}")
+        if x.dim() != 3:
+            raise ValueError(f"Image pixels must have shape [H, W, C] (rank 3), got shape {tuple(x.shape)}")
+        if x.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"Image pixels must have 1, 3 or 4 channels last ([H, W, C]), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"Image must not be empty, got shape {tuple(x.shape)}")
+        object.__setattr__(self, "pixels", x)
+
+
+@dataclass(frozen=True, init=False, eq=False)
+class Video:
+    """A video, T x H x W x C frames (same pixel rules as Image)."""
+    frames: torch.Tensor
+
+    def __init__(self, frames):
+        x = _as_tensor(frames, "Video frames")
+        if x.dtype not in _PIXEL_DTYPES:
+            raise TypeError(f"Video frames must be uint8 (0..255) or float (0..1), got dtype {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"Video frames must have shape [T, H, W, C] (rank 4), got shape {tuple(x.shape)}")
+        if x.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"Video frames must have 1, 3 or 4 channels last, got shape {tuple(x.shape)}")
+        if min(x.shape[:3]) == 0:
+            raise ValueError(f"Video must not be empty, got shape {tuple(x.shape)}")
+        object.__setattr__(self, "frames", x)
+
+
+@dataclass(frozen=True, init=False, eq=False)
+class Audio:
+    """A waveform [N] (or [channels, N], mixed down to mono) at `sample_rate` Hz.
+
+    int16 samples are scaled by 1/32768; float samples are read as -1..1.
+    """
+    waveform: torch.Tensor
+    sample_rate: int
+
+    def __init__(self, waveform, sample_rate: int):
+        x = _as_tensor(waveform, "Audio waveform")
+        if x.dtype not in _WAVE_DTYPES:
+            raise TypeError(f"Audio waveform must be int16 or float, got dtype {x.dtype}")
+        if x.dim() not in (1, 2):
+            raise ValueError(f"Audio waveform must have shape [N] or [channels, N], got shape {tuple(x.shape)}")
+        if x.shape[-1] == 0 or x.numel() == 0:
+            raise ValueError(f"Audio waveform has length 0 (shape {tuple(x.shape)}): there is nothing to embed")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+            raise ValueError(f"Audio sample_rate must be a positive int (Hz), got {sample_rate!r}")
+        object.__setattr__(self, "waveform", x)
+        object.__setattr__(self, "sample_rate", int(sample_rate))
+
+
+Segment = Union[Text, Image, Video, Audio]
+SEGMENT_TYPES = (Text, Image, Video, Audio)
+
+
+class Interleaved:
+    """One input to embed: a non-empty sequence of segments in any order and number.
+
+    A bare str in the list is read as Text.
+    """
+
+    def __init__(self, segments: Iterable[Segment]):
+        if isinstance(segments, (str, *SEGMENT_TYPES)):
+            segments = [segments]
+        try:
+            segs = list(segments)
+        except TypeError:
+            raise TypeError(f"Interleaved takes a list of segments, got {type(segments).__name__}") from None
+        if not segs:
+            raise ValueError("Interleaved needs at least one segment, got an empty list")
+        out = []
+        for i, s in enumerate(segs):
+            if isinstance(s, str):
+                s = Text(s)
+            if not isinstance(s, SEGMENT_TYPES):
+                raise TypeError(f"segment {i} of Interleaved has unknown type {type(s).__name__}; expected "
+                                "embedkit.Text, Image, Video or Audio (or a str)")
+            out.append(s)
+        self.segments: tuple[Segment, ...] = tuple(out)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __iter__(self):
+        return iter(self.segments)
+
+    def __repr__(self) -> str:
+        return f"Interleaved([{', '.join(type(s).__name__ for s in self.segments)}])"
+
+
+def as_interleaved(item, index: int | None = None) -> Interleaved:
+    """An Interleaved from an Interleaved, a single segment, a str, or a list of segments."""
+    if isinstance(item, Interleaved):
+        return item
+    if isinstance(item, (str, *SEGMENT_TYPES)):
+        return Interleaved([item])
+    if isinstance(item, (list, tuple)):
+        return Interleaved(item)
+    where = "" if index is None else f"input {index}: "
+    raise TypeError(f"{where}expected embedkit.Interleaved, a segment (Text, Image, Video, Audio), a str or a "
+                    f"list of segments, got {type(item).__name__}")

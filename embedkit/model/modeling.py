@@ -1,0 +1,423 @@
+"""The Embedder: one bidirectional transformer over the packed multimodal token stream.
+
+    token ids -> embedding table (text vocabulary + modality start/end tokens)
+    vision patches -> linear, audio patches -> linear   (written into their rows of the stream)
+    -> N blocks (attention through embedkit.ops.varlen_attention with multimodal rotary tables)
+    -> final norm -> embedkit.ops.pool_project (masked mean + MRL projection)
+
+Two block styles share the code (config.block_style):
+- "pre_norm" (default; Llama / Qwen2 / Qwen3 / Gemma): RMSNorm -> GQA attention -> residual,
+  RMSNorm -> gated MLP (SwiGLU, GeGLU) -> residual; a final RMSNorm; 3-axis rotary positions.
+- "post_norm" (BERT-style encoder checkpoints such as all-MiniLM-L6-v2): learned absolute
+  positions and a LayerNorm on the embeddings, attention -> residual -> LayerNorm,
+  MLP -> residual -> LayerNorm; no final norm. Positions are each token's index in its sequence.
+
+The model calls embedkit.ops only; which backend runs them is embedkit's global backend choice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .. import ops
+from .._config import validation_enabled
+from ..batch import PackedBatch
+from ..ops.reference import segment_ids
+from .config import SPECIAL_TOKENS, EmbedderConfig
+from .inputs import SEGMENT_TYPES, Interleaved
+from .processor import HFTokenizer, ModelInputs, Processor
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama / Qwen; with Gemma's +1 offset when `offset` = 1) or LayerNorm (BERT)."""
+
+    def __init__(self, dim: int, eps: float, kind: str = "rms", offset: float = 0.0):
+        super().__init__()
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # fp64 stays fp64
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (y * (self.weight.to(y.dtype) + self.offset)).to(x.dtype)
+        return self.weight * y.to(x.dtype)
+
+
+def _act(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: EmbedderConfig):
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, D
+        self.softmax_scale = cfg.softmax_scale
+        self.q_proj = nn.Linear(H, cfg.num_heads * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, cfg.num_kv_heads * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, cfg.num_kv_heads * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * D, H, bias=cfg.output_bias)
+        if cfg.qk_norm:
+            self.q_norm = Norm(D, cfg.norm_eps, "rms", cfg.norm_offset)
+            self.k_norm = Norm(D, cfg.norm_eps, "rms", cfg.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, rotary) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False,
+                                   softmax_scale=self.softmax_scale, rotary=rotary)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: EmbedderConfig):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias) if cfg.mlp_gated else None
+        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+        self.act = _act(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EmbedderConfig):
+        super().__init__()
+        self.pre_norm = cfg.block_style == "pre_norm"
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm_type, cfg.norm_offset)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm_type, cfg.norm_offset)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cu_seqlens, max_seqlen, rotary):
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), cu_seqlens, max_seqlen, rotary)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, cu_seqlens, max_seqlen, rotary))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Embedder(nn.Module):
+    """The multimodal embedding model. See the module docstring; `encode` is the user entry point."""
+
+    def __init__(self, config: EmbedderConfig | None = None, tokenizer=None):
+        super().__init__()
+        cfg = EmbedderConfig() if config is None else config
+        if not isinstance(cfg, EmbedderConfig):
+            raise TypeError(f"config must be an EmbedderConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        H = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size + len(SPECIAL_TOKENS), H)
+        self.vision_embed = nn.Linear(cfg.vision_patch_dim, H)
+        self.audio_embed = nn.Linear(cfg.audio_patch_dim, H)
+        learned = cfg.position_embedding == "learned"
+        self.position_embed = nn.Embedding(cfg.max_position_embeddings, H) if learned else None
+        post = cfg.block_style == "post_norm"
+        self.embed_norm = Norm(H, cfg.norm_eps, cfg.norm_type, cfg.norm_offset) if post else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = None if post else Norm(H, cfg.norm_eps, cfg.norm_type, cfg.norm_offset)
+        self.projection = nn.Linear(H, cfg.out_dim, bias=cfg.projection_bias)
+        self.processor = Processor(cfg, tokenizer)
+        # Trainers may set this: blocks are recomputed in backward (training mode only).
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh weights: N(0, 0.02) matrices and embeddings, zero biases, unit norm scales."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, Norm):
+                nn.init.constant_(m.weight, 1.0 - m.offset)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---- forward --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.projection.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projection.weight.dtype
+
+    def _check_inputs(self, inputs: ModelInputs) -> None:
+        if not isinstance(inputs, ModelInputs):
+            raise TypeError(f"inputs must be ModelInputs (from Embedder.processor), got {type(inputs).__name__}")
+        cfg = self.config
+        ids = inputs.input_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("input_ids must be an int64 / int32 tensor of shape [T]")
+        for name, dim in (("vision", cfg.vision_patch_dim), ("audio", cfg.audio_patch_dim)):
+            p, idx = getattr(inputs, f"{name}_patches"), getattr(inputs, f"{name}_index")
+            if (p is None) != (idx is None):
+                raise ValueError(f"{name}_patches and {name}_index must be given together")
+            if p is None:
+                continue
+            if p.dim() != 2 or p.shape[1] != dim:
+                raise ValueError(f"{name}_patches must have shape [N, {dim}], got {tuple(p.shape)}")
+            if idx.dim() != 1 or idx.shape[0] != p.shape[0] or idx.dtype != torch.int64:
+                raise ValueError(f"{name}_index must be int64 [N = {p.shape[0]}], got {idx.dtype} "
+                                 f"{tuple(idx.shape)}")
+        if self.position_embed is not None and inputs.batch.max_seqlen > cfg.max_position_embeddings:
+            raise ValueError(f"a sequence of {inputs.batch.max_seqlen} tokens exceeds the "
+                             f"{cfg.max_position_embeddings} learned positions")
+        if validation_enabled() and not torch.compiler.is_compiling():  # content checks: a host sync
+            T = ids.shape[0]
+            if inputs.batch.total_tokens != T:
+                raise ValueError(f"input_ids has {T} tokens but the batch packs {inputs.batch.total_tokens}")
+            if T and (int(ids.min()) < 0 or int(ids.max()) >= self.embed_tokens.num_embeddings):
+                raise ValueError(f"input_ids must lie in [0, {self.embed_tokens.num_embeddings}) (vocabulary "
+                                 "plus modality start/end tokens)")
+            for name in ("vision", "audio"):
+                idx = getattr(inputs, f"{name}_index")
+                if idx is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= T):
+                    raise ValueError(f"{name}_index must point at rows of the token stream, in [0, {T})")
+
+    def embed_inputs(self, inputs: ModelInputs) -> torch.Tensor:
+        """[T, H] input states: token embeddings with the patch embeddings written into their rows."""
+        cfg = self.config
+        x = self.embed_tokens(inputs.input_ids)
+        if cfg.embed_scale != 1.0:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if inputs.vision_patches is not None:
+            x = x.index_copy(0, inputs.vision_index,
+                             self.vision_embed(inputs.vision_patches.to(x.dtype)))
+        if inputs.audio_patches is not None:
+            x = x.index_copy(0, inputs.audio_index, self.audio_embed(inputs.audio_patches.to(x.dtype)))
+        b = inputs.batch
+        if self.position_embed is not None:
+            T = x.shape[0]  # (not b.total_tokens: that would sync with the device)
+            seq_pos = torch.arange(T, device=x.device) - b.cu_seqlens.long()[segment_ids(b.cu_seqlens, T)]
+            x = x + self.position_embed(seq_pos)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return x
+
+    def rotary(self, batch: PackedBatch):
+        """(cos, sin) for the batch's positions (None with learned positions)."""
+        cfg = self.config
+        if cfg.position_embedding != "rope":
+            return None
+        pos = batch.positions()
+        if pos.dim() == 1:
+            pos = pos.expand(3, -1)
+        return ops.rotary_tables(pos, cfg.rope_dim, cfg.rope_theta, cfg.sections)
+
+    def hidden_states(self, inputs: ModelInputs, *, all_layers: bool = False):
+        """[T, H] final token states (after the final norm); with all_layers, the list of the input
+        states and every block's output as well (the last entry is the final-norm output)."""
+        self._check_inputs(inputs)
+        b = inputs.batch
+        x = self.embed_inputs(inputs)
+        rotary = self.rotary(b)
+        states = [x]
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if checkpoint:  # recompute each block in backward: activation memory of one block
+                x = torch.utils.checkpoint.checkpoint(layer, x, b.cu_seqlens, b.max_seqlen, rotary,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, b.cu_seqlens, b.max_seqlen, rotary)
+            states.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            states.append(x)
+        return states if all_layers else x
+
+    def pool(self, hidden: torch.Tensor, batch: PackedBatch, *, dim: int | None = None,
+             normalize: bool = False) -> torch.Tensor:
+        """[B, dim] masked mean of each sequence's pooled tokens through the MRL projection."""
+        p = self.projection
+        return ops.pool_project(hidden, batch.cu_seqlens, p.weight, p.bias, pool_mask=batch.pool_mask,
+                                out_dim=self._check_dim(dim), normalize=normalize)
+
+    def forward(self, inputs: ModelInputs, *, dim: int | None = None, normalize: bool = False,
+                return_hidden: bool = False):
+        """Embeddings [B, dim] (dim None: out_dim) of packed inputs; with return_hidden, (emb, [T, H])."""
+        hidden = self.hidden_states(inputs)
+        emb = self.pool(hidden, inputs.batch, dim=dim, normalize=normalize)
+        return (emb, hidden) if return_hidden else emb
+
+    def embed_packed(self, batch: PackedBatch, input_ids: torch.Tensor, vision_patches=None, vision_index=None,
+                     audio_patches=None, audio_index=None, *, dim: int | None = None,
+                     normalize: bool = False) -> torch.Tensor:
+        """The trainer's entry: a PackedBatch plus token ids / patches -> embeddings [B, dim]."""
+        return self(ModelInputs(batch, input_ids, vision_patches, vision_index, audio_patches, audio_index),
+                    dim=dim, normalize=normalize)
+
+    def _check_dim(self, dim):
+        if dim is None:
+            return self.config.out_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.config.out_dim:
+            raise ValueError(f"dim must be an int in [1, out_dim = {self.config.out_dim}] (MRL dims "
+                             f"{self.config.mrl_dims}), got {dim!r}")
+        return dim
+
+    # ---- encode ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, inputs, task: str | None = None, dim: int | None = 768, *, batch_tokens: int = 16384,
+               normalize: bool = True, show_progress: bool | None = None) -> torch.Tensor:
+        """L2-normalized embeddings (float32, CPU) of the inputs: [N, dim], or [dim] for one input.
+
+        inputs: a list of embedkit.Interleaved (or segments / strs, each one input), or one input.
+        task: an instruction attended to by every input but left out of the pooled mean.
+        dim: an MRL prefix (768, 1536, 3072 by default; None: out_dim).
+        batch_tokens: inputs are packed in order into batches of at most this many tokens (an input
+        longer than that is a batch of its own). show_progress: a tqdm bar (default: on for >= 256
+        inputs, when tqdm is installed).
+        """
+        single = isinstance(inputs, (Interleaved, str, *SEGMENT_TYPES))
+        items = [inputs] if single else list(inputs)
+        if not items:
+            raise ValueError("inputs is empty: pass at least one input to embed")
+        dim = self._check_dim(dim)
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
+        was_training = self.training
+        self.eval()
+        bar = None
+        if show_progress or (show_progress is None and len(items) >= 256):
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(items), desc="encode", unit="input")
+            except ImportError:
+                bar = None
+        outs, pending, pending_tokens = [], [], 0
+
+        def flush():
+            packed = self.processor.pack(pending).to(self.device, self.dtype)
+            outs.append(self(packed, dim=dim, normalize=normalize).float().cpu())
+            if bar is not None:
+                bar.update(len(pending))
+
+        try:
+            for i, x in enumerate(items):
+                it = self.processor.item(x, task, i)
+                if pending and pending_tokens + it.length > batch_tokens:
+                    flush()
+                    pending, pending_tokens = [], 0
+                pending.append(it)
+                pending_tokens += it.length
+            flush()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.train(was_training)
+        emb = torch.cat(outs)
+        return emb[0] if single else emb
+
+    # ---- save / load ----------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Writes config.json and model.safetensors (and the tokenizer, if it is a Hugging Face one)."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.to_dict()
+        # A Hugging Face tokenizer (given as a path or an object) is saved beside the weights, so the
+        # directory is self-contained; the built-in byte tokenizer is just named.
+        tok = self.processor.tokenizer
+        if isinstance(tok, HFTokenizer):
+            tok.tok.save_pretrained(str(out / TOKENIZER_DIR))
+            cfg["tokenizer"] = "./" + TOKENIZER_DIR
+        elif tok is not None:
+            cfg["tokenizer"] = "bytes"
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "embedkit"})
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device=None, dtype: torch.dtype | None = None,
+                        tokenizer=None) -> "Embedder":
+        """Loads what save_pretrained wrote (safetensors + JSON; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{root} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (from save_pretrained)")
+        d = json.loads((root / CONFIG_NAME).read_text())
+        if isinstance(d.get("tokenizer"), str) and d["tokenizer"].startswith("./"):
+            d["tokenizer"] = str(root / d["tokenizer"][2:])
+        model = cls(EmbedderConfig.from_dict(d), tokenizer=tokenizer)
+        state = load_file(str(root / WEIGHTS_NAME))
+        dtypes = {v.dtype for v in state.values()}
+        if len(dtypes) == 1:
+            model.to(dtypes.pop())
+        model.load_state_dict(state, strict=True)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    # ---- initialisation from Hugging Face checkpoints -------------------------------------------
+    @classmethod
+    def from_hf_decoder(cls, path_or_model, *, tokenizer=None, dtype: torch.dtype | None = None,
+                        **config_overrides) -> "Embedder":
+        """An Embedder whose backbone holds a Llama / Qwen2 / Qwen3 / Gemma decoder's weights.
+
+        Attention becomes bidirectional (the causal mask is dropped); the text embeddings, blocks
+        and final norm are copied; the modality start/end tokens, patch embedders and MRL
+        projection are fresh. path_or_model: a checkpoint directory (its tokenizer is used when it
+        has one) or a transformers model (XxxModel or XxxForCausalLM). config_overrides set
+        EmbedderConfig fields (out_dim, mrl_dims, patch_size, ...).
+        """
+        from . import _hf
+
+        return _hf.from_decoder(cls, path_or_model, tokenizer=tokenizer, dtype=dtype, **config_overrides)
+
+    @classmethod
+    def from_hf_encoder(cls, path_or_model, *, tokenizer=None, out_dim: int | None = None,
+                        dtype: torch.dtype | None = None, **config_overrides) -> "Embedder":
+        """A text-first Embedder from a BERT-style encoder (e.g. the packaged all-MiniLM-L6-v2).
+
+        Uses block_style "post_norm" with learned absolute positions (the checkpoint's own
+        architecture). out_dim None: the projection is the identity at out_dim = hidden size, so
+        that encode() reproduces the checkpoint's sentence-transformers mean-pooled embeddings;
+        an int: a fresh projection to out_dim (mrl_dims default to out_dim/4, out_dim/2, out_dim).
+        """
+        from . import _hf
+
+        return _hf.from_encoder(cls, path_or_model, tokenizer=tokenizer, out_dim=out_dim, dtype=dtype,
+                                **config_overrides)
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+
+def default_mrl_dims(out_dim: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, out_dim // 4), max(1, out_dim // 2), out_dim}))
+

@@ -1,0 +1,409 @@
+"""The Processor: Interleaved inputs -> one packed token stream (ModelInputs).
+
+Every item becomes one packed sequence:
+
+    [bos] [task tokens] segment segment ... [eos]
+
+- Text: the tokenizer's ids (no special tokens of its own), modality TEXT.
+- Image: <image_start> patches <image_end>. The image is resized (bilinear, antialiased) so that
+  each side is a multiple of `patch_size` (nearest multiple, at least one patch). Documented
+  downscaling: a longer side above `max_image_side` is scaled down to it first (aspect kept), and
+  an image with more than `max_image_tokens` patches is scaled down until it fits. Each patch of
+  `patch_size`^2 pixels is repeated to `temporal_patch_size` frames (so images and videos share
+  one patch embedder) and flattened to `temporal_patch_size * 3 * patch_size^2` values.
+- Video: <video_start> patches <video_end>, frames grouped by `temporal_patch_size` (the last frame
+  is repeated to fill the last group); frames resized like an image; a video with more than
+  `max_video_frames` frames is subsampled uniformly to that many (documented downscaling).
+- Audio: <audio_start> patches <audio_end>: a log-mel spectrogram (25 ms Hann window, 10 ms hop,
+  `audio_mels` HTK mel bands up to min(audio_fmax, sample_rate / 2), Whisper-style log
+  compression), computed at the input's own sample rate (window and hop are set in seconds, so no
+  resampling is needed), cut into patches of `audio_frames_per_patch` frames.
+- The task string (optional) is tokenized from `task_template` and attended to, but its tokens
+  have pool_mask False; every other token (bos / eos / start / end tokens included) is pooled.
+
+Positions are 3-axis (temporal, height, width), Qwen2-VL style, with a running offset p that
+starts at 0: a text or special token gets (p, p, p) and advances p by 1; a vision patch at grid
+cell (t, h, w) gets (p + t, p + h, p + w) and the segment advances p by max(grid); audio patch i
+gets (p + i, p + i, p + i). Text-only inputs therefore get plain 1-D positions.
+
+An item with more than `max_seq_len` tokens is an error (ValueError naming the item).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import PackedBatch
+from . import config as C
+from .inputs import Audio, Image, Interleaved, Text, Video, as_interleaved
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """The built-in tokenizer: UTF-8 bytes are ids 0..255; pad 256, bos 257, eos 258. No download."""
+    vocab_size = 259
+    pad_token_id = 256
+    bos_token_id = 257
+    eos_token_id = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer seen through the Processor's small interface.
+
+    bos is the tokenizer's cls token (BERT) or else its bos token; eos its sep token or else eos.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.vocab_size = len(tokenizer)
+        cls_id = getattr(tokenizer, "cls_token_id", None)
+        sep_id = getattr(tokenizer, "sep_token_id", None)
+        self.bos_token_id = cls_id if cls_id is not None else getattr(tokenizer, "bos_token_id", None)
+        self.eos_token_id = sep_id if sep_id is not None else getattr(tokenizer, "eos_token_id", None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+
+def load_tokenizer(spec):
+    """"bytes" -> ByteTokenizer; a path -> the Hugging Face tokenizer there; a tokenizer -> wrapped."""
+    if spec is None:
+        return None
+    if isinstance(spec, (ByteTokenizer, HFTokenizer)):
+        return spec
+    if isinstance(spec, str):
+        if spec == "bytes":
+            return ByteTokenizer()
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(spec))
+    if callable(spec) and hasattr(spec, "convert_tokens_to_ids"):
+        return HFTokenizer(spec)
+    raise TypeError(f"tokenizer must be 'bytes', a path to a Hugging Face tokenizer, or a tokenizer object, "
+                    f"got {type(spec).__name__}")
+
+
+# ---- model inputs -------------------------------------------------------------------------------
+
+@dataclass
+class ModelInputs:
+    """What Embedder.forward reads: the packing plus the token ids and patch values.
+
+    batch: PackedBatch with cu_seqlens, max_seqlen, position_ids [3, T], modality_ids [T], pool_mask [T].
+    input_ids: int64 [T] (vocabulary ids; 0 at patch tokens, whose rows are replaced by patch embeddings).
+    vision_patches [Nv, vision_patch_dim] at rows vision_index (int64 [Nv]) of the stream;
+    audio_patches [Na, audio_patch_dim] at rows audio_index.
+    """
+    batch: PackedBatch
+    input_ids: torch.Tensor
+    vision_patches: torch.Tensor | None = None
+    vision_index: torch.Tensor | None = None
+    audio_patches: torch.Tensor | None = None
+    audio_index: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch.batch_size
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ModelInputs":
+        """Moved to `device`; patch values cast to `dtype` (ids and indices keep theirs)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        mvf = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+        return replace(self, batch=self.batch.to(device) if device is not None else self.batch,
+                       input_ids=mv(self.input_ids), vision_patches=mvf(self.vision_patches),
+                       vision_index=mv(self.vision_index), audio_patches=mvf(self.audio_patches),
+                       audio_index=mv(self.audio_index))
+
+
+@dataclass
+class _Item:
+    """One item's tokens before packing."""
+    ids: list = field(default_factory=list)          # int64 tensors
+    modality: list = field(default_factory=list)     # int8 tensors
+    pool: list = field(default_factory=list)         # bool tensors
+    pos: list = field(default_factory=list)          # int64 [3, n] tensors
+    vision: list = field(default_factory=list)       # (offset within item, patches)
+    audio: list = field(default_factory=list)
+    length: int = 0
+    next_pos: int = 0
+
+    def add_ids(self, ids, modality: int, pooled: bool = True) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        self.ids.append(torch.as_tensor(ids, dtype=torch.int64))
+        self.modality.append(torch.full((n,), modality, dtype=torch.int8))
+        self.pool.append(torch.full((n,), pooled, dtype=torch.bool))
+        self.pos.append((self.next_pos + torch.arange(n, dtype=torch.int64)).expand(3, n))
+        self.length += n
+        self.next_pos += n
+
+    def add_patches(self, kind: str, patches: torch.Tensor, pos: torch.Tensor, modality: int, advance: int) -> None:
+        n = patches.shape[0]
+        (self.vision if kind == "vision" else self.audio).append((self.length, patches))
+        self.ids.append(torch.zeros(n, dtype=torch.int64))
+        self.modality.append(torch.full((n,), modality, dtype=torch.int8))
+        self.pool.append(torch.ones(n, dtype=torch.bool))
+        self.pos.append(self.next_pos + pos)
+        self.length += n
+        self.next_pos += advance
+
+
+# ---- signal processing --------------------------------------------------------------------------
+
+def fit_image_size(h: int, w: int, patch: int, max_side: int, max_tokens: int) -> tuple[int, int]:
+    """(H, W), multiples of `patch`, that an h x w image is resized to (see the module docstring)."""
+    scale = min(1.0, max_side / max(h, w))
+    cap = max(1, max_side // patch)
+    gh = min(cap, max(1, round(h * scale / patch)))
+    gw = min(cap, max(1, round(w * scale / patch)))
+    if gh * gw > max_tokens:
+        f = math.sqrt(max_tokens / (gh * gw))
+        gh, gw = max(1, math.floor(gh * f)), max(1, math.floor(gw * f))
+        while gh * gw > max_tokens:  # rounding / the 1-patch floor can still leave it a little over
+            if gh >= gw:
+                gh -= 1
+            else:
+                gw -= 1
+    return gh * patch, gw * patch
+
+
+def _to_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """[F, H, W, C] pixels -> float32 [F, 3, H, W] in 0..1."""
+    x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+    c = x.shape[-1]
+    if c == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    elif c == 4:
+        x = x[..., :3]
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(frames.shape[-2:]) == size:
+        return frames
+    return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def vision_patches(frames: torch.Tensor, patch: int, temporal: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """[F, C, H, W] (F a multiple of `temporal`, H, W multiples of `patch`) -> (patches, (gt, gh, gw)).
+
+    patches [gt*gh*gw, temporal*C*patch*patch], ordered t, h, w (row-major); each flattened as
+    (frame in group, channel, row, column).
+    """
+    f, c, h, w = frames.shape
+    gt, gh, gw = f // temporal, h // patch, w // patch
+    x = frames.reshape(gt, temporal, c, gh, patch, gw, patch)
+    x = x.permute(0, 3, 5, 1, 2, 4, 6)
+    return x.reshape(gt * gh * gw, temporal * c * patch * patch), (gt, gh, gw)
+
+
+def vision_positions(grid: tuple[int, int, int]) -> torch.Tensor:
+    """int64 [3, gt*gh*gw]: (t, h, w) of each patch, in vision_patches' order."""
+    gt, gh, gw = grid
+    t, h, w = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
+    return torch.stack([t.flatten(), h.flatten(), w.flatten()]).long()
+
+
+def _hz_to_mel(f):
+    return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+
+def _mel_to_hz(m):
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+    """[n_mels, n_freqs] triangular HTK-mel filters (peak 1) over an rfft's frequency bins."""
+    freqs = torch.linspace(0.0, sample_rate / 2.0, n_freqs, dtype=torch.float64)
+    m_pts = torch.linspace(float(_hz_to_mel(torch.tensor(f_min, dtype=torch.float64))),
+                           float(_hz_to_mel(torch.tensor(f_max, dtype=torch.float64))), n_mels + 2,
+                           dtype=torch.float64)
+    f_pts = _mel_to_hz(m_pts)
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts[None, :] - freqs[:, None]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return torch.clamp(torch.minimum(down, up), min=0.0).T.float().contiguous()
+
+
+def log_mel_spectrogram(waveform: torch.Tensor, sample_rate: int, n_mels: int, f_max: float) -> torch.Tensor:
+    """float32 [frames, n_mels]: Whisper-style log-mel of a mono waveform (25 ms window, 10 ms hop)."""
+    wave = waveform.float()
+    win = max(2, round(0.025 * sample_rate))
+    hop = max(1, round(0.010 * sample_rate))
+    n_fft = 1 << (win - 1).bit_length()
+    spec = torch.stft(wave, n_fft, hop_length=hop, win_length=win, window=torch.hann_window(win),
+                      center=True, pad_mode="constant", return_complex=True)
+    power = spec.abs() ** 2                                                  # [n_fft/2+1, frames]
+    fb = mel_filterbank(n_fft // 2 + 1, sample_rate, n_mels, 0.0, min(f_max, sample_rate / 2.0))
+    logmel = torch.clamp(fb @ power, min=1e-10).log10()
+    logmel = torch.maximum(logmel, logmel.max() - 8.0)
+    return ((logmel + 4.0) / 4.0).T.contiguous()
+
+
+def audio_patches(logmel: torch.Tensor, frames_per_patch: int) -> torch.Tensor:
+    """[frames, mels] -> [ceil(frames / k), k * mels] (padded with the spectrogram's floor value)."""
+    n, mels = logmel.shape
+    pad = (-n) % frames_per_patch
+    if pad:
+        logmel = torch.cat([logmel, logmel.min().expand(pad, mels)], dim=0)
+    return logmel.reshape(-1, frames_per_patch * mels)
+
+
+# ---- the processor ------------------------------------------------------------------------------
+
+class Processor:
+    """Turns Interleaved items into ModelInputs (see the module docstring for the layout)."""
+
+    def __init__(self, config: C.EmbedderConfig, tokenizer=None):
+        self.config = config
+        self._tokenizer_spec = config.tokenizer if tokenizer is None else tokenizer
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_spec is not None:
+            self._tokenizer = load_tokenizer(self._tokenizer_spec)
+            vocab = self._tokenizer.vocab_size
+            if vocab > self.config.vocab_size:
+                raise ValueError(f"the tokenizer has {vocab} ids but the model's vocab_size is "
+                                 f"{self.config.vocab_size}")
+        return self._tokenizer
+
+    def _text_ids(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("this Embedder has no tokenizer (config.tokenizer is None): pass tokenizer= "
+                             "to the Embedder to embed text")
+        return tok.encode(text)
+
+    # -- segments --
+    def _image(self, item: _Item, seg: Image) -> None:
+        cfg = self.config
+        frames = _to_frames(seg.pixels[None])
+        size = fit_image_size(frames.shape[2], frames.shape[3], cfg.patch_size, cfg.max_image_side,
+                              cfg.max_image_tokens)
+        frames = self._normalize(_resize(frames, size))
+        frames = frames.expand(cfg.temporal_patch_size, *frames.shape[1:])
+        patches, grid = vision_patches(frames, cfg.patch_size, cfg.temporal_patch_size)
+        item.add_ids([cfg.special_token_id("image_start")], C.IMAGE)
+        item.add_patches("vision", patches, vision_positions(grid), C.IMAGE, max(grid))
+        item.add_ids([cfg.special_token_id("image_end")], C.IMAGE)
+
+    def _video(self, item: _Item, seg: Video) -> None:
+        cfg = self.config
+        x = seg.frames
+        if x.shape[0] > cfg.max_video_frames:
+            keep = torch.linspace(0, x.shape[0] - 1, cfg.max_video_frames).round().long()
+            x = x[keep]
+        frames = _to_frames(x)
+        size = fit_image_size(frames.shape[2], frames.shape[3], cfg.patch_size, cfg.max_image_side,
+                              cfg.max_image_tokens)
+        frames = self._normalize(_resize(frames, size))
+        tp = cfg.temporal_patch_size
+        pad = (-frames.shape[0]) % tp
+        if pad:
+            frames = torch.cat([frames, frames[-1:].expand(pad, *frames.shape[1:])], dim=0)
+        patches, grid = vision_patches(frames, cfg.patch_size, tp)
+        item.add_ids([cfg.special_token_id("video_start")], C.VIDEO)
+        item.add_patches("vision", patches, vision_positions(grid), C.VIDEO, max(grid))
+        item.add_ids([cfg.special_token_id("video_end")], C.VIDEO)
+
+    def _audio(self, item: _Item, seg: Audio) -> None:
+        cfg = self.config
+        wave = seg.waveform
+        wave = wave.float() / 32768.0 if wave.dtype == torch.int16 else wave.float()
+        if wave.dim() == 2:
+            wave = wave.mean(dim=0)
+        patches = audio_patches(log_mel_spectrogram(wave, seg.sample_rate, cfg.audio_mels, cfg.audio_fmax),
+                                cfg.audio_frames_per_patch)
+        n = patches.shape[0]
+        item.add_ids([cfg.special_token_id("audio_start")], C.AUDIO)
+        item.add_patches("audio", patches, torch.arange(n, dtype=torch.int64).expand(3, n), C.AUDIO, n)
+        item.add_ids([cfg.special_token_id("audio_end")], C.AUDIO)
+
+    def _normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
+        return (frames - mean) / std
+
+    def item(self, inp, task: str | None = None, index: int = 0) -> _Item:
+        """One input's tokens (not yet packed)."""
+        inter = as_interleaved(inp, index)
+        item = _Item()
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None)
+        eos = getattr(tok, "eos_token_id", None)
+        if bos is not None:
+            item.add_ids([bos], C.TEXT)
+        if task is not None:
+            if not isinstance(task, str):
+                raise TypeError(f"task must be a str or None, got {type(task).__name__}")
+            item.add_ids(self._text_ids(self.config.task_template.format(task=task)), C.TEXT, pooled=False)
+        for seg in inter:
+            if isinstance(seg, Text):
+                item.add_ids(self._text_ids(seg.text), C.TEXT)
+            elif isinstance(seg, Image):
+                self._image(item, seg)
+            elif isinstance(seg, Video):
+                self._video(item, seg)
+            elif isinstance(seg, Audio):
+                self._audio(item, seg)
+            else:  # Interleaved already checks; kept for subclasses of Interleaved
+                raise TypeError(f"input {index}: unknown segment type {type(seg).__name__}")
+        if eos is not None:
+            item.add_ids([eos], C.TEXT)
+        if item.length > self.config.max_seq_len:
+            raise ValueError(f"input {index} ({inter!r}) has {item.length} tokens, more than max_seq_len = "
+                             f"{self.config.max_seq_len}; shorten it or downscale its images / videos / audio")
+        if not any(bool(p.any()) for p in item.pool):
+            raise ValueError(f"input {index} ({inter!r}) has no token to pool (empty text and no special tokens)")
+        return item
+
+    def pack(self, items: list[_Item]) -> ModelInputs:
+        """Pack processed items into one ModelInputs (one sequence per item)."""
+        if not items:
+            raise ValueError("nothing to pack: the list of inputs is empty")
+        lengths = [it.length for it in items]
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        cat = lambda xs, dim=0: torch.cat([x for it in items for x in getattr(it, xs)], dim=dim)  # noqa: E731
+        input_ids = cat("ids")
+        batch = PackedBatch.from_lengths(lengths, position_ids=cat("pos", 1).contiguous(),
+                                         modality_ids=cat("modality"), pool_mask=cat("pool"))
+
+        def gather(kind):
+            rows, idx = [], []
+            for it, s in zip(items, starts):
+                for off, p in getattr(it, kind):
+                    rows.append(p)
+                    idx.append(torch.arange(s + off, s + off + p.shape[0], dtype=torch.int64))
+            if not rows:
+                return None, None
+            return torch.cat(rows).float(), torch.cat(idx)
+
+        vp, vi = gather("vision")
+        ap, ai = gather("audio")
+        return ModelInputs(batch, input_ids, vp, vi, ap, ai)
+
+    def __call__(self, inputs, task: str | None = None) -> ModelInputs:
+        """ModelInputs for a list of inputs (each an Interleaved, a segment, a str or a list of segments)."""
+        if isinstance(inputs, (Interleaved, str, Text, Image, Video, Audio)):
+            inputs = [inputs]
+        inputs = list(inputs)
+        if not inputs:
+            raise ValueError("inputs is empty: pass at least one input to embed")
+        return self.pack([self.item(x, task, i) for i, x in enumerate(inputs)])
