@@ -27,6 +27,24 @@ def _gpu_autotune(configs, key):
     return wrap
 
 
+@triton.jit
+def _chunk_of_sequence(cu_seqlens, seq, split, SPLIT):
+    """[start, end) of chunk `split` when sequence `seq` is cut into SPLIT equal chunks."""
+    seq_start = tl.load(cu_seqlens + seq)
+    seq_end = tl.load(cu_seqlens + seq + 1)
+    chunk = tl.cdiv(seq_end - seq_start, SPLIT)
+    start = seq_start + split * chunk
+    return start, tl.minimum(start + chunk, seq_end)
+
+
+@triton.jit
+def _pool_weights(pool_mask, offs_t, t_ok, HAS_MASK: tl.constexpr):
+    """1.0 for each in-range token that is pooled, else 0.0."""
+    if HAS_MASK:
+        return tl.load(pool_mask + offs_t, mask=t_ok, other=0).to(tl.float32)
+    return t_ok.to(tl.float32)
+
+
 _MEAN_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
                  for bt, bh, w in ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (16, 256, 4))]
 
@@ -46,11 +64,7 @@ def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, out, counts, H
     hblock = tl.program_id(1)
     split = tl.program_id(2)
     n_seq = tl.num_programs(0)
-    seq_start = tl.load(cu_seqlens + seq)
-    seq_end = tl.load(cu_seqlens + seq + 1)
-    chunk = tl.cdiv(seq_end - seq_start, SPLIT)
-    start = seq_start + split * chunk
-    end = tl.minimum(start + chunk, seq_end)
+    start, end = _chunk_of_sequence(cu_seqlens, seq, split, SPLIT)
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     # A 2-D accumulator keeps BLOCK_T independent fp32 sums in flight; reduced once at the end.
@@ -59,10 +73,7 @@ def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, out, counts, H
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < end
-        if HAS_MASK:
-            w = tl.load(pool_mask + offs_t, mask=t_ok, other=0).to(tl.float32)
-        else:
-            w = t_ok.to(tl.float32)
+        w = _pool_weights(pool_mask, offs_t, t_ok, HAS_MASK)
         x = tl.load(hidden + offs_t[:, None].to(tl.int64) * stride_ht + offs_h[None, :],
                     mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
         acc += x * w[:, None]
@@ -181,21 +192,14 @@ def _masked_mean_bwd_kernel(d_pooled, counts, cu_seqlens, pool_mask, d_hidden, s
     seq = tl.program_id(0)
     hblock = tl.program_id(1)
     split = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seq_end = tl.load(cu_seqlens + seq + 1)
-    chunk = tl.cdiv(seq_end - seq_start, SPLIT)
-    start = seq_start + split * chunk
-    end = tl.minimum(start + chunk, seq_end)
+    start, end = _chunk_of_sequence(cu_seqlens, seq, split, SPLIT)
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     g = tl.load(d_pooled + seq.to(tl.int64) * H + offs_h, mask=h_ok, other=0.0) / tl.load(counts + seq)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < end
-        if HAS_MASK:
-            w = tl.load(pool_mask + offs_t, mask=t_ok, other=0).to(tl.float32)
-        else:
-            w = t_ok.to(tl.float32)
+        w = _pool_weights(pool_mask, offs_t, t_ok, HAS_MASK)
         tl.store(d_hidden + offs_t[:, None].to(tl.int64) * stride_dt + offs_h[None, :],
                  (w[:, None] * g[None, :]).to(d_hidden.dtype.element_ty),
                  mask=t_ok[:, None] & h_ok[None, :])
