@@ -118,11 +118,18 @@ def test_minilm_hf_model_matches_eager(monkeypatch):
         ek_hf.pack(fast)
         assert ek_hf.pack(fast) is fast  # idempotent
         packed = fast(**enc)
-    assert len(spy.attention) == 12
-    for out in (padded, packed):
+        as_tuple = fast(**enc, return_dict=False)
+        layers = fast(**enc, output_hidden_states=True).hidden_states
+        loaded = ek_hf.from_pretrained(MINILM).eval()
+        from_helper = loaded(enc["input_ids"], enc["attention_mask"])
+    assert len(spy.attention) == 6 * 5
+    assert all(call[0][0] == int(mask.sum()) and call[1].numel() == len(sentences) + 1 for call in spy.attention)
+    for out in (padded, packed, from_helper):
         assert (out.last_hidden_state - want.last_hidden_state)[mask].abs().max() < 1e-4
         assert (out.pooler_output - want.pooler_output).abs().max() < 1e-4
     assert (packed.last_hidden_state[~mask] == 0).all()
+    assert isinstance(as_tuple, tuple) and (as_tuple[0] - want.last_hidden_state)[mask].abs().max() < 1e-4
+    assert len(layers) == 7 and all(h.shape == want.last_hidden_state.shape for h in layers)
 
 
 def test_minilm_accelerate_matches_sentence_transformers(minilm_reference, monkeypatch):
@@ -298,6 +305,35 @@ def test_decoder_causal_matches_eager(monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decoder_bidirectional_triton_interpreter(family, monkeypatch):
     _check_decoder(family, True, "right", "triton", [2, 7, 12], monkeypatch)
+
+
+@pytest.mark.parametrize("family,dtype", [("qwen2", torch.float32), ("llama", torch.bfloat16)])
+def test_decoder_sentence_transformer_accelerate(family, dtype, tmp_path, monkeypatch):
+    """A bidirectional decoder inside a SentenceTransformer (mean pooling + Normalize): accelerate()
+    matches sentence-transformers' own encode on eager attention (fp32: cosine >= 0.9999, bf16: 0.999)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    torch.manual_seed(0)
+    config = _config(family)
+    config.vocab_size = 30522  # MiniLM's tokenizer
+    transformers.AutoModel.from_config(config).to(dtype).save_pretrained(tmp_path)
+    transformer = Transformer(str(tmp_path), tokenizer_name_or_path=MINILM, max_seq_length=96,
+                              model_kwargs={"attn_implementation": "eager", "dtype": dtype})
+    ek_hf.make_bidirectional(transformer.model)
+    model = SentenceTransformer(modules=[transformer, Pooling(64, "mean"), Normalize()], device="cpu")
+    sentences = corpus(30, seed=4, max_words=120)
+    with torch.inference_mode():
+        reference = model.encode(sentences, convert_to_tensor=True)
+    accelerate(model, max_tokens=700)
+    spy = OpSpy(monkeypatch)
+    with embedkit.use_backend("reference"):
+        got = model.encode(sentences, convert_to_tensor=True)
+    assert got.dtype == dtype and len(spy.pool) >= 2
+    assert all(c[3] is False for c in spy.attention)
+    cos = cosine(got, reference)
+    assert cos.min() >= (0.9999 if dtype == torch.float32 else 0.999), f"worst cosine {cos.min():.6f}"
 
 
 def test_make_bidirectional_changes_the_result():

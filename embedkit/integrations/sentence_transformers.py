@@ -21,6 +21,8 @@ attention):
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
@@ -216,7 +218,7 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
             "input_ids": tokens.ids[gather][None].to(device, non_blocking=True),
             "position_ids": (pos_t + offset)[None].to(device, non_blocking=True),
         }
-        if tokens.token_types is not None:
+        if tokens.token_types is not None and _takes_token_types(hf):
             model_inputs["token_type_ids"] = tokens.token_types[gather][None].to(device, non_blocking=True)
         cu_t = torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True)
         max_len = int(lens.max())
@@ -227,6 +229,11 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
             out = emb.new_empty(len(tokens.lengths), emb.shape[1])
         out[torch.from_numpy(np.asarray(sel)).to(device)] = emb
     return out
+
+
+def _takes_token_types(hf) -> bool:
+    """Whether the model's forward names token_type_ids (decoders would just pass it down unused)."""
+    return "token_type_ids" in inspect.signature(hf.forward).parameters
 
 
 def _pool_mask(mode: str, pos: torch.Tensor, lens: np.ndarray, prompt_length: int) -> torch.Tensor | None:

@@ -204,7 +204,8 @@ def pack(model: torch.nn.Module) -> torch.nn.Module:
             return inner(input_ids, attention_mask, *args, **kwargs)
         packed, batch = packed_inputs(input_ids, attention_mask, offset=offset, token_type_ids=token_type_ids)
         kwargs.setdefault("use_cache", False)
-        out = inner(**packed, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        out = inner(**packed, **kwargs, return_dict=True)
         if getattr(out, "last_hidden_state", None) is not None:
             out.last_hidden_state = batch.pad(out.last_hidden_state[0])
             pooler = getattr(model, "pooler", None)
@@ -212,7 +213,7 @@ def pack(model: torch.nn.Module) -> torch.nn.Module:
                 out.pooler_output = pooler(out.last_hidden_state)
         if getattr(out, "hidden_states", None) is not None:
             out.hidden_states = tuple(batch.pad(h[0]) for h in out.hidden_states)
-        return out
+        return out.to_tuple() if return_dict is False else out
 
     forward._embedkit_packed = True
     model.forward = forward
