@@ -10,9 +10,11 @@ Every attention layer then runs `embedkit.ops.varlen_attention`. Two input layou
   as keyword arguments (the flash-attention padding-free convention of transformers; the models'
   ``**kwargs`` carry them down to every attention call). `packed_inputs` builds those arguments
   from a padded batch, `pack(model)` makes ``model(input_ids, attention_mask)`` unpad once before
-  the embedding layer, run every layer packed and pad the outputs back. This works for the BERT
-  family (BERT, MiniLM, RoBERTa: their embeddings take explicit ``position_ids``) and for the
-  decoders Llama, Qwen2/3, Mistral, Gemma (rotary tables are computed from ``position_ids``).
+  the embedding layer, run every layer packed and pad the outputs back. Tested on the BERT family
+  (BERT / MiniLM: transformers 5 BERT passes ``position_ids`` to its embeddings and ``**kwargs`` down
+  to attention, so no model surgery is needed; RoBERTa-style learned positions get the
+  ``padding_idx + 1`` offset, untested) and on the decoders Llama, Qwen2/3, Mistral, Gemma (rotary
+  tables are computed from ``position_ids``).
 - Padded ``[B, L]`` batches with an attention mask: the mask function registered with
   ``AttentionMaskInterface`` hands the 2-D padding mask to the attention function, which unpads
   q/k/v, runs the varlen kernel and pads the result back, inside every layer. Correct for any
