@@ -2,6 +2,7 @@
 from ._config import get_backend, set_backend, set_validation, use_backend, validation_enabled
 from .batch import PackedBatch
 from .ops import BackendUnavailableError, available_backends, pool_project, rotary_tables, varlen_attention
+from .ops import masked_mean, sequence_fingerprint
 
 __version__ = "0.1.0"
 
@@ -9,3 +10,4 @@ __all__ = [
     "BackendUnavailableError", "PackedBatch", "available_backends", "get_backend", "pool_project",
     "rotary_tables", "set_backend", "set_validation", "use_backend", "validation_enabled", "varlen_attention",
 ]
+__all__ += ["masked_mean", "sequence_fingerprint"]

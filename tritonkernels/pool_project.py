@@ -165,6 +165,22 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tenso
                          HAS_BIAS=bias is not None, DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
+def masked_mean_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor | None):
+    """The pooling half alone: (pooled fp32 [B, H], counts fp32 [B]) of hidden [T, H]."""
+    T, H = hidden.shape
+    B = cu_seqlens.numel() - 1
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    pooled = torch.empty(B, H, dtype=torch.float32, device=hidden.device)
+    counts = torch.empty(B, dtype=torch.float32, device=hidden.device)
+    mask_u8 = pool_mask.view(torch.uint8) if pool_mask is not None else None
+    block_t, block_h = _mean_blocks(H)
+    _masked_mean_kernel[(B, triton.cdiv(H, block_h))](
+        hidden, hidden.stride(0), cu_seqlens, mask_u8 if mask_u8 is not None else cu_seqlens,
+        pooled, counts, H, HAS_MASK=mask_u8 is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+    return pooled, counts
+
+
 def pool_project_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, pool_mask: torch.Tensor | None, out_dim: int,
                      normalize: bool):
