@@ -121,7 +121,8 @@ int ek_pack_cpu(const void *padded, const uint8_t *mask, const int32_t *cu_seqle
                 int64_t padded_len, int64_t row_bytes, int64_t total_rows, void *packed) {
   EK_REQUIRE(g_error, batch >= 0 && padded_len >= 0 && row_bytes >= 0 && total_rows >= 0, "negative size");
   EK_REQUIRE(g_error, cu_seqlens != nullptr, "null cu_seqlens");
-  EK_REQUIRE(g_error, (padded && packed) || batch * padded_len * row_bytes == 0, "null padded or packed");
+  EK_REQUIRE(g_error, padded || batch * padded_len * row_bytes == 0, "null padded");
+  EK_REQUIRE(g_error, packed || total_rows * row_bytes == 0, "null packed");
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
   const uint8_t *src = static_cast<const uint8_t *>(padded);
   uint8_t *dst = static_cast<uint8_t *>(packed);
@@ -148,8 +149,8 @@ int ek_unpack_cpu(const void *packed, const uint8_t *mask, const int32_t *cu_seq
                   int64_t padded_len, int64_t row_bytes, int64_t total_rows, const void *fill, void *padded) {
   EK_REQUIRE(g_error, batch >= 0 && padded_len >= 0 && row_bytes >= 0 && total_rows >= 0, "negative size");
   EK_REQUIRE(g_error, cu_seqlens != nullptr, "null cu_seqlens");
-  EK_REQUIRE(g_error, (padded && fill && (packed || total_rows == 0)) || batch * padded_len * row_bytes == 0,
-             "null packed, fill or padded");
+  EK_REQUIRE(g_error, packed || total_rows * row_bytes == 0, "null packed");
+  EK_REQUIRE(g_error, (padded && fill) || batch * padded_len * row_bytes == 0, "null padded or fill");
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
   const uint8_t *src = static_cast<const uint8_t *>(packed);
   uint8_t *dst = static_cast<uint8_t *>(padded);
@@ -179,7 +180,8 @@ int ek_masked_mean_cpu(const void *hidden, int32_t dtype, int64_t total_rows, in
   EK_REQUIRE(g_error, batch >= 0 && total_rows >= 0 && width >= 0, "negative size");
   EK_REQUIRE(g_error, stride_rows >= width || total_rows <= 1, "stride_rows (%lld) < width (%lld)",
              (long long)stride_rows, (long long)width);
-  EK_REQUIRE(g_error, cu_seqlens && ((out && counts) || batch == 0), "null cu_seqlens, out or counts");
+  EK_REQUIRE(g_error, cu_seqlens && (counts || batch == 0), "null cu_seqlens or counts");
+  EK_REQUIRE(g_error, out || batch * width == 0, "null out");
   EK_REQUIRE(g_error, hidden || total_rows * width == 0, "null hidden");
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
   switch (dtype) {

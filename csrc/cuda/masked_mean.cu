@@ -113,7 +113,8 @@ extern "C" int ek_masked_mean_cuda(const void *hidden, int32_t dtype, int64_t to
   EK_REQUIRE(g_cuda_error, batch >= 0 && total_rows >= 0 && width >= 0, "negative size");
   EK_REQUIRE(g_cuda_error, stride_rows >= width || total_rows <= 1, "stride_rows (%lld) < width (%lld)",
              (long long)stride_rows, (long long)width);
-  EK_REQUIRE(g_cuda_error, cu_seqlens && ((out && counts) || batch == 0), "null cu_seqlens, out or counts");
+  EK_REQUIRE(g_cuda_error, cu_seqlens && (counts || batch == 0), "null cu_seqlens or counts");
+  EK_REQUIRE(g_cuda_error, out || batch * width == 0, "null out");
   EK_REQUIRE(g_cuda_error, hidden || total_rows * width == 0, "null hidden");
   if (batch == 0) return EK_OK;
   switch (dtype) {

@@ -81,7 +81,10 @@ int launch(const void *src, const uint8_t *mask, const int32_t *cu_seqlens, int6
              name, (long long)row_bytes);
   EK_REQUIRE(g_cuda_error, cu_seqlens != nullptr, "null cu_seqlens");
   if (batch == 0 || padded_len == 0 || row_bytes == 0) return EK_OK;
-  EK_REQUIRE(g_cuda_error, dst && (src || total_rows == 0) && (!UNPACK || fill), "null data pointer");
+  // Here batch * padded_len * row_bytes > 0: the padded side and fill exist; packed may be empty.
+  const void *padded_side = UNPACK ? dst : src, *packed_side = UNPACK ? src : dst;
+  EK_REQUIRE(g_cuda_error, padded_side && (!UNPACK || fill), "null padded or fill");
+  EK_REQUIRE(g_cuda_error, packed_side || total_rows == 0, "null packed");
   int64_t tile_rows = (int64_t(1) << 16) / row_bytes;
   tile_rows = tile_rows < 32 ? 32 : (tile_rows > 8192 ? 8192 : tile_rows);
   const int64_t tiles_per_seq = (padded_len + tile_rows - 1) / tile_rows;
