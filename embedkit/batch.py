@@ -145,7 +145,8 @@ class PackedBatch:
             raise ValueError(f"padded must have shape [B={self.batch_size}, L={self._padded_len()}, ...], "
                              f"got {tuple(x.shape)}")
         if self._native_layout(_pack_ops.PACK):
-            return _pack_ops.pack(x, self.cu_seqlens, self._layout_mask(), total_tokens=self.total_tokens)
+            total = self.token_indices.shape[0] if self.token_indices is not None else self.total_tokens
+            return _pack_ops.pack(x, self.cu_seqlens, self._layout_mask(), total_tokens=total)
         return x.reshape(-1, *x.shape[2:]).index_select(0, self._indices())
 
     def pad(self, packed: torch.Tensor, padding_value: float = 0.0) -> torch.Tensor:

@@ -14,7 +14,7 @@
 namespace embedkit {
 namespace {
 
-constexpr int kLanes = 32, kSlots = kThreads / kLanes;
+constexpr int kLanes = 32, kSlots = kThreads / kLanes, kUnroll = 4;
 
 template <typename T> struct Conv;
 template <> struct Conv<float> {
@@ -47,18 +47,28 @@ masked_mean_kernel(const T *__restrict__ hidden, int64_t total_rows, int64_t wid
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
   float count = 0.0f;
-  for (int64_t t = start + slot; t < end; t += kSlots) {
-    if (pool_mask != nullptr && pool_mask[t] == 0) continue;
-    count += 1.0f;
-    if (!active) continue;
-    const T *row = hidden + t * stride_rows + col;
-    if (VEC > 1) {
-      union { uint4 raw; T v[VEC]; } u;
-      u.raw = __ldg(reinterpret_cast<const uint4 *>(row));
+  // kUnroll rows per slot per step: their loads are issued together (memory-level parallelism).
+  for (int64_t t0 = start + slot; t0 < end; t0 += kSlots * kUnroll) {
+    union { uint4 raw; T v[VEC]; } u[kUnroll];
+    bool take[kUnroll];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += Conv<T>::load(u.v[i]);
-    } else {
-      acc[0] += Conv<T>::load(row[0]);
+    for (int r = 0; r < kUnroll; ++r) {
+      const int64_t t = t0 + r * kSlots;
+      take[r] = t < end && (pool_mask == nullptr || pool_mask[t] != 0);
+      count += take[r] ? 1.0f : 0.0f;
+      if (take[r] && active) {
+        const T *row = hidden + t * stride_rows + col;
+        if (VEC > 1)
+          u[r].raw = __ldg(reinterpret_cast<const uint4 *>(row));
+        else
+          u[r].v[0] = row[0];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) {
+      if (!(take[r] && active)) continue;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += Conv<T>::load(u[r].v[i]);
     }
   }
 #pragma unroll
