@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -513,3 +512,27 @@ def test_cuda_library_compiles(tmp_path):
     for name in _declared_functions("cuda"):
         assert hasattr(lib, name), name
     assert lib.ek_abi_version() == _native.ABI_VERSION
+
+
+def test_native_ops_trace_with_torch_compile():
+    """The fake implementations let torch.compile trace the native ops in one graph."""
+    cu = cu_of([3, 2, 3], CPU)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+
+    def step(hidden, ids, padded):
+        fp = embedkit.sequence_fingerprint(ids, cu)
+        packed = embedkit.ops.pack(padded, cu, mask, total_tokens=8)
+        return embedkit.masked_mean(hidden + packed, cu), fp
+
+    hidden, ids, padded = torch.randn(8, 5), torch.arange(8), torch.randn(3, 4, 5)
+    embedkit.set_validation(False)  # the sync checks are skipped under compile anyway
+    with embedkit.use_backend("native"):
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        x1, p1 = leaf(hidden), leaf(padded)
+        out, fp = compiled(x1, ids, p1)
+        x2, p2 = leaf(hidden), leaf(padded)
+        ref_out, ref_fp = step(x2, ids, p2)
+    assert torch.equal(out, ref_out) and torch.equal(fp, ref_fp)
+    out.sum().backward()
+    ref_out.sum().backward()
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(p1.grad, p2.grad)

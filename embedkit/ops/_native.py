@@ -95,6 +95,12 @@ def _kind(device: torch.device) -> str | None:
     return {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
 
 
+@torch.compiler.assume_constant_result
+def _why_unavailable(kind: str) -> str | None:
+    # A constant to torch.compile: loading (file checks, dlopen) happens outside the traced graph.
+    return _library(kind)[1]
+
+
 def problem(op: str, device: torch.device) -> str | None:
     """None if the native library can run `op` on `device`, else why not."""
     if op not in OPS:
@@ -102,7 +108,7 @@ def problem(op: str, device: torch.device) -> str | None:
     kind = _kind(device)
     if kind is None:
         return f"the native libraries run on cpu and cuda tensors, not {device.type}"
-    return _library(kind)[1]
+    return _why_unavailable(kind)
 
 
 def _require(device: torch.device) -> tuple[ctypes.CDLL, str]:
