@@ -169,8 +169,12 @@ def _ptr(x: torch.Tensor | None) -> int | None:
 def _call(lib: ctypes.CDLL, kind: str, name: str, device: torch.device, *args) -> None:
     fn = getattr(lib, f"{name}_{kind}")
     if kind == "cuda":
-        with torch.cuda.device(device):
-            rc = fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        if torch.cuda.current_device() == device.index:
+            rc = fn(*args, stream)
+        else:  # the kernels launch on the calling thread's current device
+            with torch.cuda.device(device):
+                rc = fn(*args, stream)
     else:
         rc = fn(*args)
     if rc != EK_OK:
