@@ -381,10 +381,16 @@ def test_pack_bad_inputs():
         _native.pack(x, cu_of([2, 1], CPU), mask, 3)
     with pytest.raises(ValueError, match="fill"):
         _native.unpack(torch.randn(3, 4), cu_of([2, 1], CPU), None, 3, torch.zeros(3))
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        _native.pack(x.to("meta"), cu_of([2, 1], CPU), None, 3)
+    with pytest.raises(ValueError, match="mixed devices"):
+        _native.pack(x, cu_of([2, 1], torch.device("meta")), None, 3)
     # With validation off, the C++ twin still refuses a mask that disagrees with cu_seqlens.
     embedkit.set_validation(False)
     with pytest.raises(ValueError, match="more tokens|positions"), embedkit.use_backend("native"):
         pack(x, cu_of([1, 1], CPU), mask)
+    with pytest.raises(BackendUnavailableError, match="not meta"), embedkit.use_backend("native"):
+        pack(x.to("meta"), cu_of([2, 1], torch.device("meta")), total_tokens=3)
 
 
 # ---- masked_mean ------------------------------------------------------------------------------------
