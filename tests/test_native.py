@@ -352,6 +352,20 @@ def test_cuda_kernels_run_on_the_current_stream():
     assert_by_rule("pooled", pooled, reference.masked_mean(hidden.double(), cu), reference.masked_mean(hidden, cu))
 
 
+def test_strided_and_expanded_inputs_are_accepted():
+    cu = torch.tensor([0, 9, 3, 9, 5, 9], dtype=torch.int32)[::2]  # a strided view
+    ids = torch.arange(10)[::2]
+    hidden = torch.randn(1, 6).expand(5, 6)  # rows of stride 0
+    with embedkit.use_backend("native"):
+        fp = embedkit.sequence_fingerprint(ids, cu)
+        pooled = embedkit.masked_mean(hidden, cu)
+        packed = embedkit.ops.pack(torch.arange(12).reshape(2, 6)[:, ::2],
+                                   torch.tensor([0, 5, 2, 5, 4, 5], dtype=torch.int32)[::2])
+    assert torch.equal(fp, reference.sequence_fingerprint(ids.contiguous(), cu.contiguous()))
+    torch.testing.assert_close(pooled, reference.masked_mean(hidden.contiguous(), cu.contiguous()))
+    assert packed.tolist() == [0, 2, 6, 8]
+
+
 def test_pack_bad_inputs():
     pack, unpack = embedkit.ops.pack, embedkit.ops.unpack
     x = torch.randn(2, 3, 4)
