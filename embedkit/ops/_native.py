@@ -73,6 +73,9 @@ def _open(kind: str) -> tuple[ctypes.CDLL | None, str | None]:
         last = getattr(lib, f"ek_{kind}_last_error")
         last.restype = ctypes.c_char_p
         last.argtypes = []
+        if kind == "cpu":
+            lib.ek_cpu_set_num_threads.restype = None
+            lib.ek_cpu_set_num_threads.argtypes = [ctypes.c_int]
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, f"{name}_{kind}")
             fn.restype = ctypes.c_int
@@ -176,6 +179,7 @@ def _call(lib: ctypes.CDLL, kind: str, name: str, device: torch.device, *args) -
             with torch.cuda.device(device):
                 rc = fn(*args, stream)
     else:
+        lib.ek_cpu_set_num_threads(torch.get_num_threads())  # follow torch's intra-op setting
         rc = fn(*args)
     if rc != EK_OK:
         text = lib.ek_error_string(rc).decode()
