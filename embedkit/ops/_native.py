@@ -52,7 +52,10 @@ def library_path(kind: str) -> Path:
 
 
 def reload() -> None:
-    """Forget what was loaded (after a rebuild, or after changing $EMBEDKIT_NATIVE_DIR)."""
+    """Look for the libraries again (after a first build, or a change of $EMBEDKIT_NATIVE_DIR).
+
+    A library file already loaded in this process stays in use even if rebuilt in place (the
+    dynamic loader keeps it by path): restart Python to run a rebuilt library."""
     _cache.clear()
 
 
