@@ -367,27 +367,32 @@ def test_strided_and_expanded_inputs_are_accepted():
 
 
 def test_cpu_twins_split_large_batches_over_threads():
-    """Calls moving more than 2 MiB run on several threads (up to torch.get_num_threads()): the
-    results and the error reporting are those of the single-threaded path."""
+    """Calls moving more than 16 MiB run on several threads (up to torch.get_num_threads()): the
+    results are bit-identical to one thread's, and a worker's error reaches the caller."""
     gen = torch.Generator().manual_seed(5)
-    lengths = torch.randint(20000, 60000, (8,), generator=gen).tolist()
+    threads = torch.get_num_threads()
+    lengths = torch.randint(200000, 350000, (8,), generator=gen).tolist()
     cu = cu_of(lengths, CPU)
-    ids = torch.randint(0, 50000, (sum(lengths),), generator=gen)
-    with embedkit.use_backend("native"):
-        assert torch.equal(embedkit.sequence_fingerprint(ids, cu), reference.sequence_fingerprint(ids, cu))
-    hidden = torch.randn(sum(lengths) // 16, 128, generator=gen)
-    cu_h = cu_of([n // 16 for n in lengths[:-1]] + [sum(lengths) // 16 - sum(n // 16 for n in lengths[:-1])], CPU)
-    with embedkit.use_backend("native"):
-        out = embedkit.masked_mean(hidden, cu_h)
-    torch.testing.assert_close(out, reference.masked_mean(hidden, cu_h))
-    mask = torch.rand(8, 1200, generator=gen) < 0.6
-    padded = torch.randn(8, 1200, 128, generator=gen)
+    ids = torch.randint(0, 50000, (sum(lengths),), generator=gen)  # > 16 MiB of int64
+    hidden = torch.randn(sum(lengths) // 64, 128, generator=gen)
+    cu_h = cu_of([n // 64 for n in lengths[:-1]] + [hidden.shape[0] - sum(n // 64 for n in lengths[:-1])], CPU)
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append((_native.sequence_fingerprint(ids, cu), _native.masked_mean(hidden, cu_h, None)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[1][1], reference.masked_mean(hidden, cu_h))
+    mask = torch.rand(8, 2400, generator=gen) < 0.6
+    padded = torch.randn(8, 2400, 256, generator=gen)
     cu_p = cu_of(mask.sum(1).tolist(), CPU)
     with embedkit.use_backend("native"):
         packed = embedkit.ops.pack(padded, cu_p, mask)
         assert torch.equal(packed, reference.pack(padded, cu_p, mask))
         assert torch.equal(embedkit.ops.unpack(packed, cu_p, attention_mask=mask),
-                           reference.unpack(packed, cu_p, 1200, mask))
+                           reference.unpack(packed, cu_p, 2400, mask))
     bad = mask.clone()
     bad[6, :] = True  # a row in the second half disagrees with cu_seqlens
     embedkit.set_validation(False)

@@ -1,7 +1,7 @@
 // The C++ CPU twins of the CUDA functions (libembedkit_cpu). Synchronous and strict: unlike the
 // CUDA kernels they check cu_seqlens and the mask against each other, since reading host memory
 // costs nothing extra here. Sequences are independent, so large calls split the batch over a few
-// threads (at least 1 MiB of data each, at most the CPUs this process may run on).
+// threads (at least 8 MiB of data each, at most torch.get_num_threads()).
 #include <sched.h>
 
 #include <algorithm>
@@ -72,7 +72,7 @@ int usable_cpus() {
 // first nonzero status, whose message is moved into the calling thread's error slot.
 template <class Body>
 int parallel_over_sequences(int64_t batch, int64_t work_bytes, Body body) {
-  const int64_t by_work = std::max<int64_t>(1, work_bytes >> 20);
+  const int64_t by_work = std::max<int64_t>(1, work_bytes >> 23);  // >= 8 MiB per thread
   const int64_t n = std::min<int64_t>({static_cast<int64_t>(usable_cpus()), batch, by_work});
   if (n <= 1) return body(int64_t(0), batch);
   std::vector<int> status(static_cast<size_t>(n), EK_OK);
