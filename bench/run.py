@@ -10,6 +10,7 @@ BENCHMARKS = {
     "pool_project": "bench.bench_pool_project",
     "embedder": "bench.bench_embedder",
     "encode": "bench.bench_encode",
+    "native": "bench.bench_native",
 }
 
 
