@@ -38,32 +38,13 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._dtypes import DOT_BF16, DOT_FP16, DOT_FP32, dot_code, next_pow2  # noqa: F401
+from ._dtypes import DOT_BF16, DOT_FP16, DOT_FP32, dot_code, next_pow2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 # ---- device helpers ---------------------------------------------------------------------------
-
-@triton.jit
-def _cast(x, DOT: tl.constexpr):
-    if DOT == 1:
-        return x.to(tl.float16)
-    elif DOT == 2:
-        return x.to(tl.bfloat16)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    """a @ b with fp32 accumulation; fp32 operands use exact IEEE products (no TF32)."""
-    if DOT == 0:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
 
 @triton.jit
 def _load_rows(base, stride_t, offs_t, t_ok, offs_d, D, COS, SIN, HALF, ROTARY: tl.constexpr):
@@ -117,7 +98,7 @@ def _unrotate(acc, offs_t, t_ok, offs_d, COS, SIN, HALF, BLOCK: tl.constexpr, HE
 def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 T, D, HALF, qk_scale, max_seqlen, LEN_BUCKET,
-                GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, DOT: tl.constexpr,
+                GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_mtiles = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
@@ -133,7 +114,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
     m_ok = offs_m < end
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q + head.to(tl.int64) * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF, ROTARY)
-    q = _cast(q, DOT)
+    q = q.to(DOT_DTYPE)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -145,10 +126,10 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
     for k_lo in range(start, hi, BLOCK_N):
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = _cast(_load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY), DOT)
+        k = _load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
                     mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), DOT) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         valid = n_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -158,7 +139,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(_cast(p, DOT), _cast(v, DOT), DOT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PREC)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(O + head.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
@@ -191,7 +172,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, COS, SIN,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                     DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, kv head): dk, dv accumulated over the group's heads x query blocks."""
     n_ntiles = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
@@ -206,10 +187,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, COS, SIN,
     n_ok = offs_n < end
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    k = _cast(_load_rows(K + kv_head.to(tl.int64) * stride_kh, stride_kt, offs_n, n_ok, offs_d, D,
-                         COS, SIN, HALF, ROTARY), DOT)
-    v = _cast(tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
-                      + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0), DOT)
+    k = _load_rows(K + kv_head.to(tl.int64) * stride_kh, stride_kt, offs_n, n_ok, offs_d, D,
+                         COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+    v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
+                      + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo = start
@@ -220,23 +201,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, COS, SIN,
         for q_lo in range(lo, end, BLOCK_M):
             offs_m = q_lo + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
-            q = _cast(_load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D,
-                                 COS, SIN, HALF, ROTARY), DOT)
+            q = _load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D,
+                                 COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
             do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = _cast(do, DOT)
+            do = do.to(DOT_DTYPE)
             lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
-            s_t = _dot(k, tl.trans(q), DOT) * qk_scale
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
             valid = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += _dot(_cast(p_t, DOT), do, DOT)
-            dp_t = _dot(v, tl.trans(do), DOT)
+            dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(_cast(ds_t, DOT), q, DOT)
+            dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
     if ROTARY:
         dk = _unrotate(dk, offs_n, n_ok, offs_d, COS, SIN, HALF, BLOCK_N, HEAD_DIM, HALF_SWAP)
@@ -253,7 +234,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN,
                    stride_dot, stride_doh, stride_dqt, stride_dqh,
                    T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
                    GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                   DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, query head): dq accumulated over the key blocks of its sequence."""
     n_mtiles = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
@@ -269,9 +250,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN,
     m_ok = offs_m < end
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    q = _cast(_load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF, ROTARY), DOT)
-    do = _cast(tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                       mask=m_ok[:, None] & d_ok[None, :], other=0.0), DOT)
+    q = _load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+    do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
     lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -283,17 +264,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN,
     for k_lo in range(start, hi, BLOCK_N):
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = _cast(_load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY), DOT)
-        v = _cast(tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                          mask=n_ok[:, None] & d_ok[None, :], other=0.0), DOT)
-        s = _dot(q, tl.trans(k), DOT) * qk_scale
+        k = _load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+        v = (tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         valid = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), DOT)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += _dot(_cast(ds, DOT), k, DOT)
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=DOT_PREC)
     dq = dq * sm_scale
     if ROTARY:
         dq = _unrotate(dq, offs_m, m_ok, offs_d, COS, SIN, HALF, BLOCK_M, HEAD_DIM, HALF_SWAP)
@@ -342,13 +323,21 @@ if INTERPRET:
     _dkdv_launch = _bwd_dkdv_kernel
     _dq_launch = _bwd_dq_kernel
 else:  # keyed on head dim and length bucket (plus the flags that change the kernel's work)
-    _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "DOT"]
+    _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "DOT_DTYPE"]
     _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _fwd_kernel)
     _dkdv_launch = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _bwd_dkdv_kernel)
     _dq_launch = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _bwd_dq_kernel)
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """tl.dot operand dtype (see tritonkernels._dtypes.dot_code) and precision: fp32 operands use
+    exact IEEE products (no TF32) so fp32 inputs keep fp32 accuracy."""
+    code = dot_code(dtype)
+    dot_dtype = {DOT_FP16: tl.float16, DOT_BF16: tl.bfloat16, DOT_FP32: tl.float32}[code]
+    return {"DOT_DTYPE": dot_dtype, "DOT_PREC": "ieee" if code == DOT_FP32 else "tf32"}
 
 
 def _meta() -> dict:
@@ -389,7 +378,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
         q, k, v, out, lse, cu_seqlens, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         T, D, half, softmax_scale * LOG2E, max_seqlen, length_bucket(max_seqlen),
-        GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, DOT=dot_code(q.dtype),
+        GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, **_dot_args(q.dtype),
         HEAD_DIM=max(16, next_pow2(D)), **_meta())
     return out, lse
 
@@ -419,7 +408,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK=block_t)
     cos, sin, half, has_rot = _rotary_args(rotary, q)
     common = dict(GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, HALF_SWAP=2 * half == head_dim,
-                  DOT=dot_code(q.dtype), HEAD_DIM=head_dim, **_meta())
+                  **_dot_args(q.dtype), HEAD_DIM=head_dim, **_meta())
     scalars = (T, D, half, softmax_scale * LOG2E, softmax_scale, max_seqlen, length_bucket(max_seqlen))
 
     def grid_kv(meta):
