@@ -328,6 +328,20 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of both custom ops."""
+    from embedkit.ops import attention as ops
+
+    lens = [3, 17]
+    (q, k, v, g), (cos, sin) = _inputs(lens, 2, 1, 16, 1, "1d")
+    cu = _cu(lens)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(ops._fwd, (q, k, v, cu, 17, False, 0.25, cos, sin, "triton"))
+    out, lse = ops._fwd(q, k, v, cu, 17, False, 0.25, cos, sin, "triton")
+    detached = [x.detach() for x in (q, k, v, out, lse)]
+    torch.library.opcheck(ops._bwd, (g, None, *detached, cu, 17, False, 0.25, cos, sin, "triton"))
+
+
 def test_flash_attn_drop_in():
     lens = [7, 20]
     (q, k, v, g), _ = _inputs(lens, 4, 1, 32, 16)
