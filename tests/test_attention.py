@@ -214,6 +214,23 @@ def test_non_contiguous_inputs():
     assert torch.equal(out_s, dense[0])
 
 
+def test_autotune_prune_sizes_tiles_from_length_bucket():
+    """GPU autotuning only considers tiles no larger than the length bucket (short sequences get
+    one small tile per sequence), and small tiles for 256-wide heads; there is always a config."""
+    from tritonkernels import attention as kernels
+
+    assert [kernels.length_bucket(n) for n in (1, 16, 17, 40, 64, 1000, 100000)] == [16, 16, 32, 64, 64, 1024, 4096]
+    for configs in (kernels._FWD_CONFIGS, kernels._BWD_CONFIGS):
+        for bucket in (16, 32, 64, 1024):
+            for head_dim in (64, 128, 256):
+                kept = kernels._prune(configs, {"LEN_BUCKET": bucket}, HEAD_DIM=head_dim)
+                assert kept
+                assert all(c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket for c in kept)
+                if head_dim == 256:
+                    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
+        assert len(kernels._prune(configs, {"LEN_BUCKET": 1024}, HEAD_DIM=128)) == len(configs)
+
+
 # ---- bad inputs -------------------------------------------------------------------------------
 
 def _good(T=10, Hq=4, Hkv=2, D=16):

@@ -98,7 +98,8 @@ def _unrotate(acc, offs_t, t_ok, offs_d, COS, SIN, HALF, BLOCK: tl.constexpr, HE
 def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 T, D, HALF, qk_scale, max_seqlen, LEN_BUCKET,
-                GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_mtiles = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
@@ -172,7 +173,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, COS, SIN,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, kv head): dk, dv accumulated over the group's heads x query blocks."""
     n_ntiles = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
@@ -234,7 +236,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN,
                    stride_dot, stride_doh, stride_dqt, stride_dqh,
                    T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
                    GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, query head): dq accumulated over the key blocks of its sequence."""
     n_mtiles = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
@@ -431,13 +434,4 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     return dq, dk, dv
 
 
-def flops(seqlens, num_heads: int, head_dim: int, causal: bool = False) -> tuple[float, float]:
-    """(forward, backward) FLOPs in flash-attn's convention: 4 * len^2 * Hq * D per sequence (halved
-    when causal); backward = 2.5 x forward."""
-    fwd = sum(4.0 * n * n * num_heads * head_dim for n in seqlens)
-    if causal:
-        fwd /= 2
-    return fwd, 2.5 * fwd
-
-
-__all__ = ["attention_fwd", "attention_bwd", "flops", "length_bucket"]
+__all__ = ["attention_fwd", "attention_bwd", "length_bucket"]
