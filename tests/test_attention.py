@@ -152,6 +152,17 @@ def test_many_short_sequences(monkeypatch):
     check_against_reference(lens, 1, 1, 16, torch.float16, causal=False, rotary="1d", seed=7)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_fused_dq_backward(monkeypatch, causal):
+    """Sequences that fit in one tile: dq comes out of the dk / dv kernel (no separate dq kernel)."""
+    from tritonkernels import attention as kernels
+
+    monkeypatch.setitem(kernels.INTERPRET_CONFIG, "BLOCK_M", 32)
+    monkeypatch.setitem(kernels.INTERPRET_CONFIG, "BLOCK_N", 32)
+    assert kernels.fuse_dq(32) and not kernels.fuse_dq(33)
+    check_against_reference([1, 9, 30, 32], 4, 2, 32, torch.float16, causal=causal, rotary="1d", seed=21)
+
+
 def test_empty_sequences():
     check_against_reference([0, 5, 0, 0, 12, 0], 2, 1, 16, torch.float32, seed=8)
     check_against_reference([0, 5, 0, 0, 12, 0], 2, 1, 16, torch.float16, causal=True, seed=9)
@@ -229,6 +240,10 @@ def test_autotune_prune_sizes_tiles_from_length_bucket():
                 if head_dim == 256:
                     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
         assert len(kernels._prune(configs, {"LEN_BUCKET": 1024}, HEAD_DIM=128)) == len(configs)
+    for max_seqlen in range(1, kernels.FUSED_DQ_MAX_SEQLEN + 1):  # the fused-dq backward always has a config
+        bucket = kernels.length_bucket(max_seqlen)
+        kept = kernels._prune(kernels._BWD_CONFIGS, {"LEN_BUCKET": bucket}, HEAD_DIM=128, FUSED_DQ=True)
+        assert kept and all(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == bucket >= max_seqlen for c in kept)
 
 
 # ---- bad inputs -------------------------------------------------------------------------------

@@ -168,14 +168,18 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, COS, SIN,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, SIN,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
                      T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                     FUSED_DQ: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key tile, kv head): dk, dv accumulated over the group's heads x query blocks."""
+    """One program per (key tile, kv head): dk, dv accumulated over the group's heads x query blocks.
+
+    FUSED_DQ (every sequence fits in one query block and one key tile): the program sees all of its
+    sequence's scores, so it also writes the complete dq of each head of its group -- each element
+    once, no atomics -- and the separate dq kernel is skipped (q, k, v, dO read once in all)."""
     n_ntiles = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -220,6 +224,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, COS, SIN,
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=DOT_PREC)
+            if FUSED_DQ:
+                dq = tl.dot(tl.trans(ds_t.to(DOT_DTYPE)), k, input_precision=DOT_PREC) * sm_scale
+                if ROTARY:
+                    dq = _unrotate(dq, offs_m, m_ok, offs_d, COS, SIN, HALF, BLOCK_M, HEAD_DIM, HALF_SWAP)
+                tl.store(DQ + head * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :],
+                         dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     dk = dk * sm_scale
     if ROTARY:
         dk = _unrotate(dk, offs_n, n_ok, offs_d, COS, SIN, HALF, BLOCK_N, HEAD_DIM, HALF_SWAP)
@@ -308,11 +318,28 @@ def length_bucket(max_seqlen: int) -> int:
     return min(4096, max(16, next_pow2(max_seqlen)))
 
 
+# Backward of short sequences (max_seqlen <= this): one kernel for dq, dk and dv (see _bwd_dkdv_kernel).
+FUSED_DQ_MAX_SEQLEN = 64
+
+
+def fuse_dq(max_seqlen: int) -> bool:
+    """Whether the backward computes dq inside the dk / dv kernel: every sequence must fit in one
+    tile; on GPU the autotuner then only tries square tiles of exactly the length bucket."""
+    if INTERPRET:
+        return max_seqlen <= min(INTERPRET_CONFIG["BLOCK_M"], INTERPRET_CONFIG["BLOCK_N"])
+    return max_seqlen <= FUSED_DQ_MAX_SEQLEN
+
+
 def _prune(configs, named_args, **kwargs):
     """Tiles no larger than the length bucket (see the module docstring), and small enough for
-    256-wide heads to fit in shared memory."""
+    256-wide heads to fit in shared memory; exactly one bucket-sized tile per sequence when the
+    backward fuses dq (FUSED_DQ)."""
     bucket = named_args["LEN_BUCKET"]
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    if kwargs.get("FUSED_DQ", named_args.get("FUSED_DQ")):
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == bucket and c.kwargs["BLOCK_N"] == bucket]
+        assert keep, f"no backward config with {bucket} x {bucket} tiles for the fused dq path"
+        return keep
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket
             and (head_dim is None or head_dim < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
@@ -329,8 +356,8 @@ else:  # keyed on head dim and length bucket (plus the flags that change the ker
     _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "DOT_DTYPE"]
     _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _fwd_kernel)
-    _dkdv_launch = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _bwd_dkdv_kernel)
+    _dkdv_launch = triton.autotune(_BWD_CONFIGS, key=_KEY + ["FUSED_DQ"],
+                                   prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv_kernel)
     _dq_launch = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _bwd_dq_kernel)
 
@@ -410,6 +437,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), T, D,
         HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK=block_t)
     cos, sin, half, has_rot = _rotary_args(rotary, q)
+    fused_dq = fuse_dq(max_seqlen)
     common = dict(GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, HALF_SWAP=2 * half == head_dim,
                   **_dot_args(q.dtype), HEAD_DIM=head_dim, **_meta())
     scalars = (T, D, half, softmax_scale * LOG2E, softmax_scale, max_seqlen, length_bucket(max_seqlen))
@@ -418,10 +446,12 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * B, Hkv)
 
     _dkdv_launch[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, cos, sin,
+        q, k, v, grad_out, lse, delta, dk, dv, dq, cu_seqlens, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        *scalars, **common)
+        dq.stride(0), dq.stride(1), *scalars, FUSED_DQ=fused_dq, **common)
+    if fused_dq:
+        return dq, dk, dv
 
     def grid_q(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B, Hq)
