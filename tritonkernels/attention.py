@@ -16,13 +16,18 @@ Backward (deterministic by construction, no atomics):
   2. dk / dv: one program per (key tile, kv head) loops over the query heads of its group and the
      query blocks of its sequence and accumulates in registers;
   3. dq: one program per (query tile, query head) loops over the key blocks of its sequence.
-Both loops are written for the bidirectional and the causal case.
+Both loops are written for the bidirectional and the causal case. When every sequence fits in one
+tile (max_seqlen <= FUSED_DQ_MAX_SEQLEN), step 3 is folded into step 2: the dk / dv program then
+holds all the scores of its sequence and writes each dq element exactly once.
+
+Head dims that are not powers of two (80, 96, ...) run in a tile padded to the next power of two
+(masked loads / stores); D is any multiple of 8 up to 256.
 
 Short sequences -- why tiles are sized from max_seqlen rather than packed block-diagonally:
 embedding batches are dominated by many short sequences (8192 x ~34 tokens). There attention is
-memory-bound: per sequence and head it reads L * D * 3 elements and does ~4 * L^2 * D flops,
-i.e. ~L / 3 flops per byte in bf16, far below the ~300 an H100 needs to be compute-bound at
-L = 40. The figure of merit is therefore bytes moved, not tile occupancy. Per-sequence tiles of
+memory-bound: per sequence and head it moves ~4 * L * D elements (q, k, v, out) and does
+4 * L^2 * D flops, i.e. ~L / 2 flops per byte in bf16 -- 20 at L = 40, far below the ~300 an
+H100 needs to be compute-bound. The figure of merit is therefore bytes moved, not tile occupancy. Per-sequence tiles of
 BLOCK >= max_seqlen read every token's q / k / v exactly once (masked lanes of a tile fetch
 nothing). Packing several sequences into one query tile of the global token stream with a
 block-diagonal mask would re-read the k / v of every sequence that straddles a tile border and
@@ -41,7 +46,6 @@ from . import INTERPRET
 from ._dtypes import DOT_BF16, DOT_FP16, DOT_FP32, dot_code, next_pow2
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ---- device helpers ---------------------------------------------------------------------------
