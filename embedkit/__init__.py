@@ -1,13 +1,15 @@
 """embedkit: GPU kernels and a thin API for multimodal embedding encoders."""
 from ._config import get_backend, set_backend, set_validation, use_backend, validation_enabled
 from .batch import PackedBatch
-from .ops import (BackendUnavailableError, available_backends, flash_attn_varlen_func, pool_project, rotary_tables,
-                  varlen_attention)
+from .ops import BackendUnavailableError, available_backends, pool_project, rotary_tables, varlen_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "PackedBatch", "available_backends", "flash_attn_varlen_func", "get_backend",
-    "pool_project",
+    "BackendUnavailableError", "PackedBatch", "available_backends", "get_backend", "pool_project",
     "rotary_tables", "set_backend", "set_validation", "use_backend", "validation_enabled", "varlen_attention",
 ]
+
+from .ops import flash_attn_varlen_func  # noqa: E402
+
+__all__ += ["flash_attn_varlen_func"]
