@@ -11,6 +11,7 @@ BENCHMARKS = {
     "embedder": "bench.bench_embedder",
     "encode": "bench.bench_encode",
     "native": "bench.bench_native",
+    "attention": "bench.bench_attention",
 }
 
 

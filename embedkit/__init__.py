@@ -16,3 +16,6 @@ from .model import Audio, Embedder, EmbedderConfig, Image, Interleaved, ModelInp
 
 __all__ += ["Audio", "Embedder", "EmbedderConfig", "Image", "Interleaved", "ModelInputs", "Text", "Video"]
 __all__ += ["masked_mean", "sequence_fingerprint"]
+from .ops import flash_attn_varlen_func  # noqa: E402
+
+__all__ += ["flash_attn_varlen_func"]

@@ -9,3 +9,7 @@ from .packing import pack, unpack
 __all__ = ["BackendUnavailableError", "available_backends", "pool_project", "rotary_tables",
            "varlen_attention"]
 __all__ += ["masked_mean", "pack", "sequence_fingerprint", "unpack"]
+
+from .attention import flash_attn_varlen_func  # noqa: E402
+
+__all__ += ["flash_attn_varlen_func"]

@@ -1,36 +1,229 @@
 """varlen_attention, rotary_tables and the flash-attn drop-in flash_attn_varlen_func.
 
-STUB (foundation): dispatches to the pure-torch reference only, so that model / integration code
-can be written against the final signatures. The Triton kernels replace this (issue 3).
+Three layers (as flash-attn does): torch.library custom ops `embedkit::varlen_attention_fwd` /
+`_bwd` with fake implementations (torch.compile traces them without running a kernel) -> autograd
+registration -> the public functions, which validate inputs and pick the backend.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 
 from . import _checks, _dispatch, reference
 
 OP = "varlen_attention"
-_dispatch.register_op(OP, set())
+_dispatch.register_op(OP, {"triton"})
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from tritonkernels import attention as kernels
+
+        return kernels
+    raise AssertionError(f"no {backend} kernels for {OP}")
+
+
+def _rotary(cos, sin):
+    return None if cos is None else (cos, sin)
+
+
+# ---- custom ops -------------------------------------------------------------------------------
+
+@torch.library.custom_op("embedkit::varlen_attention_fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+         causal: bool, softmax_scale: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(backend).attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                           _rotary(cos, sin))
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, backend):
+    T, Hq, D = q.shape
+    return q.new_empty(T, Hq, D), torch.empty(Hq, T, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("embedkit::varlen_attention_bwd", mutates_args=())
+def _bwd(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+         causal: bool, softmax_scale: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels(backend).attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, max_seqlen,
+                                           causal, softmax_scale, _rotary(cos, sin))
+
+
+@_bwd.register_fake
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin,
+              backend):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cos, sin)
+    ctx.max_seqlen = max_seqlen
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, cos, sin = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal,
+                      ctx.softmax_scale, cos, sin, ctx.backend)
+    # The rotary tables are constants of the op (no gradient), like cu_seqlens.
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("embedkit::varlen_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary):
+    floats = _KERNEL_DTYPES + (torch.float64,)
+    q = _checks.check_float(q, "q", ndim=3, allowed=floats)
+    dev = q.device
+    k = _checks.check_float(k, "k", ndim=3, device=dev, allowed=floats)
+    v = _checks.check_float(v, "v", ndim=3, device=dev, allowed=floats)
+    _checks.check_same_dtype(k, "k", q.dtype, "q")
+    _checks.check_same_dtype(v, "v", q.dtype, "q")
+    T, Hq, D = q.shape
+    if k.shape[0] != T:
+        raise ValueError(f"k must have T = {T} tokens (q's first dim) for self-attention over packed "
+                         f"sequences, got shape {tuple(k.shape)}")
+    if k.shape[2] != D:
+        raise ValueError(f"k must have head dim D = {D} (q's last dim), got shape {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if Hq == 0 or Hkv == 0:
+        raise ValueError(f"q and k must have at least one head, got Hq = {Hq}, Hkv = {Hkv}")
+    if Hq % Hkv:
+        raise ValueError(f"the number of query heads Hq = {Hq} (q.shape[1]) must be a multiple of the "
+                         f"number of kv heads Hkv = {Hkv} (k.shape[1]) for GQA / MQA")
+    if D % 8 or D == 0 or D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = q.shape[2] must be a multiple of 8 between 8 and {MAX_HEAD_DIM}, got {D}")
+    cu = _checks.check_cu_seqlens(cu_seqlens, T, dev)
+    max_seqlen = _checks.check_max_seqlen(max_seqlen, cu)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is None:
+        softmax_scale = D ** -0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    elif not (softmax_scale > 0 and softmax_scale != float("inf")):
+        raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale}")
+    if rotary is not None:
+        if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+            raise TypeError("rotary must be a (cos, sin) pair of tensors [T, R/2] (see rotary_tables), "
+                            f"got {type(rotary).__name__}")
+        cos, sin = rotary
+        _checks.check_float(cos, "rotary cos", ndim=2, device=dev)
+        _checks.check_float(sin, "rotary sin", ndim=2, device=dev)
+        if tuple(sin.shape) != tuple(cos.shape):
+            raise ValueError(f"rotary cos and sin must have the same shape, got {tuple(cos.shape)} and "
+                             f"{tuple(sin.shape)}")
+        if cos.shape[0] != T:
+            raise ValueError(f"rotary cos / sin must have T = {T} rows (one per packed token), "
+                             f"got shape {tuple(cos.shape)}")
+        if cos.shape[1] < 1 or 2 * cos.shape[1] > D:
+            raise ValueError(f"rotary cos / sin must have R/2 columns with 2 <= R <= D = {D}, "
+                             f"got shape {tuple(cos.shape)} (R = {2 * cos.shape[1]})")
+    return max_seqlen, float(softmax_scale)
 
 
 def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10000.0, sections=None):
     """(cos, sin) fp32 [T, rotary_dim / 2] from position ids [T] or [3, T] (then `sections`)."""
     _checks.check_tensor(position_ids, "position_ids", dtypes=(torch.int32, torch.int64))
-    if position_ids.dim() == 2 and position_ids.shape[0] == 3:
-        if sections is None or len(sections) != 3 or 2 * sum(sections) != rotary_dim:
-            raise ValueError(f"sections must be 3 ints summing to rotary_dim / 2 = {rotary_dim // 2} for "
-                             f"position_ids of shape [3, T], got {sections!r}")
-    elif position_ids.dim() != 1:
-        raise ValueError(f"position_ids must have shape [T] or [3, T], got {tuple(position_ids.shape)}")
     _checks.check_int(rotary_dim, "rotary_dim", low=2)
     if rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 0:
+        raise ValueError(f"theta must be a number > 0, got {theta!r}")
+    if position_ids.dim() == 2 and position_ids.shape[0] == 3:
+        if (sections is None or len(sections) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                           for s in sections)
+                or 2 * sum(sections) != rotary_dim):
+            raise ValueError(f"sections must be 3 ints >= 0 summing to rotary_dim / 2 = {rotary_dim // 2} for "
+                             f"position_ids of shape [3, T], got {sections!r}")
+    elif position_ids.dim() != 1:
+        raise ValueError(f"position_ids must have shape [T] or [3, T], got {tuple(position_ids.shape)}")
     return reference.rotary_tables(position_ids, rotary_dim, theta, sections)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_scale=None, rotary=None,
                      return_lse=False):
+    """Softmax attention within each packed sequence (flash-attn varlen layout).
+
+    q [T, Hq, D], k / v [T, Hkv, D] (Hq % Hkv == 0; D a multiple of 8 up to 256), fp16 / bf16 /
+    fp32; cu_seqlens int32 [B+1]; max_seqlen a Python int >= the longest sequence. Bidirectional
+    unless `causal`; default scale D ** -0.5. rotary=(cos, sin), each [T, R/2] (rotary_tables):
+    rotate-half rotary on the first R dims of q and k, inside the kernel. Returns out [T, Hq, D]
+    and, with return_lse, lse fp32 [Hq, T] (natural log). Differentiable in q, k, v (and through
+    lse).
+    """
+    max_seqlen, scale = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
-    assert backend == "reference"
-    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal,
-                                      softmax_scale=softmax_scale, rotary=rotary, return_lse=return_lse)
+    if backend == "reference":
+        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale,
+                                          rotary=rotary, return_lse=return_lse)
+    if q.dtype == torch.float64:
+        raise TypeError(f"q: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
+                        "got float64 (use backend 'reference' for float64)")
+    cos, sin = (None, None) if rotary is None else rotary
+    out, lse = _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, cos, sin, backend)
+    return (out, lse) if return_lse else out
+
+
+# ---- flash-attn drop-in -----------------------------------------------------------------------
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn's `flash_attn_varlen_func`, for self-attention over packed sequences.
+
+    Supported: cu_seqlens_q equal to cu_seqlens_k (self-attention), softmax_scale, causal, GQA / MQA,
+    deterministic (the backward is always deterministic). return_attn_probs=True returns
+    (out, softmax_lse [Hq, T], None) like flash-attn without dropout. Anything else raises
+    NotImplementedError.
+    """
+    def unsupported(what):
+        raise NotImplementedError(f"embedkit's flash_attn_varlen_func does not support {what}; "
+                                  "use flash-attn itself for this option")
+
+    if dropout_p != 0.0:
+        unsupported(f"dropout_p > 0 (got {dropout_p}): attention dropout is not implemented")
+    if tuple(window_size) != (-1, -1):
+        unsupported(f"window_size={tuple(window_size)} (sliding-window / local attention)")
+    if softcap != 0.0:
+        unsupported(f"softcap={softcap} (logit soft-capping)")
+    if alibi_slopes is not None:
+        unsupported("alibi_slopes (ALiBi biases)")
+    if block_table is not None:
+        unsupported("block_table (paged KV cache)")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if cu_seqlens_k is not cu_seqlens_q:
+        _checks.check_tensor(cu_seqlens_k, "cu_seqlens_k", ndim=1, dtypes=(torch.int32,))
+        if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_k.shape != cu_seqlens_q.shape:
+            unsupported("cu_seqlens_k different from cu_seqlens_q (cross-attention)")
+        if _checks.sync_checks_enabled() and not torch.equal(cu_seqlens_k, cu_seqlens_q.to(cu_seqlens_k.device)):
+            unsupported("cu_seqlens_k different from cu_seqlens_q (cross-attention)")
+    if max_seqlen_k != max_seqlen_q:
+        unsupported(f"max_seqlen_k = {max_seqlen_k} different from max_seqlen_q = {max_seqlen_q} "
+                    "(cross-attention)")
+    if return_attn_probs:
+        out, lse = varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal,
+                                    softmax_scale=softmax_scale, return_lse=True)
+        return out, lse, None
+    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal, softmax_scale=softmax_scale)

@@ -1,0 +1,283 @@
+"""varlen_attention: forward, backward and forward+backward TFLOP/s against the other ways to run
+attention over packed sequences, in the same run.
+
+FLOPs follow flash-attn's convention (the design's): forward = sum over sequences of
+4 * len^2 * Hq * D (halved when causal), backward = 2.5 x forward. Padded implementations are
+charged the same useful FLOPs, so every TFLOP/s figure is comparable ("effective").
+
+GPU (bf16; head dim 64 and 128; Hq = 16 with Hkv = 16 and 4) on three length mixes:
+  (a) short:  8192 sequences of 16-64 tokens (uniform)
+  (b) medium: lengths uniform in 64-1024, 64K tokens in all
+  (c) long:   8 sequences of 4K-16K tokens (an interleaved multimodal document mix)
+Competitors, each in try/except with a note when unavailable:
+  - torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside), where the installed torch has it;
+  - scaled_dot_product_attention on the padded batch, flash / cuDNN / efficient backends (kernel
+    time on pre-padded tensors; the pad + unpad copies a packed pipeline would add are recorded
+    separately as impl "pad+unpad copies"); flash takes no key-padding mask, so it runs unmasked
+    (same work, padded outputs differ);
+  - FlexAttention with a document mask, compiled (BlockMask build time recorded separately);
+  - flash-attn's flash_attn_varlen_func, when installed.
+CPU: a tiny case with the reference and padded SDPA only (the interpreter is never timed).
+A competitor's row carries "speedup" = its time / embedkit-triton's time in the same pass (> 1: embedkit
+is faster).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import embedkit
+
+from .harness import BenchRun
+
+OP = "attention"
+
+
+def _mix(name: str, gen: torch.Generator, quick: bool) -> list[int]:
+    if name == "a":
+        return torch.randint(16, 65, (2048 if quick else 8192,), generator=gen).tolist()
+    if name == "b":
+        total, out = (16384 if quick else 65536), []
+        while sum(out) < total:
+            out.append(int(torch.randint(64, 1025, (1,), generator=gen)))
+        out[-1] -= sum(out) - total
+        return [n for n in out if n > 0]
+    if name == "c":
+        return torch.randint(4096, 16385, (2 if quick else 8,), generator=gen).tolist()
+    if name == "tiny":
+        return torch.randint(8, 65, (16,), generator=gen).tolist()
+    raise ValueError(name)
+
+
+def _flops(lens, Hq, D, causal):
+    fwd = sum(4.0 * n * n * Hq * D for n in lens) / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}
+
+
+def _padded(x: torch.Tensor, cu: torch.Tensor, lens: list[int], max_len: int) -> torch.Tensor:
+    """[T, H, D] -> [B, H, max_len, D] (zeros past each sequence's end)."""
+    batch = embedkit.PackedBatch(cu, max_len)
+    return batch.pad(x).transpose(1, 2).contiguous()
+
+
+class _Case:
+    def __init__(self, lens, Hq, Hkv, D, dtype, device, causal=False):
+        self.lens, self.Hq, self.Hkv, self.D, self.causal = lens, Hq, Hkv, D, causal
+        T = sum(lens)
+        self.T, self.max_len = T, max(lens)
+        self.cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        mk = lambda h: torch.randn(T, h, D, device=device, dtype=dtype, generator=g)  # noqa: E731
+        self.q, self.k, self.v = (mk(h).requires_grad_() for h in (Hq, Hkv, Hkv))
+        self.grad = mk(Hq)
+
+    def leaves(self):
+        return self.q, self.k, self.v
+
+
+def _time_passes(bench: BenchRun, fwd, inputs, grad_fn):
+    """(fwd ms, bwd ms, fwd+bwd ms) of a differentiable fwd(); backward timed on a retained graph."""
+    with torch.no_grad():
+        ms_f = bench.time_ms(fwd)
+    out = fwd()
+    grad = grad_fn(out)
+    ms_b = bench.time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o, inputs, grad)
+
+    ms_fb = bench.time_ms(fwd_bwd)
+    return ms_f, ms_b, ms_fb
+
+
+def _record_all(bench, case_dict, impl, flops, times, **extra):
+    for name, ms in zip(("fwd", "bwd", "fwd+bwd"), times):
+        bench.record(OP, {**case_dict, "pass": name}, impl, ms=ms, flops=flops[name], **extra)
+
+
+def _embedkit_impl(c: _Case, backend: str):
+    def fwd():
+        with embedkit.use_backend(backend):
+            return embedkit.varlen_attention(c.q, c.k, c.v, c.cu, c.max_len, causal=c.causal)
+    return fwd, c.leaves(), lambda out: c.grad
+
+
+def _varlen_attn_impl(c: _Case, bench: BenchRun):
+    from torch.nn.attention.varlen import varlen_attn
+
+    k, v = c.k, c.v
+    kwargs = {}
+    if c.Hkv != c.Hq:
+        kwargs["enable_gqa"] = True
+    if c.causal:
+        kwargs["window_size"] = (-1, 0)
+
+    def fwd():
+        return varlen_attn(c.q, k, v, c.cu, c.cu, c.max_len, c.max_len, **kwargs)
+
+    try:
+        with torch.no_grad():
+            fwd()
+    except TypeError:  # an older torch without enable_gqa: expand the kv heads (outside the timing)
+        kwargs.pop("enable_gqa", None)
+        group = c.Hq // c.Hkv
+        k = c.k.detach().repeat_interleave(group, 1).requires_grad_()
+        v = c.v.detach().repeat_interleave(group, 1).requires_grad_()
+        bench.note("varlen_attn has no enable_gqa in this torch: kv heads expanded before timing")
+    return fwd, (c.q, k, v), lambda out: c.grad
+
+
+def _sdpa_impl(c: _Case, backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+    qp, kp, vp = (_padded(x.detach(), c.cu, c.lens, c.max_len).requires_grad_() for x in c.leaves())
+    mask = None
+    if backend_name != "flash":  # key-padding mask [B, 1, 1, L] (flash takes none: it runs unmasked)
+        idx = torch.arange(c.max_len, device=c.cu.device)
+        lens = (c.cu[1:] - c.cu[:-1]).long()
+        mask = (idx[None, :] < lens[:, None])[:, None, None, :]
+        if c.causal:
+            mask = mask & torch.ones(c.max_len, c.max_len, dtype=torch.bool, device=mask.device).tril()
+    gqa = c.Hq != c.Hkv
+    grad = _padded(c.grad, c.cu, c.lens, c.max_len)
+
+    def fwd():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa,
+                                                  is_causal=c.causal and mask is None)
+    return fwd, (qp, kp, vp), lambda out: grad
+
+
+def _flex_impl(c: _Case, bench: BenchRun, case_dict):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = c.T
+    doc = torch.repeat_interleave(torch.arange(len(c.lens), device=c.cu.device),
+                                  (c.cu[1:] - c.cu[:-1]).long(), output_size=T)
+    causal = c.causal
+
+    def document_mask(b, h, q_idx, kv_idx):
+        same = doc[q_idx] == doc[kv_idx]
+        return same & (q_idx >= kv_idx) if causal else same
+
+    build = lambda: create_block_mask(document_mask, None, None, T, T, device=c.cu.device, _compile=True)  # noqa
+    block_mask = build()
+    t_build = bench.time_ms(build)
+    bench.record(OP, {**case_dict, "pass": "blockmask-build"}, "flex-attention", ms=t_build)
+    flex = torch.compile(flex_attention, dynamic=False)
+    qf, kf, vf = (x.detach().transpose(0, 1)[None].requires_grad_() for x in c.leaves())  # [1, H, T, D]
+    grad = c.grad.transpose(0, 1)[None]
+
+    def fwd():
+        return flex(qf, kf, vf, block_mask=block_mask, enable_gqa=c.Hq != c.Hkv)
+    return fwd, (qf, kf, vf), lambda out: grad
+
+
+def _flash_attn_impl(c: _Case):
+    from flash_attn import flash_attn_varlen_func
+
+    def fwd():
+        return flash_attn_varlen_func(c.q, c.k, c.v, c.cu, c.cu, c.max_len, c.max_len, causal=c.causal)
+    return fwd, c.leaves(), lambda out: c.grad
+
+
+def _run_impl(bench, case_dict, impl, flops, make):
+    try:
+        fwd, inputs, grad_fn = make()
+        times = _time_passes(bench, fwd, inputs, grad_fn)
+    except Exception as exc:  # a competitor missing or failing must not stop the run: say so
+        bench.note(f"{impl} unavailable for {case_dict}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+    _record_all(bench, case_dict, impl, flops, times)
+    return times
+
+
+def _pad_copies(bench, c: _Case, case_dict):
+    batch = embedkit.PackedBatch(c.cu, c.max_len)
+
+    def copies():
+        padded = [batch.pad(x.detach()).transpose(1, 2).contiguous() for x in c.leaves()]
+        return batch.unpad(padded[0].transpose(1, 2))
+
+    bench.record(OP, {**case_dict, "pass": "fwd"}, "pad+unpad copies", ms=bench.time_ms(copies))
+
+
+def run(bench: BenchRun) -> None:
+    dev = bench.device
+    gen = torch.Generator().manual_seed(0)
+    if not bench.on_gpu:
+        lens = _mix("tiny", gen, True)
+        c = _Case(lens, 4, 2, 64, torch.float32, dev)
+        case = {"mix": "tiny", "B": len(lens), "T": c.T, "D": 64, "Hq": 4, "Hkv": 2, "dtype": "float32"}
+        flops = _flops(lens, 4, 64, False)
+        _run_impl(bench, case, "reference", flops, lambda: _embedkit_impl(c, "reference"))
+        _run_impl(bench, case, "sdpa-padded-math", flops, lambda: _sdpa_impl(c, "math"))
+        bench.note("attention: CPU run covers the reference and padded SDPA only; the Triton kernel is not "
+                   "timed under the interpreter")
+        return
+    dtype = torch.bfloat16
+    head_dims = [128] if bench.quick else [64, 128]
+    kv_heads = [16, 4]
+    mixes = ["a", "b", "c"]
+    try:
+        import flash_attn  # noqa: F401
+        has_flash_attn = True
+    except ImportError:
+        has_flash_attn = False
+        bench.note("flash-attn is not installed: its flash_attn_varlen_func is not measured")
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        has_varlen = True
+    except ImportError:
+        has_varlen = False
+        bench.note("this torch has no torch.nn.attention.varlen.varlen_attn: not measured")
+    for mix in mixes:
+        lens = _mix(mix, gen, bench.quick)
+        for D in head_dims:
+            for Hkv in kv_heads:
+                Hq = 16
+                c = _Case(lens, Hq, Hkv, D, dtype, dev)
+                case = {"mix": mix, "B": len(lens), "T": c.T, "max_len": c.max_len, "D": D, "Hq": Hq,
+                        "Hkv": Hkv, "dtype": "bfloat16"}
+                flops = _flops(lens, Hq, D, False)
+                t0 = time.perf_counter()
+                mine = _run_impl(bench, case, "embedkit-triton", flops, lambda: _embedkit_impl(c, "triton"))
+                bench.note(f"embedkit-triton {case}: first call incl. autotune took "
+                           f"{time.perf_counter() - t0:.1f} s in all")
+                results = {}
+                if has_varlen:
+                    results["torch-varlen_attn"] = _run_impl(bench, case, "torch-varlen_attn", flops,
+                                                             lambda: _varlen_attn_impl(c, bench))
+                if has_flash_attn:
+                    results["flash-attn"] = _run_impl(bench, case, "flash-attn", flops, lambda: _flash_attn_impl(c))
+                padded_bytes = len(lens) * c.max_len * (Hq + 2 * Hkv) * D * 2
+                if padded_bytes < (8 << 30):
+                    for name in ("flash", "cudnn", "efficient"):
+                        results[f"sdpa-padded-{name}"] = _run_impl(bench, case, f"sdpa-padded-{name}", flops,
+                                                                  lambda name=name: _sdpa_impl(c, name))
+                    try:
+                        _pad_copies(bench, c, case)
+                    except Exception as exc:
+                        bench.note(f"pad+unpad copies failed for {case}: {exc!r}")
+                else:
+                    bench.note(f"padded SDPA skipped for {case}: the padded batch would take "
+                               f"{padded_bytes / 2**30:.1f} GiB")
+                results["flex-attention"] = _run_impl(bench, case, "flex-attention", flops,
+                                                      lambda: _flex_impl(c, bench, case))
+                if mine is not None:  # "speedup" on a competitor's row: its time / embedkit's, same run
+                    for impl, times in results.items():
+                        if times is None:
+                            continue
+                        for rec in bench.records:
+                            if rec["impl"] == impl and {k: rec["case"].get(k) for k in case} == case:
+                                i = ("fwd", "bwd", "fwd+bwd").index(rec["case"]["pass"]) \
+                                    if rec["case"]["pass"] in ("fwd", "bwd", "fwd+bwd") else None
+                                if i is not None:
+                                    rec["speedup"] = rec["ms"] / mine[i]
+                del c
+                torch.cuda.empty_cache()
