@@ -27,6 +27,20 @@ def _is_constexpr(param: inspect.Parameter) -> bool:
     return "constexpr" in (ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann)))
 
 
+def _is_tl_dtype(v) -> bool:
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    return isinstance(v, tl.dtype)
+
+
+def _constexpr_values(constexprs: dict) -> dict:
+    import triton.language as tl
+
+    return {k: tl.dtype(v["tl_dtype"]) if isinstance(v, dict) else v for k, v in constexprs.items()}
+
+
 def _record_launch(fn, args, kwargs) -> None:
     import torch
 
@@ -41,7 +55,9 @@ def _record_launch(fn, args, kwargs) -> None:
             bound[p.name] = p.default
         v = bound[p.name]
         if _is_constexpr(p):
-            if not isinstance(v, (int, float, bool, str, type(None))):
+            if _is_tl_dtype(v):
+                v = {"tl_dtype": str(v)}  # rebuilt as triton.language.dtype in the compiling process
+            elif not isinstance(v, (int, float, bool, str, type(None))):
                 return
             signature[p.name] = "constexpr"
             constexprs[p.name] = v
@@ -59,7 +75,10 @@ def _record_launch(fn, args, kwargs) -> None:
         else:
             return
     options = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
-    key = (fn.__module__, fn.__name__, tuple(sorted((k, v) for k, v in signature.items() if v != "constexpr")))
+    # One specialization per kernel, pointer/scalar types and dtype-valued constexprs.
+    dtype_constexprs = tuple(sorted((k, v["tl_dtype"]) for k, v in constexprs.items() if isinstance(v, dict)))
+    key = (fn.__module__, fn.__name__, tuple(sorted((k, v) for k, v in signature.items() if v != "constexpr")),
+           dtype_constexprs)
     recorded.setdefault(key, {"module": fn.__module__, "name": fn.__name__, "signature": signature,
                               "constexprs": constexprs, "options": options})
 
@@ -106,10 +125,11 @@ def compile_all(specs: list[dict], arch: int = 90) -> list[str]:
     for i, spec in enumerate(specs):
         obj = getattr(importlib.import_module(spec["module"]), spec["name"])
         # The interpreted launch's own blocks, plus every GPU autotune config (never interpreted).
-        variants = [(spec["constexprs"], {"num_warps": 4, "num_stages": 3, **spec["options"]})]
+        base = _constexpr_values(spec["constexprs"])
+        variants = [(base, {"num_warps": 4, "num_stages": 3, **spec["options"]})]
         while not isinstance(obj, triton.runtime.jit.JITFunction):
             for cfg in (getattr(obj, "configs", None) or []) if widest[(spec["module"], spec["name"])] == i else []:
-                variants.append(({**spec["constexprs"], **cfg.kwargs},
+                variants.append(({**base, **cfg.kwargs},
                                  {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
             obj = obj.fn  # unwrap autotune / heuristics
         for constexprs, options in variants:
