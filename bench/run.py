@@ -8,6 +8,7 @@ from .harness import BenchRun
 # op name -> module with `run(bench: BenchRun) -> None`
 BENCHMARKS = {
     "pool_project": "bench.bench_pool_project",
+    "nce_loss": "bench.bench_nce",
 }
 
 
