@@ -35,7 +35,7 @@ from . import INTERPRET
 from ._dtypes import DOT_FP32, dot_code, next_pow2
 
 MAX_LEVELS = 3
-_NEG_INIT = -1.0e30  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
+_NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
 
 
 # ---- device helpers ---------------------------------------------------------------------------
