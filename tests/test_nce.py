@@ -525,7 +525,7 @@ def build(fn, consts):
     sig = {n: "constexpr" if n in consts else "*bf16" if n in EMB else "*i64" if n in IDS else "i32" if n in INTS
            else "*fp32" for n in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K._NUM_WARPS})
     assert ".local" not in k.asm["ptx"], f"{fn.__name__} spills to local memory"
 
 blk = dict(BLOCK_M=64, BLOCK_D=64)

@@ -504,6 +504,12 @@ def _blocks(D: int) -> tuple[int, int, int]:
     return 64, 64, 64
 
 
+# Tiles of 64 x 64 with up to 3 live fp32 dot tiles per level group: with 4 warps ptxas (sm_90) spills
+# registers in both the forward and the backward kernels; 8 warps compile without (forward) or with a few
+# bytes of (backward) spills. Not yet tuned on a GPU.
+_NUM_WARPS = 8
+
+
 def _groups(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [tuple(dims[i:i + MAX_LEVELS]) for i in range(0, len(dims), MAX_LEVELS)]
 
@@ -574,13 +580,15 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
                           ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset,
                           row_cos[sl].contiguous() if K else dummy, K, sm, sl_, stt, ps, *d3,
                           NUM_LEVELS=len(grp), HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
-                          HAS_ROW_NEG=K > 0, INIT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot)
+                          HAS_ROW_NEG=K > 0, INIT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot,
+                          num_warps=_NUM_WARPS)
         if shared_neg is not None and shared_neg.shape[0] > 0:
             _fwd_kernel[grid](rows, shared_neg, rows.stride(0), shared_neg.stride(0), inv_rows[sl].contiguous(),
                               inv_shared[sl].contiguous(), M, shared_neg.shape[0], inv_temp,
                               dummy, dummy, dummy, dummy, 0, dummy, 0, sm, sl_, stt, ps, *d3,
                               NUM_LEVELS=len(grp), HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
-                              HAS_ROW_NEG=False, INIT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot)
+                              HAS_ROW_NEG=False, INIT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot,
+                              num_warps=_NUM_WARPS)
         st_m[sl], st_l[sl], st_t[sl], pos[sl] = sm, sl_, stt, ps
     lse = st_m + torch.log(st_l)
     es = st_t / st_l
@@ -630,7 +638,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
             lse_g, g_g, inv_temp, *idp, diag_offset, gbuf, rbuf, D, *_pad3(grp),
             OWNER_IS_ROW=owner_is_row, NUM_LEVELS=len(grp), HAS_IDS_A=has_ids and has_a,
             HAS_IDS_B=has_ids and has_b, HAS_DIAG=diag, FINALIZE=finalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-            DOT=dot)
+            DOT=dot, num_warps=_NUM_WARPS)
 
     # Query rows (with their own negatives): against target tiles, then shared-negative tiles.
     for r0, r1 in _chunks(M, D * 4 * (1 + K), bm):
