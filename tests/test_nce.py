@@ -327,7 +327,8 @@ def test_bad_inputs(backend, kwargs, exc, words):
 def test_float64_on_kernel_backend_is_a_clear_error():
     for backend in KERNEL_BACKENDS:
         with embedkit.use_backend(backend), pytest.raises(TypeError, match="reference"):
-            embedkit.nce_loss(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+            embedkit.nce_loss(torch.randn(4, 8, dtype=torch.float64, device=DEVICE),
+                              torch.randn(4, 8, dtype=torch.float64, device=DEVICE))
 
 
 # ---- the reference is tiled: no [B, B] buffer, memory linear in B --------------------------------------
@@ -463,7 +464,11 @@ def _single_process(c):
 def test_distributed_matches_single_process_on_concatenated_batch(world, tmp_path):
     # One spawn per world size (process start-up dominates): the reference backend on 4 ranks, the
     # reference and the Triton kernels (interpreter) on 2.
-    backends = ["reference"] + (KERNEL_BACKENDS if world == 2 else [])
+    import tritonkernels
+
+    # Workers run on CPU (gloo): the Triton kernels take CPU tensors only under the interpreter.
+    cpu_kernels = ["triton"] if ("triton" in KERNEL_BACKENDS and tritonkernels.INTERPRET) else []
+    backends = ["reference"] + (cpu_kernels if world == 2 else [])
     cases = _dist_cases(world)
     cases_path = tmp_path / "cases.pt"
     torch.save(cases, cases_path)
