@@ -508,7 +508,7 @@ def test_ddp_example_runs():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-m", "embedkit.train.ddp_nce_example", "--world-size", "2",
-                          "--steps", "3"], capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
+                          "--steps", "3", "--cpu"], capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loss" in out.stdout
 
