@@ -38,9 +38,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._dtypes import dot_code, next_pow2
+from ._dtypes import DOT_FP16, dot_code, next_pow2
 
 MAX_LEVELS = 3
+_DOT_TF32 = 3  # a fourth operand code beside _dtypes' DOT_FP32 / DOT_FP16 / DOT_BF16
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
 
 
@@ -52,6 +53,8 @@ def _mma(acc, a, b, DOT: tl.constexpr):
         acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
     elif DOT == 2:
         acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT == 3:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return acc
@@ -352,7 +355,8 @@ def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N
                 gbuf, rbuf, D, D0, D1, D2,
                 OWNER_IS_ROW: tl.constexpr, NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr,
                 HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, FINALIZE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                GRAD_DOT: tl.constexpr):
     """Gradient of the owner rows (query rows when OWNER_IS_ROW, else candidates) over all other tiles.
 
     Programs cover owners [own_start, own_end) (a chunk: the fp32 buffers are chunk-sized, so the extra
@@ -432,11 +436,11 @@ def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N
             e1 += c2
             e0 += c2
         # Segment [d_{k-1}, d_k) of D receives the coefficients of every level l >= k.
-        _grad_range(gbuf, loc, o_ok, e0, y_oth, stride_oth, offs_n, n_ok, 0, D0, D, BLOCK_D, DOT)
+        _grad_range(gbuf, loc, o_ok, e0, y_oth, stride_oth, offs_n, n_ok, 0, D0, D, BLOCK_D, GRAD_DOT)
         if NUM_LEVELS > 1:
-            _grad_range(gbuf, loc, o_ok, e1, y_oth, stride_oth, offs_n, n_ok, D0, D1, D, BLOCK_D, DOT)
+            _grad_range(gbuf, loc, o_ok, e1, y_oth, stride_oth, offs_n, n_ok, D0, D1, D, BLOCK_D, GRAD_DOT)
         if NUM_LEVELS > 2:
-            _grad_range(gbuf, loc, o_ok, e2, y_oth, stride_oth, offs_n, n_ok, D1, D2, D, BLOCK_D, DOT)
+            _grad_range(gbuf, loc, o_ok, e2, y_oth, stride_oth, offs_n, n_ok, D1, D2, D, BLOCK_D, GRAD_DOT)
     if FINALIZE:
         f0 = a0 * a0 * r0
         if NUM_LEVELS > 1:
@@ -622,6 +626,10 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     dev = rows.device
     bm, bn, bd = _blocks(D)
     dot = dot_code(rows.dtype)
+    # The gradient MMA multiplies fp32 coefficients P a b, which are tiny at large B (P ~ p / (B tau)):
+    # fp16 operands would flush them to zero, so fp16 inputs run that MMA in tf32 (8-bit exponent; the
+    # fp16 operand is exact in tf32). bf16 has the exponent range already.
+    grad_dot = _DOT_TF32 if dot == DOT_FP16 else dot
     f32 = dict(dtype=torch.float32, device=dev)
     K = row_neg.shape[1] if row_neg is not None else 0
     S = shared_neg.shape[0] if shared_neg is not None else 0
@@ -644,7 +652,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
             lse_g, g_g, inv_temp, *idp, diag_offset, gbuf, rbuf, D, *_pad3(grp),
             OWNER_IS_ROW=owner_is_row, NUM_LEVELS=len(grp), HAS_IDS_A=has_ids and has_a,
             HAS_IDS_B=has_ids and has_b, HAS_DIAG=diag, FINALIZE=finalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-            DOT=dot, num_warps=_NUM_WARPS)
+            DOT=dot, GRAD_DOT=grad_dot, num_warps=_NUM_WARPS)
 
     # Query rows (with their own negatives): against target tiles, then shared-negative tiles.
     for r0, r1 in _chunks(M, D * 4 * (1 + K), bm):
