@@ -12,6 +12,7 @@ BENCHMARKS = {
     "encode": "bench.bench_encode",
     "native": "bench.bench_native",
     "attention": "bench.bench_attention",
+    "nce_loss": "bench.bench_nce",
 }
 
 
