@@ -1,22 +1,18 @@
 """embedkit: GPU kernels and a thin API for multimodal embedding encoders."""
 from ._config import get_backend, set_backend, set_validation, use_backend, validation_enabled
 from .batch import PackedBatch
-from .ops import BackendUnavailableError, available_backends, pool_project, rotary_tables, varlen_attention
-from .ops import masked_mean, sequence_fingerprint
-from .ops import nce_loss
+from .ops import (BackendUnavailableError, available_backends, flash_attn_varlen_func, masked_mean, nce_loss,
+                  pool_project, rotary_tables, sequence_fingerprint, varlen_attention)
+from .model import Audio, Embedder, EmbedderConfig, Image, Interleaved, ModelInputs, Text, Video
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "PackedBatch", "available_backends", "get_backend", "nce_loss", "pool_project",
-    "rotary_tables", "set_backend", "set_validation", "use_backend", "validation_enabled", "varlen_attention",
+    # settings
+    "get_backend", "set_backend", "set_validation", "use_backend", "validation_enabled",
+    # ops
+    "BackendUnavailableError", "available_backends", "flash_attn_varlen_func", "masked_mean", "nce_loss",
+    "pool_project", "rotary_tables", "sequence_fingerprint", "varlen_attention",
+    # data and model
+    "PackedBatch", "Audio", "Embedder", "EmbedderConfig", "Image", "Interleaved", "ModelInputs", "Text", "Video",
 ]
-
-# The multimodal Embedder (issue 7).
-from .model import Audio, Embedder, EmbedderConfig, Image, Interleaved, ModelInputs, Text, Video  # noqa: E402
-
-__all__ += ["Audio", "Embedder", "EmbedderConfig", "Image", "Interleaved", "ModelInputs", "Text", "Video"]
-__all__ += ["masked_mean", "sequence_fingerprint"]
-from .ops import flash_attn_varlen_func  # noqa: E402
-
-__all__ += ["flash_attn_varlen_func"]

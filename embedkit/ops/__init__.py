@@ -1,16 +1,13 @@
 """The public ops. Each module registers its backends with the dispatcher on import."""
 from ._dispatch import BackendUnavailableError, available_backends
-from .attention import rotary_tables, varlen_attention
-from .nce import nce_loss
-from .pool_project import pool_project
+from .attention import flash_attn_varlen_func, rotary_tables, varlen_attention
 from .fingerprint import sequence_fingerprint
 from .masked_mean import masked_mean
+from .nce import nce_loss
 from .packing import pack, unpack
+from .pool_project import pool_project
 
-__all__ = ["BackendUnavailableError", "available_backends", "nce_loss", "pool_project", "rotary_tables",
-           "varlen_attention"]
-__all__ += ["masked_mean", "pack", "sequence_fingerprint", "unpack"]
-
-from .attention import flash_attn_varlen_func  # noqa: E402
-
-__all__ += ["flash_attn_varlen_func"]
+__all__ = [
+    "BackendUnavailableError", "available_backends", "flash_attn_varlen_func", "masked_mean", "nce_loss",
+    "pack", "pool_project", "rotary_tables", "sequence_fingerprint", "unpack", "varlen_attention",
+]
