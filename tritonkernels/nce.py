@@ -146,6 +146,17 @@ def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, d
 # ---- kernels ----------------------------------------------------------------------------------
 
 @triton.jit
+def _level_span(lvl: tl.constexpr, D0, D1, D2):
+    """[lo, hi): the dims that MRL level `lvl` adds to the previous prefix (level 0 starts at 0)."""
+    if lvl == 0:
+        return 0, D0
+    elif lvl == 1:
+        return D0, D1
+    else:
+        return D1, D2
+
+
+@triton.jit
 def _prefix_inv_norm_kernel(x, stride_x, out, N, D0, D1, D2, NUM_LEVELS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[l, i] = 1 / max(||x_i[:d_l]||, 1e-12) (F.normalize's eps), all levels in one pass."""
@@ -153,15 +164,7 @@ def _prefix_inv_norm_kernel(x, stride_x, out, N, D0, D1, D2, NUM_LEVELS: tl.cons
     ok = offs < N
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for lvl in tl.static_range(NUM_LEVELS):
-        if lvl == 0:
-            lo = 0
-            hi = D0
-        elif lvl == 1:
-            lo = D0
-            hi = D1
-        else:
-            lo = D1
-            hi = D2
+        lo, hi = _level_span(lvl, D0, D1, D2)
         for d0 in range(lo, hi, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             v = tl.load(x + offs[:, None].to(tl.int64) * stride_x + offs_d[None, :],
@@ -180,15 +183,7 @@ def _row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0, D1
     for k in range(0, K):
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for lvl in tl.static_range(NUM_LEVELS):
-            if lvl == 0:
-                lo = 0
-                hi = D0
-            elif lvl == 1:
-                lo = D0
-                hi = D1
-            else:
-                lo = D1
-                hi = D2
+            lo, hi = _level_span(lvl, D0, D1, D2)
             for d0 in range(lo, hi, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 m2 = ok[:, None] & (offs_d < hi)[None, :]
@@ -485,12 +480,7 @@ def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, 
             tl.store(rbuf + lvl * C + loc, tl.load(rbuf + lvl * C + loc, mask=ok, other=0.0) + P * s, mask=ok)
             cx = P * a * b      # coefficient of neg_ik in d x_i, and of x_i in d neg_ik
             cn = b * b * P * s  # normalization term of d neg_ik
-            if lvl == 0:
-                hi = D0
-            elif lvl == 1:
-                hi = D1
-            else:
-                hi = D2
+            hi = _level_span(lvl, D0, D1, D2)[1]
             # A level's terms touch the whole prefix [0, d_l).
             for d0 in range(0, hi, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
