@@ -9,7 +9,7 @@ from embedkit.model import Embedder, ModelInputs
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
 
 
@@ -22,7 +22,7 @@ def _decoder(kind):
     if kind == "qwen3":
         return transformers.Qwen3Model(transformers.Qwen3Config(**SMALL, head_dim=16, rope_theta=1e6))
     if kind == "gemma":
-        return transformers.GemmaModel(transformers.GemmaConfig(**SMALL, head_dim=12))
+        return transformers.GemmaModel(transformers.GemmaConfig(**SMALL, head_dim=16))
     raise AssertionError(kind)
 
 
