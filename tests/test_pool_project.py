@@ -194,6 +194,7 @@ def _good():
     (dict(hidden=torch.randn(6, 3)), ValueError, r"weight must have shape \[D_out, H\] with H = 3"),
     (dict(hidden=torch.randint(0, 5, (6, 4))), TypeError, "hidden must have dtype"),
     (dict(hidden=torch.randn(6)), ValueError, "hidden must be 2-D"),
+    (dict(hidden=torch.randn(6, 0), weight=torch.randn(5, 0)), ValueError, r"at least one column \(H >= 1\)"),
     (dict(weight=torch.randn(5, 4, dtype=torch.float64)), TypeError, "weight has dtype"),
     (dict(bias=torch.randn(4)), ValueError, "bias must have D_out = 5"),
     (dict(out_dim=6), ValueError, "out_dim must be <= 5"),

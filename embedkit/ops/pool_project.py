@@ -87,6 +87,9 @@ def _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim):
     hidden = _checks.check_float(hidden, "hidden", ndim=2, allowed=_FLOATS + (torch.float64,))
     dev = hidden.device
     T, H = hidden.shape
+    if H == 0:
+        raise ValueError("hidden must have at least one column (H >= 1), got shape "
+                         f"{tuple(hidden.shape)}")
     weight = _checks.check_float(weight, "weight", ndim=2, device=dev, allowed=_FLOATS + (torch.float64,))
     _checks.check_same_dtype(weight, "weight", hidden.dtype, "hidden")
     d_out = weight.shape[0]
