@@ -87,7 +87,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q [T, Hq, D], k / v [T, Hkv, D]; returns out [T, Hq, D] (and lse [Hq, T] fp32 / fp64).
     """
     T, Hq, D = q.shape
-    group = Hq // k.shape[1]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     if rotary is not None:
         q = apply_rotary(q, *rotary)
@@ -95,16 +96,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     outs, lses = [], []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs = q[start:end].transpose(0, 1)                                   # [Hq, L, D]
-        ks = k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)   # [Hq, L, D]
-        vs = v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
-        scores = (qs @ ks.transpose(-1, -2)) * scale
+        n = end - start
+        # Query head h uses kv head h // group: [Hkv, group, L, D] against [Hkv, 1, L, D] (broadcast,
+        # no repeated copies of k / v).
+        qs = q[start:end].reshape(n, Hkv, group, D).permute(1, 2, 0, 3)
+        ks = k[start:end].transpose(0, 1)[:, None]
+        vs = v[start:end].transpose(0, 1)[:, None]
+        scores = (qs @ ks.transpose(-1, -2)) * scale                        # [Hkv, group, L, L]
         if causal:
-            n = end - start
             future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
-        outs.append((torch.softmax(scores, dim=-1) @ vs).transpose(0, 1))
-        lses.append(torch.logsumexp(scores.to(_acc_dtype(q.dtype)), dim=-1))
+        outs.append((torch.softmax(scores, dim=-1) @ vs).permute(2, 0, 1, 3).reshape(n, Hq, v.shape[-1]))
+        if return_lse:
+            lses.append(torch.logsumexp(scores.to(_acc_dtype(q.dtype)), dim=-1).reshape(Hq, n))
     out = torch.cat(outs, dim=0) if outs else q.new_empty(0, Hq, v.shape[-1])
     if return_lse:
         lse = torch.cat(lses, dim=1) if lses else q.new_empty(Hq, 0, dtype=_acc_dtype(q.dtype))
