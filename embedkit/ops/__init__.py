@@ -1,7 +1,8 @@
 """The public ops. Each module registers its backends with the dispatcher on import."""
 from ._dispatch import BackendUnavailableError, available_backends
 from .attention import rotary_tables, varlen_attention
+from .nce import nce_loss
 from .pool_project import pool_project
 
-__all__ = ["BackendUnavailableError", "available_backends", "pool_project", "rotary_tables",
+__all__ = ["BackendUnavailableError", "available_backends", "nce_loss", "pool_project", "rotary_tables",
            "varlen_attention"]

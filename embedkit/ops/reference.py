@@ -110,3 +110,168 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         lse = torch.cat(lses, dim=1) if lses else q.new_empty(Hq, 0, dtype=_acc_dtype(q.dtype))
         return out, lse
     return out
+
+
+# ---- nce_loss -----------------------------------------------------------------------------------
+# Tiled: rows are processed in chunks, each under activation checkpointing, so forward AND backward
+# hold one [chunk, candidates] logit block at a time (memory O(B * chunk), never [B, B]).
+
+_NCE_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32)
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient of this rank's rows
+    (so gradients return to the rank that owns the rows)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        group = ctx.group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        grad = grad.contiguous()
+        n = grad.shape[0] // world
+        if dist.get_backend(group) == "nccl":
+            out = torch.empty(n, *grad.shape[1:], dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        dist.all_reduce(grad, group=group)  # gloo has no reduce_scatter
+        return grad[rank * n:(rank + 1) * n].clone(), None
+
+
+def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenation of every rank's x (equal shapes) along dim 0, differentiable."""
+    if x.requires_grad:
+        return _AllGather.apply(x, group)
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, n, diag_offset, device):
+    """[r1 - r0, n] bool: candidate j dropped from row i (ids match and j is not i's positive)."""
+    drop = torch.zeros(r1 - r0, n, dtype=torch.bool, device=device)
+    if ids_a_r is not None:
+        drop |= ids_a_r[r0:r1, None] == ids_a_c[None, :]
+    if ids_b_r is not None:
+        drop |= ids_b_r[r0:r1, None] == ids_b_c[None, :]
+    rows = torch.arange(r0, r1, device=device) + diag_offset
+    drop[torch.arange(r1 - r0, device=device), rows] = False
+    return drop
+
+
+def _nce_chunk(r0, r1, diag_offset, temperature, ids, rows_n, cands_n, shared_n, row_neg_n):
+    """Per-row loss of rows [r0, r1) at one level (normalized inputs), in the accumulation dtype."""
+    acc = _acc_dtype(cands_n.dtype)
+    rn = rows_n[r0:r1]
+    logits = (rn @ cands_n.t()).to(acc) / temperature
+    pos = logits[torch.arange(r1 - r0, device=rn.device), torch.arange(r0, r1, device=rn.device) + diag_offset]
+    drop = _nce_pair_mask(*ids, r0, r1, cands_n.shape[0], diag_offset, rn.device)
+    parts = [logits.masked_fill(drop, float("-inf"))]
+    if shared_n is not None:
+        parts.append((rn @ shared_n.t()).to(acc) / temperature)
+    if row_neg_n is not None:
+        parts.append(torch.einsum("md,mkd->mk", rn, row_neg_n[r0:r1]).to(acc) / temperature)
+    return torch.logsumexp(torch.cat(parts, dim=1), dim=1) - pos
+
+
+def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None,
+                  row_neg: torch.Tensor | None, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset: int,
+                  temperature, dims, weights, chunk_rows: int | None = None) -> torch.Tensor:
+    """One direction of the NCE loss, per row [M] (summed over MRL levels with `weights`).
+
+    rows [M, D] against candidates cands [N, D] (row i's positive is cands[i + diag_offset]),
+    shared_neg [S, D] (extra candidates of every row, never masked), row_neg [M, K, D] (row i's own
+    negatives). ids_*: int64 query ids (a) / target ids (b) of rows (r) and candidates (c), or None.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    M = rows.shape[0]
+    N = cands.shape[0] + (shared_neg.shape[0] if shared_neg is not None else 0) + \
+        (row_neg.shape[1] if row_neg is not None else 0)
+    chunk = chunk_rows or max(1, min(M, _NCE_CHUNK_ELEMENTS // max(1, N)))
+    ids = (ids_a_r, ids_b_r, ids_a_c, ids_b_c)
+    total = None
+    for d, w in zip(dims, weights):
+        rows_n = F.normalize(rows[:, :d], dim=-1)
+        cands_n = F.normalize(cands[:, :d], dim=-1)
+        shared_n = F.normalize(shared_neg[:, :d], dim=-1) if shared_neg is not None else None
+        row_neg_n = F.normalize(row_neg[..., :d], dim=-1) if row_neg is not None else None
+        per_row = []
+        for r0 in range(0, M, chunk):
+            r1 = min(M, r0 + chunk)
+            if torch.is_grad_enabled():
+                per_row.append(checkpoint(_nce_chunk, r0, r1, diag_offset, temperature, ids, rows_n, cands_n,
+                                          shared_n, row_neg_n, use_reentrant=False))
+            else:
+                per_row.append(_nce_chunk(r0, r1, diag_offset, temperature, ids, rows_n, cands_n, shared_n,
+                                          row_neg_n))
+        level = torch.cat(per_row) * w
+        total = level if total is None else total + level
+    return total
+
+
+def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, query_ids=None,
+                target_ids=None, symmetric=False, shared_negatives=False, mrl_dims=None, mrl_weights=None,
+                reduction="mean", group=None):
+    """The NCE loss from a one-direction implementation `direction` (same signature as
+    nce_direction minus chunk_rows): gathers candidates across `group`, adds the symmetric
+    direction, reduces. Shared by every backend."""
+    B, D = query.shape
+    dims = tuple(mrl_dims) if mrl_dims is not None else (D,)
+    weights = tuple(float(w) for w in mrl_weights) if mrl_weights is not None else (1.0,) * len(dims)
+    K = negatives.shape[1] if negatives is not None else 0
+    offset = 0
+    all_q, all_t, all_qid, all_tid = query, target, query_ids, target_ids
+    shared = negatives.reshape(B * K, D) if (negatives is not None and shared_negatives) else None
+    if group is not None:
+        import torch.distributed as dist
+
+        offset = dist.get_rank(group) * B
+        all_t = all_gather_with_grad(target, group)
+        if symmetric:
+            all_q = all_gather_with_grad(query, group)
+        if query_ids is not None:
+            all_qid = all_gather_with_grad(query_ids, group)
+        if target_ids is not None:
+            all_tid = all_gather_with_grad(target_ids, group)
+        if shared is not None:
+            shared = all_gather_with_grad(shared, group)
+    row_neg = negatives if (negatives is not None and not shared_negatives and K > 0) else None
+    if shared is not None and shared.shape[0] == 0:
+        shared = None
+    loss = direction(query, all_t, shared, row_neg, query_ids, target_ids, all_qid, all_tid, offset,
+                     temperature, dims, weights)
+    if symmetric:
+        back = direction(target, all_q, None, None, query_ids, target_ids, all_qid, all_tid, offset,
+                         temperature, dims, weights)
+        loss = (loss + back) * 0.5
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
+             temperature=0.05, query_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+             symmetric: bool = False, shared_negatives: bool = False, mrl_dims=None, mrl_weights=None,
+             reduction: str = "mean", group=None) -> torch.Tensor:
+    """Tiled pure-torch NCE loss (embedkit.ops.nce_loss's semantics); the loss is in fp32 (fp64
+    for fp64 inputs), the matmuls in the inputs' dtype."""
+    return nce_combine(nce_direction, query, target, negatives=negatives, temperature=temperature,
+                       query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
+                       shared_negatives=shared_negatives, mrl_dims=mrl_dims, mrl_weights=mrl_weights,
+                       reduction=reduction, group=group)

@@ -1,0 +1,234 @@
+"""nce_loss: tiled large-batch InfoNCE with duplicate masking, hard negatives, symmetric mode, all
+MRL levels in one pass, and torch.distributed candidates.
+
+Layers (as pool_project): custom ops `embedkit::nce_fwd` / `embedkit::nce_bwd` (one loss
+direction: rows against candidates) with fake implementations -> autograd registration -> the
+public `nce_loss`, which validates, resolves the backend and composes the directions (and the
+all-gathers of `group`) through `reference.nce_combine`, shared by every backend.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _checks, _dispatch, reference
+
+OP = "nce_loss"
+_dispatch.register_op(OP, {"triton"})
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from tritonkernels import nce as kernels
+
+        return kernels
+    raise AssertionError(f"no {backend} kernels for {OP}")
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float32, device=like.device)
+
+
+@torch.library.custom_op("embedkit::nce_fwd", mutates_args=())
+def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None, row_neg: torch.Tensor | None,
+         ids_a_r: torch.Tensor | None, ids_b_r: torch.Tensor | None, ids_a_c: torch.Tensor | None,
+         ids_b_c: torch.Tensor | None, diag_offset: int, temperature: torch.Tensor, dims: list[int],
+         weights: list[float], backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss [M] fp32, lse, pos, es [L, M], inverse norms of rows / cands / shared / row
+    negatives, row-negative cosines [L, M, K]); absent inputs give empty tensors."""
+    inv_temp = temperature.detach().float().reciprocal().reshape(1)
+    lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = _kernels(backend).nce_fwd(
+        rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp, tuple(dims))
+    w = torch.tensor(weights, dtype=torch.float32, device=rows.device)
+    loss = (w[:, None] * (lse - pos * inv_temp)).sum(0)
+    return (loss, lse, pos, es, inv_r, inv_c, inv_s if inv_s is not None else _empty(rows),
+            inv_n if inv_n is not None else _empty(rows), row_cos)
+
+
+@_fwd.register_fake
+def _fwd_fake(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, temperature,
+              dims, weights, backend):
+    M, N, L = rows.shape[0], cands.shape[0], len(dims)
+    f32 = dict(dtype=torch.float32, device=rows.device)
+    K = row_neg.shape[1] if row_neg is not None else 0
+    return (torch.empty(M, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32),
+            torch.empty(L, M, **f32), torch.empty(L, N, **f32),
+            torch.empty(L, shared_neg.shape[0], **f32) if shared_neg is not None else torch.empty(0, **f32),
+            torch.empty(L, M * K, **f32) if row_neg is not None else torch.empty(0, **f32),
+            torch.empty(L, M, K, **f32))
+
+
+@torch.library.custom_op("embedkit::nce_bwd", mutates_args=())
+def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None,
+         row_neg: torch.Tensor | None, ids_a_r: torch.Tensor | None, ids_b_r: torch.Tensor | None,
+         ids_a_c: torch.Tensor | None, ids_b_c: torch.Tensor | None, diag_offset: int,
+         temperature: torch.Tensor, dims: list[int], weights: list[float], lse: torch.Tensor, pos: torch.Tensor,
+         es: torch.Tensor, inv_r: torch.Tensor, inv_c: torch.Tensor, inv_s: torch.Tensor, inv_n: torch.Tensor,
+         row_cos: torch.Tensor, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (d_rows, d_cands, d_shared (empty if absent), d_row_neg (empty if absent), d_temperature)."""
+    inv_temp = temperature.detach().float().reciprocal().reshape(1)
+    w = torch.tensor(weights, dtype=torch.float32, device=rows.device)
+    g = w[:, None] * grad.float()[None, :]                                        # [L, M]
+    d_rows, d_cands, d_shared, d_neg = _kernels(backend).nce_bwd(
+        g, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp,
+        tuple(dims), lse, inv_r, inv_c, inv_s if shared_neg is not None else None,
+        inv_n if row_neg is not None else None, row_cos)
+    # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 at every level.
+    d_temp = -(g * (es - pos)).sum() * inv_temp[0] * inv_temp[0]
+    return (d_rows, d_cands, d_shared if d_shared is not None else rows.new_empty(0),
+            d_neg if d_neg is not None else rows.new_empty(0), d_temp.to(temperature.dtype).reshape(temperature.shape))
+
+
+@_bwd.register_fake
+def _bwd_fake(grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+              temperature, dims, weights, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos, backend):
+    return (torch.empty_like(rows), torch.empty_like(cands),
+            torch.empty_like(shared_neg) if shared_neg is not None else rows.new_empty(0),
+            torch.empty_like(row_neg) if row_neg is not None else rows.new_empty(0), torch.empty_like(temperature))
+
+
+def _setup_context(ctx, inputs, output):
+    (rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, temperature, dims,
+     weights, backend) = inputs
+    _, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = output
+    ctx.save_for_backward(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, temperature,
+                          lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos)
+    ctx.args = (diag_offset, dims, weights, backend)
+
+
+def _backward(ctx, grad, *_unused):
+    (rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, temperature,
+     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos) = ctx.saved_tensors
+    diag_offset, dims, weights, backend = ctx.args
+    d_rows, d_cands, d_shared, d_neg, d_temp = _bwd(
+        grad.contiguous(), rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+        temperature, dims, weights, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos, backend)
+    return (d_rows, d_cands, d_shared if shared_neg is not None else None,
+            d_neg if row_neg is not None else None, None, None, None, None, None, d_temp, None, None, None)
+
+
+torch.library.register_autograd("embedkit::nce_fwd", _backward, setup_context=_setup_context)
+
+
+def _kernel_direction(backend: str, temp_tensor: torch.Tensor):
+    """nce_direction's signature, on the custom op (temperature is carried as a 0-dim tensor)."""
+
+    def direction(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+                  temperature, dims, weights):
+        cont = (lambda t: t.contiguous() if t is not None else None)
+        return _fwd(cont(rows), cont(cands), cont(shared_neg), cont(row_neg), cont(ids_a_r), cont(ids_b_r),
+                    cont(ids_a_c), cont(ids_b_c), int(diag_offset), temp_tensor, list(dims),
+                    [float(w) for w in weights], backend)[0]
+
+    return direction
+
+
+def _check_ids(ids, name, B, dev):
+    if ids is None:
+        return None
+    _checks.check_tensor(ids, name, ndim=1, dtypes=(torch.int64,), device=dev)
+    if ids.shape[0] != B:
+        raise ValueError(f"{name} must have B = {B} entries (query's rows), got {ids.shape[0]}")
+    return ids
+
+
+def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims, mrl_weights, reduction,
+              symmetric, shared_negatives):
+    query = _checks.check_float(query, "query", ndim=2, allowed=_FLOATS + (torch.float64,))
+    dev = query.device
+    B, D = query.shape
+    if B == 0 or D == 0:
+        raise ValueError(f"query must have at least one row and one column, got shape {tuple(query.shape)}")
+    target = _checks.check_float(target, "target", ndim=2, device=dev, allowed=_FLOATS + (torch.float64,))
+    _checks.check_same_dtype(target, "target", query.dtype, "query")
+    if tuple(target.shape) != (B, D):
+        raise ValueError(f"target must have query's shape [B, D] = {[B, D]}, got {list(target.shape)}")
+    if negatives is not None:
+        _checks.check_float(negatives, "negatives", ndim=3, device=dev, allowed=_FLOATS + (torch.float64,))
+        _checks.check_same_dtype(negatives, "negatives", query.dtype, "query")
+        if negatives.shape[0] != B or negatives.shape[2] != D:
+            raise ValueError(f"negatives must have shape [B, K, D] with B = {B}, D = {D}, "
+                             f"got {list(negatives.shape)}")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got a tensor of "
+                             f"shape {tuple(temperature.shape)} and dtype {temperature.dtype}")
+        if temperature.device != dev:
+            raise ValueError(f"temperature is on {temperature.device} but query is on {dev} (mixed devices)")
+        if _checks.sync_checks_enabled() and not bool(temperature.detach() > 0):
+            raise ValueError(f"temperature must be > 0, got {float(temperature)}")
+    else:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+        if not temperature > 0 or temperature != temperature or temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    _check_ids(query_ids, "query_ids", B, dev)
+    _check_ids(target_ids, "target_ids", B, dev)
+    if mrl_dims is None:
+        dims = (D,)
+    else:
+        if isinstance(mrl_dims, int) or not isinstance(mrl_dims, Sequence) or len(mrl_dims) == 0:
+            raise TypeError(f"mrl_dims must be a non-empty sequence of ints, got {mrl_dims!r}")
+        dims = tuple(_checks.check_int(d, "mrl_dims", low=1, high=D) for d in mrl_dims)
+        if any(b <= a for a, b in zip(dims, dims[1:])):
+            raise ValueError(f"mrl_dims must be strictly increasing, got {list(dims)}")
+    if mrl_weights is None:
+        weights = (1.0,) * len(dims)
+    else:
+        if not isinstance(mrl_weights, Sequence) or len(mrl_weights) != len(dims):
+            raise ValueError(f"mrl_weights must have one weight per MRL level ({len(dims)}), got {mrl_weights!r}")
+        for w in mrl_weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise TypeError(f"mrl_weights must be floats, got {w!r}")
+        weights = tuple(float(w) for w in mrl_weights)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for flag, name in ((symmetric, "symmetric"), (shared_negatives, "shared_negatives")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    return dims, weights
+
+
+def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
+             temperature: float | torch.Tensor = 0.05, query_ids: torch.Tensor | None = None,
+             target_ids: torch.Tensor | None = None, symmetric: bool = False, shared_negatives: bool = False,
+             mrl_dims: Sequence[int] | None = None, mrl_weights: Sequence[float] | None = None,
+             reduction: str = "mean", group=None) -> torch.Tensor:
+    """InfoNCE with in-batch negatives on cosine similarity (see DESIGN.md, nce_loss).
+
+    query, target [B, D]; negatives [B, K, D] (row i's own hard negatives, or with
+    shared_negatives=True every row's candidates); query_ids / target_ids int64 [B]: target j != i is
+    masked out of row i when either id matches (duplicates, same label). A row whose every candidate
+    but its positive is masked has loss exactly 0. temperature: float > 0, or a 0-dim tensor (then it
+    gets a gradient). mrl_dims: increasing prefix widths, each re-normalized, the levels summed with
+    mrl_weights. reduction "mean" | "sum" | "none" ([B], summed over levels, averaged over the two
+    directions when symmetric). group: a torch.distributed process group; every rank passes the same
+    B, candidates are gathered from all ranks (the mean of the ranks' losses equals the loss of the
+    concatenated batch; each rank's input gradient is world_size x that loss's gradient of its rows).
+
+    The loss is fp32 (fp64 for fp64 inputs on the reference backend). Never materializes [B, B]:
+    the Triton kernels stream tiles with an online logsumexp, the reference processes row chunks.
+    """
+    dims, weights = _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims,
+                              mrl_weights, reduction, symmetric, shared_negatives)
+    backend = _dispatch.resolve(OP, query.device)
+    kwargs = dict(negatives=negatives, query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
+                  shared_negatives=shared_negatives, mrl_dims=dims, mrl_weights=weights, reduction=reduction,
+                  group=group)
+    if backend == "reference":
+        return reference.nce_loss(query, target, temperature=temperature, **kwargs)
+    if query.dtype == torch.float64:
+        raise TypeError(f"query: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
+                        "got float64 (use backend 'reference' for float64)")
+    if isinstance(temperature, torch.Tensor):
+        temp = temperature if temperature.dtype == torch.float32 else temperature.float()
+    else:
+        temp = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
+    return reference.nce_combine(_kernel_direction(backend, temp), query, target, temperature=temp, **kwargs)

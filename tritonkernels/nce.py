@@ -1,0 +1,649 @@
+"""Tiled large-batch NCE (InfoNCE) loss with MRL levels: Triton kernels and host launchers.
+
+One "direction" of the loss: rows x_i (queries) against candidates y_j (targets, then optionally
+shared negatives) plus K per-row negatives. For every MRL level l with prefix width d_l:
+
+    s^l_ij = <x_i[:d_l], y_j[:d_l]> * a^l_i * b^l_j          (cosine; a, b = inverse prefix norms)
+    lse^l_i = logsumexp over the unmasked candidates of s^l_ij / tau
+    loss_i  = sum_l w_l * (lse^l_i - s^l_{i,pos(i)} / tau)
+
+Nothing of size [rows, candidates] is ever stored: the forward streams candidate tiles through an
+online logsumexp in fp32 and keeps, per row and level, the running max / sum / p-weighted cosine.
+ALL levels share one pass over D: the partial dot products of the d_0-prefix are the start of the
+d_1-prefix ones, so a tile's dots are snapshotted at every level boundary.
+
+Backward (recomputes the tiles): with P^l_ij = g^l_i (p^l_ij - [j == pos(i)]) / tau,
+    d x_i = sum_l a_i ( sum_j P^l_ij b_j y_j[:d_l]  -  a_i R^l_i x_i[:d_l] ),  R^l_i = sum_j P^l_ij s^l_ij
+(the second term is the L2 normalization's backward); d y_j is the same with the roles swapped.
+One kernel serves both sides ("owner" = the rows whose gradient a program accumulates, "other" =
+the tiles it streams): programs own disjoint rows and read-modify-write their own fp32 gradient
+rows, so the backward is deterministic (no atomics).
+
+Masking: candidate j != pos(i) is dropped from row i when ids_a or ids_b match. A dropped
+candidate gets probability exactly 0 through `tl.where` (never a -inf logit), so a learnable
+temperature never sees inf - inf.
+
+At most 3 levels per pass (MAX_LEVELS); the launchers run longer MRL lists in groups of 3.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from ._dtypes import DOT_FP32, dot_code, next_pow2
+
+MAX_LEVELS = 3
+_NEG_INIT = -1.0e30  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
+
+
+# ---- device helpers ---------------------------------------------------------------------------
+
+@triton.jit
+def _mma(acc, a, b, DOT: tl.constexpr):
+    if DOT == 1:
+        acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif DOT == 2:
+        acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi,
+               BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>."""
+    for d0 in range(lo, hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < hi
+        xt = tl.load(x + offs_x[:, None].to(tl.int64) * stride_x + offs_d[None, :],
+                     mask=x_ok[:, None] & d_ok[None, :], other=0.0)
+        yt = tl.load(y + offs_y[None, :].to(tl.int64) * stride_y + offs_d[:, None],
+                     mask=y_ok[None, :] & d_ok[:, None], other=0.0)
+        acc = _mma(acc, xt, yt, DOT)
+    return acc
+
+
+@triton.jit
+def _level_dots(x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D0, D1, D2,
+                NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Raw dot tiles of the d_0, d_1, d_2 prefixes in one pass over D."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, 0, D0, BLOCK_D, DOT)
+    dot0 = acc
+    dot1 = acc
+    dot2 = acc
+    if NUM_LEVELS > 1:
+        acc = _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D0, D1, BLOCK_D, DOT)
+        dot1 = acc
+        dot2 = acc
+    if NUM_LEVELS > 2:
+        acc = _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D1, D2, BLOCK_D, DOT)
+        dot2 = acc
+    return dot0, dot1, dot2
+
+
+@triton.jit
+def _online_update(m, l, t, z, s, valid):
+    """One tile of the online logsumexp: running max m, sum l = sum exp(z - m), t = sum exp(z - m) s."""
+    m_new = tl.maximum(m, tl.max(tl.where(valid, z, _NEG_INIT), axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(tl.where(valid, z - m_new[:, None], _NEG_INIT))  # exactly 0 when masked
+    return m_new, l * alpha + tl.sum(p, axis=1), t * alpha + tl.sum(p * s, axis=1)
+
+
+@triton.jit
+def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+               HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr,
+               ROW_FIRST: tl.constexpr):
+    """(valid, is_pos) of query rows offs_r x candidates offs_c, laid out [R, C] when ROW_FIRST
+    else [C, R]. Candidate j != pos(i) is dropped when the ids of i and j match."""
+    if ROW_FIRST:
+        r2 = offs_r[:, None]
+        c2 = offs_c[None, :]
+        valid = r_ok[:, None] & c_ok[None, :]
+    else:
+        r2 = offs_r[None, :]
+        c2 = offs_c[:, None]
+        valid = c_ok[:, None] & r_ok[None, :]
+    if HAS_DIAG:
+        is_pos = (r2 + diag_offset) == c2
+        drop = r2 < 0  # all False
+        if HAS_IDS_A:
+            ia = tl.load(ids_a_r + offs_r, mask=r_ok, other=0)
+            ja = tl.load(ids_a_c + offs_c, mask=c_ok, other=0)
+            if ROW_FIRST:
+                drop = drop | (ia[:, None] == ja[None, :])
+            else:
+                drop = drop | (ja[:, None] == ia[None, :])
+        if HAS_IDS_B:
+            ib = tl.load(ids_b_r + offs_r, mask=r_ok, other=0)
+            jb = tl.load(ids_b_c + offs_c, mask=c_ok, other=0)
+            if ROW_FIRST:
+                drop = drop | (ib[:, None] == jb[None, :])
+            else:
+                drop = drop | (jb[:, None] == ib[None, :])
+        valid = valid & ((drop == 0) | is_pos)
+        is_pos = is_pos & valid
+    else:
+        is_pos = r2 < 0
+        is_pos = is_pos & valid
+    return valid, is_pos
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+@triton.jit
+def _prefix_inv_norm_kernel(x, stride_x, out, N, D0, D1, D2, NUM_LEVELS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[l, i] = 1 / max(||x_i[:d_l]||, 1e-12) (F.normalize's eps), all levels in one pass."""
+    offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offs < N
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for lvl in tl.static_range(NUM_LEVELS):
+        if lvl == 0:
+            lo = 0
+            hi = D0
+        elif lvl == 1:
+            lo = D0
+            hi = D1
+        else:
+            lo = D1
+            hi = D2
+        for d0 in range(lo, hi, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(x + offs[:, None].to(tl.int64) * stride_x + offs_d[None, :],
+                        mask=ok[:, None] & (offs_d < hi)[None, :], other=0.0).to(tl.float32)
+            acc += v * v
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(acc, axis=1)), 1e-12)
+        tl.store(out + lvl * N + offs, inv, mask=ok)
+
+
+@triton.jit
+def _row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0, D1, D2,
+                             NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cos[l, i, k] = cosine of x_i and its own negative neg[i, k] at every level (neg is [B, K, D])."""
+    offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offs < B
+    for k in range(0, K):
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for lvl in tl.static_range(NUM_LEVELS):
+            if lvl == 0:
+                lo = 0
+                hi = D0
+            elif lvl == 1:
+                lo = D0
+                hi = D1
+            else:
+                lo = D1
+                hi = D2
+            for d0 in range(lo, hi, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                m2 = ok[:, None] & (offs_d < hi)[None, :]
+                xv = tl.load(x + offs[:, None].to(tl.int64) * stride_x + offs_d[None, :], mask=m2, other=0.0)
+                nv = tl.load(neg + (offs[:, None].to(tl.int64) * K + k) * stride_x + offs_d[None, :],
+                             mask=m2, other=0.0)
+                acc += xv.to(tl.float32) * nv.to(tl.float32)
+            a = tl.load(inv_x + lvl * B + offs, mask=ok, other=0.0)
+            b = tl.load(inv_neg + lvl * B * K + offs * K + k, mask=ok, other=0.0)
+            tl.store(cos + (lvl * B + offs) * K + k, tl.sum(acc, axis=1) * a * b, mask=ok)
+
+
+@triton.jit
+def _fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, inv_temp,
+                ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, row_cos, K,
+                state_m, state_l, state_t, pos, D0, D1, D2,
+                NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
+                HAS_DIAG: tl.constexpr, HAS_ROW_NEG: tl.constexpr, INIT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Streams candidate tiles y through the online logsumexp of rows x, all levels at once.
+
+    state_m/l/t [L, M]: running max, sum of exp, and sum of exp * cosine (for E_p[s], the
+    temperature's gradient); carried between launches (targets, then shared negatives).
+    pos [L, M]: cosine of the positive, accumulated from the tile that holds it.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    it = tl.load(inv_temp).to(tl.float32)
+    if INIT:
+        m0 = tl.full([BLOCK_M], _NEG_INIT, tl.float32)
+        l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        t0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m1 = m0
+        l1 = l0
+        t1 = t0
+        m2 = m0
+        l2 = l0
+        t2 = t0
+    else:
+        m0 = tl.load(state_m + offs_m, mask=m_ok, other=_NEG_INIT)
+        l0 = tl.load(state_l + offs_m, mask=m_ok, other=0.0)
+        t0 = tl.load(state_t + offs_m, mask=m_ok, other=0.0)
+        m1 = m0
+        l1 = l0
+        t1 = t0
+        m2 = m0
+        l2 = l0
+        t2 = t0
+        if NUM_LEVELS > 1:
+            m1 = tl.load(state_m + M + offs_m, mask=m_ok, other=_NEG_INIT)
+            l1 = tl.load(state_l + M + offs_m, mask=m_ok, other=0.0)
+            t1 = tl.load(state_t + M + offs_m, mask=m_ok, other=0.0)
+        if NUM_LEVELS > 2:
+            m2 = tl.load(state_m + 2 * M + offs_m, mask=m_ok, other=_NEG_INIT)
+            l2 = tl.load(state_l + 2 * M + offs_m, mask=m_ok, other=0.0)
+            t2 = tl.load(state_t + 2 * M + offs_m, mask=m_ok, other=0.0)
+    if HAS_ROW_NEG:
+        # The K own negatives of each row (cosines precomputed): never masked.
+        for k in range(0, K):
+            c0 = tl.load(row_cos + offs_m * K + k, mask=m_ok, other=0.0)
+            m0, l0, t0 = _online_update(m0, l0, t0, (c0 * it)[:, None], c0[:, None], m_ok[:, None])
+            if NUM_LEVELS > 1:
+                c1 = tl.load(row_cos + (M + offs_m) * K + k, mask=m_ok, other=0.0)
+                m1, l1, t1 = _online_update(m1, l1, t1, (c1 * it)[:, None], c1[:, None], m_ok[:, None])
+            if NUM_LEVELS > 2:
+                c2 = tl.load(row_cos + (2 * M + offs_m) * K + k, mask=m_ok, other=0.0)
+                m2, l2, t2 = _online_update(m2, l2, t2, (c2 * it)[:, None], c2[:, None], m_ok[:, None])
+    a0 = tl.load(inv_x + offs_m, mask=m_ok, other=0.0)
+    a1 = a0
+    a2 = a0
+    if NUM_LEVELS > 1:
+        a1 = tl.load(inv_x + M + offs_m, mask=m_ok, other=0.0)
+    if NUM_LEVELS > 2:
+        a2 = tl.load(inv_x + 2 * M + offs_m, mask=m_ok, other=0.0)
+    p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p1 = p0
+    p2 = p0
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dot0, dot1, dot2 = _level_dots(x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, D2,
+                                       NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                   diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+        s0 = dot0 * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :]
+        m0, l0, t0 = _online_update(m0, l0, t0, s0 * it, s0, valid)
+        if HAS_DIAG:
+            p0 += tl.sum(tl.where(is_pos, s0, 0.0), axis=1)
+        if NUM_LEVELS > 1:
+            s1 = dot1 * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :]
+            m1, l1, t1 = _online_update(m1, l1, t1, s1 * it, s1, valid)
+            if HAS_DIAG:
+                p1 += tl.sum(tl.where(is_pos, s1, 0.0), axis=1)
+        if NUM_LEVELS > 2:
+            s2 = dot2 * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :]
+            m2, l2, t2 = _online_update(m2, l2, t2, s2 * it, s2, valid)
+            if HAS_DIAG:
+                p2 += tl.sum(tl.where(is_pos, s2, 0.0), axis=1)
+    tl.store(state_m + offs_m, m0, mask=m_ok)
+    tl.store(state_l + offs_m, l0, mask=m_ok)
+    tl.store(state_t + offs_m, t0, mask=m_ok)
+    if HAS_DIAG:
+        tl.store(pos + offs_m, p0, mask=m_ok)
+    if NUM_LEVELS > 1:
+        tl.store(state_m + M + offs_m, m1, mask=m_ok)
+        tl.store(state_l + M + offs_m, l1, mask=m_ok)
+        tl.store(state_t + M + offs_m, t1, mask=m_ok)
+        if HAS_DIAG:
+            tl.store(pos + M + offs_m, p1, mask=m_ok)
+    if NUM_LEVELS > 2:
+        tl.store(state_m + 2 * M + offs_m, m2, mask=m_ok)
+        tl.store(state_l + 2 * M + offs_m, l2, mask=m_ok)
+        tl.store(state_t + 2 * M + offs_m, t2, mask=m_ok)
+        if HAS_DIAG:
+            tl.store(pos + 2 * M + offs_m, p2, mask=m_ok)
+
+
+@triton.jit
+def _coef(dot, a_own, b_oth, lse, g, it, valid, is_pos, OWNER_IS_ROW: tl.constexpr):
+    """(C = P * a * b, P * s) for one level, with P = g (p - [pos]) / tau in the owner x other layout."""
+    s = dot * a_own[:, None] * b_oth[None, :]
+    if OWNER_IS_ROW:
+        lse2 = lse[:, None]
+        g2 = g[:, None]
+    else:
+        lse2 = lse[None, :]
+        g2 = g[None, :]
+    p = tl.exp(tl.where(valid, s * it - lse2, _NEG_INIT))  # exactly 0 when masked
+    P = g2 * (p - is_pos.to(tl.float32)) * it
+    return P * a_own[:, None] * b_oth[None, :], tl.sum(P * s, axis=1)
+
+
+@triton.jit
+def _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, coef, y, stride_y, offs_y, y_ok, lo, hi, D,
+                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """gbuf[own, lo:hi] += coef @ y[oth, lo:hi] (fp32 read-modify-write of the owner's own rows)."""
+    for d0 in range(lo, hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < hi
+        yt = tl.load(y + offs_y[:, None].to(tl.int64) * stride_y + offs_d[None, :],
+                     mask=y_ok[:, None] & d_ok[None, :], other=0.0)
+        gp = gbuf + offs_o[:, None].to(tl.int64) * D + offs_d[None, :]
+        gm = o_ok[:, None] & d_ok[None, :]
+        acc = tl.load(gp, mask=gm, other=0.0)
+        acc = _mma(acc, coef, yt, DOT)
+        tl.store(gp, acc, mask=gm)
+
+
+@triton.jit
+def _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, c, lo, hi, D, BLOCK_D: tl.constexpr):
+    """gbuf[own, lo:hi] -= c[own] * x[own, lo:hi] (the L2 normalization's backward)."""
+    for d0 in range(lo, hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        gm = o_ok[:, None] & (offs_d < hi)[None, :]
+        gp = gbuf + offs_o[:, None].to(tl.int64) * D + offs_d[None, :]
+        xv = tl.load(x_own + offs_o[:, None].to(tl.int64) * stride_own + offs_d[None, :],
+                     mask=gm, other=0.0).to(tl.float32)
+        tl.store(gp, tl.load(gp, mask=gm, other=0.0) - c[:, None] * xv, mask=gm)
+
+
+@triton.jit
+def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N_oth, M_rows, N_cands,
+                lse, g, inv_temp, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+                gbuf, rbuf, D, D0, D1, D2,
+                OWNER_IS_ROW: tl.constexpr, NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr,
+                HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, FINALIZE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Gradient of the owner rows (query rows when OWNER_IS_ROW, else candidates) over all other tiles.
+
+    gbuf [M_own, D] fp32 accumulates sum_l a_l sum_j P^l b_l y_j; rbuf [L, M_own] accumulates
+    R^l = sum_j P^l s^l; with FINALIZE the normalization term -a_l^2 R^l x[:d_l] is applied.
+    lse [L, M_rows] and g [L, M_rows] (the upstream gradient times the level weight) are per query row.
+    """
+    offs_o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_ok = offs_o < M_own
+    it = tl.load(inv_temp).to(tl.float32)
+    a0 = tl.load(inv_own + offs_o, mask=o_ok, other=0.0)
+    r0 = tl.load(rbuf + offs_o, mask=o_ok, other=0.0)
+    a1 = a0
+    a2 = a0
+    r1 = r0
+    r2 = r0
+    if NUM_LEVELS > 1:
+        a1 = tl.load(inv_own + M_own + offs_o, mask=o_ok, other=0.0)
+        r1 = tl.load(rbuf + M_own + offs_o, mask=o_ok, other=0.0)
+    if NUM_LEVELS > 2:
+        a2 = tl.load(inv_own + 2 * M_own + offs_o, mask=o_ok, other=0.0)
+        r2 = tl.load(rbuf + 2 * M_own + offs_o, mask=o_ok, other=0.0)
+    if OWNER_IS_ROW:
+        lse0 = tl.load(lse + offs_o, mask=o_ok, other=0.0)
+        g0 = tl.load(g + offs_o, mask=o_ok, other=0.0)
+        lse1 = lse0
+        g1 = g0
+        lse2 = lse0
+        g2 = g0
+        if NUM_LEVELS > 1:
+            lse1 = tl.load(lse + M_rows + offs_o, mask=o_ok, other=0.0)
+            g1 = tl.load(g + M_rows + offs_o, mask=o_ok, other=0.0)
+        if NUM_LEVELS > 2:
+            lse2 = tl.load(lse + 2 * M_rows + offs_o, mask=o_ok, other=0.0)
+            g2 = tl.load(g + 2 * M_rows + offs_o, mask=o_ok, other=0.0)
+    for n0 in range(0, N_oth, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_oth
+        if OWNER_IS_ROW:
+            valid, is_pos = _pair_mask(offs_o, o_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+        else:
+            valid, is_pos = _pair_mask(offs_n, n_ok, offs_o, o_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, False)
+            lse0 = tl.load(lse + offs_n, mask=n_ok, other=0.0)
+            g0 = tl.load(g + offs_n, mask=n_ok, other=0.0)
+            lse1 = lse0
+            g1 = g0
+            lse2 = lse0
+            g2 = g0
+            if NUM_LEVELS > 1:
+                lse1 = tl.load(lse + M_rows + offs_n, mask=n_ok, other=0.0)
+                g1 = tl.load(g + M_rows + offs_n, mask=n_ok, other=0.0)
+            if NUM_LEVELS > 2:
+                lse2 = tl.load(lse + 2 * M_rows + offs_n, mask=n_ok, other=0.0)
+                g2 = tl.load(g + 2 * M_rows + offs_n, mask=n_ok, other=0.0)
+        dot0, dot1, dot2 = _level_dots(x_own, stride_own, offs_o, o_ok, y_oth, stride_oth, offs_n, n_ok,
+                                       D0, D1, D2, NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+        b0 = tl.load(inv_oth + offs_n, mask=n_ok, other=0.0)
+        c0, q0 = _coef(dot0, a0, b0, lse0, g0, it, valid, is_pos, OWNER_IS_ROW)
+        r0 += q0
+        e0 = c0
+        if NUM_LEVELS > 1:
+            b1 = tl.load(inv_oth + N_oth + offs_n, mask=n_ok, other=0.0)
+            c1, q1 = _coef(dot1, a1, b1, lse1, g1, it, valid, is_pos, OWNER_IS_ROW)
+            r1 += q1
+            e1 = c1
+            e0 += c1
+        if NUM_LEVELS > 2:
+            b2 = tl.load(inv_oth + 2 * N_oth + offs_n, mask=n_ok, other=0.0)
+            c2, q2 = _coef(dot2, a2, b2, lse2, g2, it, valid, is_pos, OWNER_IS_ROW)
+            r2 += q2
+            e2 = c2
+            e1 += c2
+            e0 += c2
+        # Segment [d_{k-1}, d_k) of D receives the coefficients of every level l >= k.
+        _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, e0, y_oth, stride_oth, offs_n, n_ok, 0, D0, D,
+                    BLOCK_D, DOT)
+        if NUM_LEVELS > 1:
+            _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, e1, y_oth, stride_oth, offs_n, n_ok, D0, D1,
+                        D, BLOCK_D, DOT)
+        if NUM_LEVELS > 2:
+            _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, e2, y_oth, stride_oth, offs_n, n_ok, D1, D2,
+                        D, BLOCK_D, DOT)
+    if FINALIZE:
+        f0 = a0 * a0 * r0
+        if NUM_LEVELS > 1:
+            f1 = a1 * a1 * r1
+            f0 += f1
+        if NUM_LEVELS > 2:
+            f2 = a2 * a2 * r2
+            f1 += f2
+            f0 += f2
+        _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, f0, 0, D0, D, BLOCK_D)
+        if NUM_LEVELS > 1:
+            _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, f1, D0, D1, D, BLOCK_D)
+        if NUM_LEVELS > 2:
+            _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, f2, D1, D2, D, BLOCK_D)
+    else:
+        tl.store(rbuf + offs_o, r0, mask=o_ok)
+        if NUM_LEVELS > 1:
+            tl.store(rbuf + M_own + offs_o, r1, mask=o_ok)
+        if NUM_LEVELS > 2:
+            tl.store(rbuf + 2 * M_own + offs_o, r2, mask=o_ok)
+
+
+@triton.jit
+def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, inv_temp,
+                             gbuf, rbuf, dneg, B, K, D, D0, D1, D2,
+                             NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-row negatives: d x_i += sum_k P_ik a b neg_ik (into gbuf, R into rbuf) and
+    d neg_ik += P_ik a b x_i - b^2 P_ik s_ik neg_ik (into the fp32 dneg), elementwise over D."""
+    offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offs < B
+    it = tl.load(inv_temp).to(tl.float32)
+    for k in range(0, K):
+        for lvl in tl.static_range(NUM_LEVELS):
+            a = tl.load(inv_x + lvl * B + offs, mask=ok, other=0.0)
+            b = tl.load(inv_neg + lvl * B * K + offs * K + k, mask=ok, other=0.0)
+            s = tl.load(row_cos + (lvl * B + offs) * K + k, mask=ok, other=0.0)
+            P = tl.load(g + lvl * B + offs, mask=ok, other=0.0) * \
+                tl.exp(s * it - tl.load(lse + lvl * B + offs, mask=ok, other=0.0)) * it
+            tl.store(rbuf + lvl * B + offs, tl.load(rbuf + lvl * B + offs, mask=ok, other=0.0) + P * s, mask=ok)
+            cx = P * a * b      # coefficient of neg_ik in d x_i, and of x_i in d neg_ik
+            cn = b * b * P * s  # normalization term of d neg_ik
+            if lvl == 0:
+                hi = D0
+            elif lvl == 1:
+                hi = D1
+            else:
+                hi = D2
+            # A level's terms touch the whole prefix [0, d_l).
+            for d0 in range(0, hi, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                m2 = ok[:, None] & (offs_d < hi)[None, :]
+                xp = offs[:, None].to(tl.int64) * stride_x + offs_d[None, :]
+                np_ = (offs[:, None].to(tl.int64) * K + k) * stride_x + offs_d[None, :]
+                gp = offs[:, None].to(tl.int64) * D + offs_d[None, :]
+                dp = (offs[:, None].to(tl.int64) * K + k) * D + offs_d[None, :]
+                xv = tl.load(x + xp, mask=m2, other=0.0).to(tl.float32)
+                nv = tl.load(neg + np_, mask=m2, other=0.0).to(tl.float32)
+                tl.store(gbuf + gp, tl.load(gbuf + gp, mask=m2, other=0.0) + cx[:, None] * nv, mask=m2)
+                tl.store(dneg + dp, tl.load(dneg + dp, mask=m2, other=0.0) + cx[:, None] * xv - cn[:, None] * nv,
+                         mask=m2)
+
+
+# ---- host launchers ---------------------------------------------------------------------------
+
+def _blocks(D: int) -> tuple[int, int, int]:
+    if INTERPRET:
+        return 16, 16, min(64, max(16, next_pow2(D)))
+    return 64, 64, 64
+
+
+def _groups(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [tuple(dims[i:i + MAX_LEVELS]) for i in range(0, len(dims), MAX_LEVELS)]
+
+
+def _pad3(dims: tuple[int, ...]) -> tuple[int, int, int]:
+    d = list(dims) + [dims[-1]] * (MAX_LEVELS - len(dims))
+    return d[0], d[1], d[2]
+
+
+def prefix_inv_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """fp32 [L, N]: inverse L2 norm of every row's d_l-prefix (x is [N, D], unit stride in D)."""
+    N = x.shape[0]
+    out = torch.empty(len(dims), N, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return out
+    bm = 16 if INTERPRET else 32
+    bd = min(64, max(16, next_pow2(dims[-1])))
+    for gi, grp in enumerate(_groups(dims)):
+        # Each group restarts at 0 so every level's sum covers its whole prefix.
+        sub = torch.empty(len(grp), N, dtype=torch.float32, device=x.device)
+        _prefix_inv_norm_kernel[(triton.cdiv(N, bm),)](x, x.stride(0), sub, N, *_pad3(grp),
+                                                       NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+        out[gi * MAX_LEVELS: gi * MAX_LEVELS + len(grp)] = sub
+    return out
+
+
+def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset: int,
+            inv_temp: torch.Tensor, dims: tuple[int, ...]):
+    """One direction of the loss, forward.
+
+    rows [M, D]; cands [N, D] (positive of row i: cands[i + diag_offset]); shared_neg [S, D] or None
+    (extra unmasked candidates of every row); row_neg [M, K, D] or None (own negatives of each row);
+    ids_* int64 or None (rows' and candidates' query ids (a) and target ids (b));
+    inv_temp fp32 [1]. Returns fp32 [L, M] tensors: lse, pos (cosine of the positive), es
+    (p-weighted mean cosine), plus the fp32 norms [L, *] and the per-row negative cosines [L, M, K].
+    """
+    M, D = rows.shape
+    N = cands.shape[0]
+    dev = rows.device
+    L = len(dims)
+    bm, bn, bd = _blocks(D)
+    dot = dot_code(rows.dtype)
+    inv_rows = prefix_inv_norms(rows, dims)
+    inv_cands = prefix_inv_norms(cands, dims)
+    inv_shared = prefix_inv_norms(shared_neg, dims) if shared_neg is not None else None
+    K = row_neg.shape[1] if row_neg is not None else 0
+    inv_rowneg = prefix_inv_norms(row_neg.reshape(M * K, D), dims) if K else None
+    row_cos = torch.empty(L, M, K, dtype=torch.float32, device=dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    st_m, st_l, st_t = torch.empty(L, M, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32)
+    pos = torch.zeros(L, M, **f32)
+    grid = (triton.cdiv(M, bm),)
+    has_a, has_b = ids_a_r is not None, ids_b_r is not None
+    dummy = inv_rows
+    for gi, grp in enumerate(_groups(dims)):
+        sl = slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp))
+        d3 = _pad3(grp)
+        if K:
+            cos_g = torch.empty(len(grp), M, K, **f32)
+            _row_negative_cos_kernel[grid](rows, rows.stride(0), row_neg, inv_rows[sl].contiguous(),
+                                           inv_rowneg[sl].contiguous(), cos_g, M, K, *d3,
+                                           NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+            row_cos[sl] = cos_g
+        sm, sl_, stt, ps = (torch.empty(len(grp), M, **f32) for _ in range(4))
+        _fwd_kernel[grid](rows, cands, rows.stride(0), cands.stride(0), inv_rows[sl].contiguous(),
+                          inv_cands[sl].contiguous(), M, N, inv_temp,
+                          ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
+                          ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset,
+                          row_cos[sl].contiguous() if K else dummy, K, sm, sl_, stt, ps, *d3,
+                          NUM_LEVELS=len(grp), HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
+                          HAS_ROW_NEG=K > 0, INIT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot)
+        if shared_neg is not None and shared_neg.shape[0] > 0:
+            _fwd_kernel[grid](rows, shared_neg, rows.stride(0), shared_neg.stride(0), inv_rows[sl].contiguous(),
+                              inv_shared[sl].contiguous(), M, shared_neg.shape[0], inv_temp,
+                              dummy, dummy, dummy, dummy, 0, dummy, 0, sm, sl_, stt, ps, *d3,
+                              NUM_LEVELS=len(grp), HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
+                              HAS_ROW_NEG=False, INIT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot)
+        st_m[sl], st_l[sl], st_t[sl], pos[sl] = sm, sl_, stt, ps
+    lse = st_m + torch.log(st_l)
+    es = st_t / st_l
+    return lse, pos, es, inv_rows, inv_cands, inv_shared, inv_rowneg, row_cos
+
+
+def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+            diag_offset: int, inv_temp: torch.Tensor, dims: tuple[int, ...], lse, inv_rows, inv_cands,
+            inv_shared, inv_rowneg, row_cos):
+    """Gradients of sum_{l,i} g[l, i] * loss^l_i w.r.t. rows, cands, shared_neg and row_neg
+    (g fp32 [L, M]: upstream gradient times level weight). Returns tensors in the inputs' dtypes
+    (None for absent inputs)."""
+    M, D = rows.shape
+    N = cands.shape[0]
+    dev = rows.device
+    bm, bn, bd = _blocks(D)
+    dot = dot_code(rows.dtype)
+    f32 = dict(dtype=torch.float32, device=dev)
+    K = row_neg.shape[1] if row_neg is not None else 0
+    S = shared_neg.shape[0] if shared_neg is not None else 0
+    g_rows = torch.zeros(M, D, **f32)
+    g_cands = torch.zeros(N, D, **f32)
+    g_shared = torch.zeros(S, D, **f32) if shared_neg is not None else None
+    g_rowneg = torch.zeros(M, K, D, **f32) if row_neg is not None else None
+    has_a, has_b = ids_a_r is not None, ids_b_r is not None
+    dummy = inv_rows
+    common = dict(BLOCK_D=bd, DOT=dot)
+    for gi, grp in enumerate(_groups(dims)):
+        sl = slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp))
+        d3 = _pad3(grp)
+        Lg = len(grp)
+        lse_g, g_g = lse[sl].contiguous(), g[sl].contiguous()
+        ir, ic = inv_rows[sl].contiguous(), inv_cands[sl].contiguous()
+        r_rows = torch.zeros(Lg, M, **f32)
+        if K:
+            _row_negative_bwd_kernel[(triton.cdiv(M, bm),)](
+                rows, row_neg, rows.stride(0), ir, inv_rowneg[sl].contiguous(), row_cos[sl].contiguous(),
+                lse_g, g_g, inv_temp, g_rows, r_rows, g_rowneg, M, K, D, *d3,
+                NUM_LEVELS=Lg, BLOCK_M=bm, BLOCK_D=bd)
+        has_shared = S > 0
+        # Rows against target tiles (then shared-negative tiles); rows finalize after the last.
+        _bwd_kernel[(triton.cdiv(M, bm),)](
+            rows, cands, rows.stride(0), cands.stride(0), ir, ic, M, N, M, N, lse_g, g_g, inv_temp,
+            ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
+            ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset, g_rows, r_rows, D, *d3,
+            OWNER_IS_ROW=True, NUM_LEVELS=Lg, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
+            FINALIZE=not has_shared, BLOCK_M=bm, BLOCK_N=bn, **common)
+        if has_shared:
+            isn = inv_shared[sl].contiguous()
+            _bwd_kernel[(triton.cdiv(M, bm),)](
+                rows, shared_neg, rows.stride(0), shared_neg.stride(0), ir, isn, M, S, M, S, lse_g, g_g,
+                inv_temp, dummy, dummy, dummy, dummy, 0, g_rows, r_rows, D, *d3,
+                OWNER_IS_ROW=True, NUM_LEVELS=Lg, HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
+                FINALIZE=True, BLOCK_M=bm, BLOCK_N=bn, **common)
+            _bwd_kernel[(triton.cdiv(S, bm),)](
+                shared_neg, rows, shared_neg.stride(0), rows.stride(0), isn, ir, S, M, M, S, lse_g, g_g,
+                inv_temp, dummy, dummy, dummy, dummy, 0, g_shared, torch.zeros(Lg, S, **f32), D, *d3,
+                OWNER_IS_ROW=False, NUM_LEVELS=Lg, HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
+                FINALIZE=True, BLOCK_M=bm, BLOCK_N=bn, **common)
+        # Candidates (targets) against row tiles.
+        _bwd_kernel[(triton.cdiv(N, bm),)](
+            cands, rows, cands.stride(0), rows.stride(0), ic, ir, N, M, M, N, lse_g, g_g, inv_temp,
+            ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
+            ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset, g_cands,
+            torch.zeros(Lg, N, **f32), D, *d3,
+            OWNER_IS_ROW=False, NUM_LEVELS=Lg, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
+            FINALIZE=True, BLOCK_M=bm, BLOCK_N=bn, **common)
+    return (g_rows.to(rows.dtype), g_cands.to(cands.dtype),
+            g_shared.to(shared_neg.dtype) if g_shared is not None else None,
+            g_rowneg.to(row_neg.dtype) if g_rowneg is not None else None)
