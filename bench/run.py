@@ -9,6 +9,7 @@ from .harness import BenchRun
 BENCHMARKS = {
     "pool_project": "bench.bench_pool_project",
     "embedder": "bench.bench_embedder",
+    "native": "bench.bench_native",
 }
 
 

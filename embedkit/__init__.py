@@ -3,6 +3,7 @@ from ._config import get_backend, set_backend, set_validation, use_backend, vali
 from .batch import PackedBatch
 from .ops import BackendUnavailableError, available_backends, pool_project, rotary_tables, varlen_attention
 from .ops import nce_loss
+from .ops import masked_mean, sequence_fingerprint
 
 __version__ = "0.1.0"
 
@@ -15,3 +16,4 @@ __all__ = [
 from .model import Audio, Embedder, EmbedderConfig, Image, Interleaved, ModelInputs, Text, Video  # noqa: E402
 
 __all__ += ["Audio", "Embedder", "EmbedderConfig", "Image", "Interleaved", "ModelInputs", "Text", "Video"]
+__all__ += ["masked_mean", "sequence_fingerprint"]

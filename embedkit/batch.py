@@ -3,7 +3,9 @@
 Holds cu_seqlens (int32 [B+1]), max_seqlen, and optional per-token position ids ([T] or [3, T]),
 modality ids ([T]) and pool mask ([T] bool). `unpad` / `pad` move token tensors between the
 padded [B, L, ...] layout and the packed one; the flat token indices are kept so that `pad`
-restores exactly the layout `unpad` came from (left- or right-padded).
+restores exactly the layout `unpad` came from (left- or right-padded). When the native backend is
+in force (backend "native", or "auto" with the csrc library built) they run the native pack /
+unpack kernels (embedkit.ops.pack / unpack) instead of index_select / index_copy.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from typing import Sequence
 
 import torch
 
-from .ops import _checks
+from . import _config
+from .ops import _checks, _dispatch
+from .ops import packing as _pack_ops
 from .ops.reference import segment_ids as _segment_ids
 
 
@@ -26,6 +30,9 @@ class PackedBatch:
     # Flat indices into [B * padded_len] of each packed token, when built from a padded batch.
     token_indices: torch.Tensor | None = field(default=None, repr=False)
     padded_len: int | None = None
+    # The bool [B, padded_len] mask the batch was built from (from_attention_mask): the native
+    # pack / unpack kernels read it instead of token_indices.
+    source_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         cu = _checks.check_cu_seqlens(self.cu_seqlens, None, None)
@@ -59,6 +66,10 @@ class PackedBatch:
                 raise ValueError(f"token_indices must have T = {total} entries, got {idx.shape[0]}")
             if self.padded_len is None:
                 raise ValueError("padded_len is required together with token_indices")
+        if self.source_mask is not None:
+            sm = _checks.check_tensor(self.source_mask, "source_mask", ndim=2, dtypes=(torch.bool,), device=device)
+            if self.token_indices is None or tuple(sm.shape) != (self.batch_size, self.padded_len):
+                raise ValueError("source_mask must come with token_indices and have shape [B, padded_len]")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -88,7 +99,7 @@ class PackedBatch:
         cu[1:] = torch.cumsum(lengths, 0)
         indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
         max_len = int(lengths.max()) if mask.shape[0] else 0
-        return cls(cu, max_len, token_indices=indices, padded_len=mask.shape[1], **fields)
+        return cls(cu, max_len, token_indices=indices, padded_len=mask.shape[1], source_mask=mask, **fields)
 
     @classmethod
     def from_padded(cls, padded: torch.Tensor, attention_mask: torch.Tensor, **fields):
@@ -108,12 +119,34 @@ class PackedBatch:
     def _padded_len(self) -> int:
         return self.padded_len if self.padded_len is not None else self.max_seqlen
 
+    def _native_layout(self, op: str) -> bool:
+        """Whether unpad / pad run the native kernels: backend "native" (raises if the library
+        cannot run), or "auto" when it can; "reference" and "triton" keep the torch indexing."""
+        if _config.get_backend() not in ("auto", "native"):
+            return False
+        return _dispatch.resolve(op, self.device) == "native"
+
+    def _layout_mask(self) -> torch.Tensor | None:
+        """The padded layout for the native kernels: None = right-padded (no token_indices).
+        Hand-made token_indices must be increasing (as from_attention_mask makes them)."""
+        if self.source_mask is not None:
+            return self.source_mask
+        if self.token_indices is None:
+            return None
+        if _checks.sync_checks_enabled() and self.total_tokens > 1:
+            if bool((self.token_indices[1:] <= self.token_indices[:-1]).any()):
+                raise ValueError("token_indices must be increasing for the native pack / unpack")
+        return self.attention_mask()
+
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """Packed [T, ...] tokens of padded [B, L, ...]."""
         x = _checks.check_tensor(padded, "padded", device=self.device)
         if x.dim() < 2 or x.shape[0] != self.batch_size or x.shape[1] != self._padded_len():
             raise ValueError(f"padded must have shape [B={self.batch_size}, L={self._padded_len()}, ...], "
                              f"got {tuple(x.shape)}")
+        if self._native_layout(_pack_ops.PACK):
+            total = self.token_indices.shape[0] if self.token_indices is not None else self.total_tokens
+            return _pack_ops.pack(x, self.cu_seqlens, self._layout_mask(), total_tokens=total)
         return x.reshape(-1, *x.shape[2:]).index_select(0, self._indices())
 
     def pad(self, packed: torch.Tensor, padding_value: float = 0.0) -> torch.Tensor:
@@ -122,6 +155,9 @@ class PackedBatch:
         if x.dim() < 1 or x.shape[0] != self.total_tokens:
             raise ValueError(f"packed must have T = {self.total_tokens} rows, got shape {tuple(x.shape)}")
         length = self._padded_len()
+        if self._native_layout(_pack_ops.UNPACK):
+            return _pack_ops.unpack(x, self.cu_seqlens, length, attention_mask=self._layout_mask(),
+                                    padding_value=padding_value)
         out = x.new_full((self.batch_size * length, *x.shape[1:]), padding_value)
         out = out.index_copy(0, self._indices(), x)
         return out.view(self.batch_size, length, *x.shape[1:])
@@ -164,4 +200,4 @@ class PackedBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, cu_seqlens=self.cu_seqlens.to(device), position_ids=move(self.position_ids),
                        modality_ids=move(self.modality_ids), pool_mask=move(self.pool_mask),
-                       token_indices=move(self.token_indices))
+                       token_indices=move(self.token_indices), source_mask=move(self.source_mask))

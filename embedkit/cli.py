@@ -23,6 +23,22 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from ._build import build
+
+    try:
+        libs = build(cuda=args.cuda, arch=args.arch, build_dir=args.build_dir, lib_dir=args.lib_dir,
+                     jobs=args.jobs, verbose=args.verbose)
+    except RuntimeError as err:
+        print(f"embedkit build: {err}", file=sys.stderr)
+        return 1
+    for lib in libs:
+        print(f"built {lib}")
+    if len(libs) == 1:
+        print("no CUDA library: nvcc was not found or --no-cuda was given")
+    return 0
+
+
 def _cmd_info(args) -> int:
     import torch
 
@@ -46,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", help="results folder (default bench/results/<machine>/)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.set_defaults(func=_cmd_bench)
+    n = sub.add_parser("build", help="build the native csrc libraries with CMake (CPU, and CUDA when nvcc is found)")
+    n.add_argument("--cuda", dest="cuda", action="store_true", default=None,
+                   help="require the CUDA library (fail without nvcc)")
+    n.add_argument("--no-cuda", dest="cuda", action="store_false", help="build the CPU library only")
+    n.add_argument("--arch", help='CUDA architectures, CMake syntax (default "80;90a")')
+    n.add_argument("--build-dir", help="CMake build tree (default build/native or build/native-cpu)")
+    n.add_argument("--lib-dir", help="where the libraries go (default embedkit/_lib or $EMBEDKIT_NATIVE_DIR)")
+    n.add_argument("-j", "--jobs", type=int, help="parallel compile jobs")
+    n.add_argument("-v", "--verbose", action="store_true", help="show the CMake commands and output")
+    n.set_defaults(func=_cmd_build)
     i = sub.add_parser("info", help="versions and the backends available for each op")
     i.set_defaults(func=_cmd_info)
     args = parser.parse_args(argv)

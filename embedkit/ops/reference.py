@@ -275,3 +275,98 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
                        query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
                        shared_negatives=shared_negatives, mrl_dims=mrl_dims, mrl_weights=mrl_weights,
                        reduction=reduction, group=group)
+
+# ---- sequence_fingerprint, pack / unpack ------------------------------------------------------------
+# The fingerprint is defined in csrc/include/embedkit.h; this is the same computation in int64 torch
+# arithmetic (wrapping multiply / add are mod 2^64; logical right shifts are masked arithmetic ones),
+# so the reference, the C++ twin and the CUDA kernel agree bit for bit.
+
+def _as_int64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_FMIX_C1 = _as_int64(0xFF51AFD7ED558CCD)
+_FMIX_C2 = _as_int64(0xC4CEB9FE1A85EC53)
+FP_SEED = _as_int64(0x9E3779B97F4A7C15)
+FP_LEN_SEED = _as_int64(0xD6E8FEB86659FD93)
+# 1-D tensors of these dtypes are token ids: fingerprinted by value, as int64, so that int32 and
+# int64 ids of the same text agree. Every other tensor is fingerprinted by its raw bytes.
+TOKEN_ID_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def fmix64(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 64-bit finalizer on int64 bit patterns."""
+    x = x ^ _shr(x, 33)
+    x = x * _FMIX_C1
+    x = x ^ _shr(x, 33)
+    x = x * _FMIX_C2
+    return x ^ _shr(x, 33)
+
+
+def fingerprint_rows(values: torch.Tensor) -> torch.Tensor:
+    """The contiguous tensor whose raw row bytes are fingerprinted (token ids widened to int64)."""
+    if values.dim() == 1 and values.dtype in TOKEN_ID_DTYPES:
+        values = values.to(torch.int64)
+    return values.contiguous()
+
+
+def sequence_fingerprint(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the 64-bit fingerprint of the bytes of each packed sequence of values [T, ...]."""
+    rows = fingerprint_rows(values)
+    total = rows.shape[0]
+    data = rows.view(torch.uint8).reshape(total, -1) if rows.numel() else \
+        torch.empty(total, 0, dtype=torch.uint8, device=rows.device)
+    row_bytes = data.shape[1]
+    flat = data.reshape(-1)
+    dev = rows.device
+    cu = cu_seqlens.long()
+    nbytes = (cu[1:] - cu[:-1]) * row_bytes
+    nwords = (nbytes + 3) // 4
+    batch = nbytes.numel()
+    n_all = int(nwords.sum())
+    seq = torch.repeat_interleave(torch.arange(batch, device=dev), nwords, output_size=n_all)
+    k = torch.arange(n_all, device=dev) - (torch.cumsum(nwords, 0) - nwords)[seq]  # word index in sequence
+    byte_in_seq = 4 * k[:, None] + torch.arange(4, device=dev)[None, :]
+    valid = byte_in_seq < nbytes[seq][:, None]
+    pos = (cu[:-1] * row_bytes)[seq][:, None] + byte_in_seq
+    if flat.numel():
+        b = flat[pos.clamp(max=flat.numel() - 1)].long() * valid
+    else:
+        b = torch.zeros_like(pos)
+    word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+    terms = fmix64(((k << 32) | word) ^ FP_SEED)
+    sums = torch.zeros(batch, dtype=torch.int64, device=dev).index_add_(0, seq, terms)
+    return fmix64(sums + fmix64(nbytes ^ FP_LEN_SEED))
+
+
+def _padded_indices(cu_seqlens: torch.Tensor, padded_len: int, total: int,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Flat [B * padded_len] index of each packed token (mask order, or right-padded)."""
+    if attention_mask is not None:
+        return torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    seg = segment_ids(cu_seqlens, total)
+    offs = torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seg]
+    return seg * padded_len + offs
+
+
+def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed [T, ...] tokens of padded [B, L, ...]: those where attention_mask [B, L] is nonzero,
+    in order, or (mask None) the first cu_seqlens[b+1] - cu_seqlens[b] positions of each row."""
+    batch, length = padded.shape[:2]
+    flat = padded.reshape(batch * length, *padded.shape[2:])
+    idx = _padded_indices(cu_seqlens, length, int(cu_seqlens[-1]), attention_mask)
+    return flat.index_select(0, idx)
+
+
+def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int,
+           attention_mask: torch.Tensor | None = None, padding_value: float = 0.0) -> torch.Tensor:
+    """Padded [B, padded_len, ...] of packed [T, ...] (the inverse of pack), padding = padding_value."""
+    batch = cu_seqlens.numel() - 1
+    idx = _padded_indices(cu_seqlens, padded_len, packed.shape[0], attention_mask)
+    out = packed.new_full((batch * padded_len, *packed.shape[1:]), padding_value)
+    return out.index_copy(0, idx, packed).view(batch, padded_len, *packed.shape[1:])

@@ -1,0 +1,93 @@
+"""masked_mean: the mean of the pooled tokens of each packed sequence (pool_project's pooling half).
+
+Two kernels: Triton (tritonkernels.pool_project.masked_mean_fwd, the same kernel pool_project
+uses) and the native CUDA / C++ one in csrc/, held against each other and the reference.
+Backward is a broadcast: d_hidden[t] = pool_mask[t] * d_out[b(t)] / count[b(t)] (torch ops).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _dispatch, _native, reference
+
+OP = "masked_mean"
+_dispatch.register_op(OP, {"triton", "native"})
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("embedkit::masked_mean_fwd", mutates_args=())
+def _fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor | None,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "native":
+        mask = None if pool_mask is None else pool_mask.view(torch.uint8)
+        return _native.masked_mean(hidden, cu_seqlens, mask)
+    if backend == "triton":
+        from tritonkernels.pool_project import masked_mean_fwd
+
+        pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask)
+        return pooled.to(hidden.dtype), counts
+    raise AssertionError(f"no {backend} kernel for {OP}")
+
+
+@_fwd.register_fake
+def _fwd_fake(hidden, cu_seqlens, pool_mask, backend):
+    batch = cu_seqlens.shape[0] - 1
+    return (hidden.new_empty(batch, hidden.shape[1]),
+            torch.empty(batch, dtype=torch.float32, device=hidden.device))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, cu_seqlens, pool_mask, _ = inputs
+    ctx.save_for_backward(output[1], cu_seqlens, pool_mask)
+    ctx.total = hidden.shape[0]
+    ctx.dtype = hidden.dtype
+
+
+def _backward(ctx, grad_out, _grad_counts):
+    counts, cu_seqlens, pool_mask = ctx.saved_tensors
+    seg = reference.segment_ids(cu_seqlens, ctx.total)
+    d = (grad_out.float() / counts[:, None]).index_select(0, seg)
+    if pool_mask is not None:
+        d = d * pool_mask[:, None]
+    return d.to(ctx.dtype), None, None, None
+
+
+torch.library.register_autograd("embedkit::masked_mean_fwd", _backward, setup_context=_setup_context)
+
+
+def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H] mean of the pooled tokens of each packed sequence of hidden [T, H], in hidden's dtype.
+
+    cu_seqlens int32 [B+1]; pool_mask [T] bool (True = pooled). fp32 accumulation. A sequence with
+    no pooled token is an error. Differentiable in hidden.
+    """
+    hidden = _checks.check_float(hidden, "hidden", ndim=2, allowed=_FLOATS + (torch.float64,))
+    dev = hidden.device
+    total = hidden.shape[0]
+    cu = _checks.check_cu_seqlens(cu_seqlens, total, dev)
+    if pool_mask is not None:
+        _checks.check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=dev)
+        if pool_mask.shape[0] != total:
+            raise ValueError(f"pool_mask must have T = {total} entries (hidden's rows), got {pool_mask.shape[0]}")
+    if _checks.sync_checks_enabled():
+        if pool_mask is None:
+            counts = cu[1:] - cu[:-1]
+        else:
+            counts = torch.zeros(cu.numel() - 1, dtype=torch.int64, device=dev).index_add_(
+                0, reference.segment_ids(cu, total), pool_mask.long())
+        if bool((counts == 0).any()):
+            i = int(torch.nonzero(counts == 0)[0, 0])
+            why = "is empty" if pool_mask is None else "has no token with pool_mask True"
+            raise ValueError(f"sequence {i} {why}: a mean over no pooled token is undefined")
+    backend = _dispatch.resolve(OP, dev)
+    if backend == "reference":
+        return reference.masked_mean(hidden, cu, pool_mask)
+    if hidden.dtype == torch.float64:
+        raise TypeError(f"hidden: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
+                        "got float64 (use backend 'reference' for float64)")
+    if hidden.shape[1] > 1 and hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    mask = None if pool_mask is None else pool_mask.contiguous()
+    return _fwd(hidden, cu, mask, backend)[0]
