@@ -406,8 +406,8 @@ class Trainer:
         self.global_step = int(meta["global_step"])
         self.history = list(meta.get("history", []))
         torch.set_rng_state(tensors["trainer.torch_rng"])
-        cuda = [tensors[k] for k in sorted(tensors, key=lambda k: int(k.rsplit(".", 1)[1]))
-                if k.startswith("trainer.cuda_rng.")]
+        cuda_keys = [k for k in tensors if k.startswith("trainer.cuda_rng.")]
+        cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
         random.setstate(_tuplify(meta["python_rng"]))
