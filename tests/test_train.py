@@ -207,7 +207,7 @@ class BagModel(nn.Module):
         seq = batch.seq_ids()
         h = self.drop(self.emb(ids))
         pooled = torch.zeros(batch.batch_size, 16, dtype=h.dtype).index_add_(0, seq, h)
-        return self.out(pooled / batch.lengths().unsqueeze(1).to(h.dtype))
+        return self.out(pooled / batch.lengths.unsqueeze(1).to(h.dtype))
 
 
 def bag_collate(inputs, tasks):
