@@ -37,7 +37,8 @@ class Stage:
     makes it a trained parameter (as log temperature). task_drop_prob: the probability that a query
     is embedded without its task string. chunk_size: sequences per chunk of the cached step (None:
     one plain step). max_grad_norm: gradient clipping (None: off). freeze: parameter-name prefixes
-    not trained in this stage. bf16: autocast to bfloat16 on CUDA.
+    not trained in this stage. lr_multipliers: {parameter-name prefix: factor} (e.g. a higher lr for
+    freshly initialized patch embedders). bf16: autocast to bfloat16 on CUDA.
     """
     name: str
     tasks: Sequence[Task]
@@ -60,6 +61,7 @@ class Stage:
     chunk_size: int | None = None
     max_grad_norm: float | None = 1.0
     freeze: tuple[str, ...] = ()
+    lr_multipliers: dict | None = None
     bf16: bool = True
 
     def __post_init__(self):
@@ -137,6 +139,7 @@ class Trainer:
         if collate is None and not hasattr(model, "processor"):
             raise TypeError("model has no .processor: pass collate=fn(inputs, task_strings) -> model input")
         self.model, self.stages = model, stages
+        self._requires_grad = [p.requires_grad for p in model.parameters()]
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.collate = collate or self._default_collate
         self.fingerprint = fingerprint or fingerprint_inputs
@@ -266,23 +269,28 @@ class Trainer:
         return loss.detach(), tokens
 
     # ---- optimisation ------------------------------------------------------------------------------
-    def _trainable(self, stage: Stage) -> list[nn.Parameter]:
-        params = []
+    def _trainable(self, stage: Stage) -> list[dict]:
+        """AdamW parameter groups: one per lr multiplier (the first matching prefix wins)."""
+        mults = dict(stage.lr_multipliers or {})
+        groups: dict[float, list] = {}
         for name, p in self.model.named_parameters():
             train = not any(name.startswith(f) for f in stage.freeze)
             p.requires_grad_(train)
             if train:
-                params.append(p)
-        return params
+                m = next((v for k, v in mults.items() if name.startswith(k)), 1.0)
+                groups.setdefault(float(m), []).append(p)
+        if not groups:
+            raise ValueError(f"stage {stage.name!r} freezes every parameter of the model")
+        return [{"params": ps, "lr": stage.lr * m} for m, ps in sorted(groups.items())]
 
     def _start_stage(self, stage: Stage, index: int) -> None:
-        params = self._trainable(stage)
+        groups = self._trainable(stage)
         self.log_temperature = None
         if stage.learn_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(stage.temperature), device=self.device))
-            params = params + [self.log_temperature]
-        self._params = params
-        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=stage.betas, eps=stage.eps,
+            groups.append({"params": [self.log_temperature], "lr": stage.lr, "weight_decay": 0.0})
+        self._params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps,
                                            weight_decay=stage.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: stage.lr_factor(s))
         self._sampler = TaskSampler(stage.tasks, seed=self.seed * 1009 + index)
@@ -313,13 +321,14 @@ class Trainer:
         grad_norm = None
         if stage.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, stage.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = stage.lr * stage.lr_factor(self.stage_step)
         self.optimizer.step()
         self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         temp = self._temperature(stage)
+        temp = temp.detach() if isinstance(temp, torch.Tensor) else temp
         return {"stage": stage.name, "task": task.name, "step": self.global_step, "loss": float(loss),
                 "temperature": float(temp), "lr": lr, "grad_norm": grad_norm, "seconds": dt,
                 "examples_per_s": len(examples) / dt, "tokens_per_s": tokens / dt, "memory_mb": _memory_mb(self.device)}
@@ -371,6 +380,8 @@ class Trainer:
             self.stage_index += 1
             self.stage_step = 0
             self.optimizer = self.scheduler = None
+        for p, flag in zip(self.model.parameters(), self._requires_grad):  # undo the stages' freezing
+            p.requires_grad_(flag)
         return self.history
 
     # ---- checkpoints -----------------------------------------------------------------------------
