@@ -152,8 +152,10 @@ class Trainer:
         if group is not None and group is not False:
             import torch.distributed as dist
 
-            self.group = None if group is True else group
+            self.group = dist.group.WORLD if group is True else group
             self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
+            if self.world_size == 1:
+                self.group = None
             self._distributed = True
         else:
             self._distributed = False
@@ -196,7 +198,7 @@ class Trainer:
 
     def _embed(self, inputs, task_strings):
         x = self.collate(inputs, task_strings)
-        return self.model(x).float(), self.fingerprint(x), x
+        return self.model(x), self.fingerprint(x), x
 
     # ---- loss ------------------------------------------------------------------------------------
     def _temperature(self, stage: Stage):
@@ -300,7 +302,13 @@ class Trainer:
     def _sync_grads(self) -> None:
         import torch.distributed as dist
 
-        for p in self._params:
+        # A parameter no rank used keeps grad None (the optimizer skips it, as in one process); one
+        # that some rank used gets zeros on the others before averaging.
+        used = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32, device=self.device)
+        dist.all_reduce(used, group=self.group)
+        for p, u in zip(self._params, used.tolist()):
+            if not u:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=self.group)
