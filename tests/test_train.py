@@ -278,3 +278,26 @@ def test_evaluate_retrieval_text_to_image():
     res = evaluate_retrieval(m, ["a", "b", "c"], imgs, [0, [1, 2], 3], dim=16)
     assert set(res) == {"recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10"}
     assert res["recall@5"] == 1.0  # corpus of 4: everything is in the top 5
+
+
+# ---- the demo's data ----------------------------------------------------------------------------------
+
+def test_demo_data_is_real_and_leak_free():
+    from embedkit.train import demo
+
+    pairs = demo.code_pairs()
+    assert len(pairs) > 1000
+    queries = [q for _, q, _ in pairs]
+    assert len(set(queries)) == len(queries)
+    for _, q, target in pairs[:200]:
+        assert q not in " ".join(target.split())  # the docstring is not left in the target
+        assert target.startswith(("def ", "@"))
+    sizes = dict(demo.SIZES["smoke"])
+    tasks, evals, _ = demo.build_data(sizes)
+    train_q = {ex.query for ex in tasks["code"]["examples"]}
+    test_q, test_c, rel, _ = evals["code"]["test"]
+    assert not train_q & set(test_q) and rel == list(range(len(test_q)))
+    imgs, captions, labels, _ = evals["digits"]["test"]
+    assert captions[7] == "a handwritten digit seven" and len(imgs) == len(labels) == sizes["digits_test"]
+    ex = tasks["digits"]["examples"][0]
+    assert isinstance(ex.query, Image) and ex.negatives[0] != ex.positive

@@ -47,7 +47,7 @@ CODE_TASK = None  # all-MiniLM-L6-v2 was trained without instructions: its basel
 IMAGE_TASK = "caption the handwritten digit"
 
 
-def code_pairs(max_chars: int = 320) -> list[tuple[str, str, str]]:
+def code_pairs(max_chars: int = 200) -> list[tuple[str, str, str]]:
     """(module, query, target) from the standard library: first docstring line -> source without it."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out, seen = [], set()
@@ -151,8 +151,8 @@ def _score(metrics: dict) -> float:
 
 
 SIZES = {
-    "full": dict(code_train=1200, code_dev=48, code_test=200, digits_train=1200, digits_dev=60, digits_test=300,
-                 pre_steps=24, fine_steps=16, code_batch=24, digits_batch=32, fine_code_batch=16),
+    "full": dict(code_train=1000, code_dev=40, code_test=150, digits_train=1200, digits_dev=60, digits_test=300,
+                 pre_steps=16, fine_steps=10, code_batch=16, digits_batch=32, fine_code_batch=8),
     "smoke": dict(code_train=40, code_dev=8, code_test=16, digits_train=40, digits_dev=10, digits_test=20,
                   pre_steps=2, fine_steps=2, code_batch=4, digits_batch=8, fine_code_batch=4),
 }
@@ -186,16 +186,18 @@ def run(*, json_path: str | None = None, smoke: bool = False, seed: int = 0, dev
     before = evaluate_all(model, evals, "test")
     log("before:", before)
 
-    common = dict(freeze=("embed_tokens", "position_embed"), lr_multipliers={"vision_embed": 40.0},
-                  max_grad_norm=1.0)
+    # The token / position tables and the two lowest blocks stay frozen (a cheaper backward on CPU);
+    # the fresh image patch embedder learns at a higher rate than the pre-trained blocks.
+    common = dict(freeze=("embed_tokens", "position_embed", "embed_norm", "layers.0.", "layers.1."),
+                  lr_multipliers={"vision_embed": 40.0}, max_grad_norm=1.0)
     pre = Stage("pre-fine-tuning", [
         Task("code", tasks["code"]["examples"], task=CODE_TASK, batch_size=sz["code_batch"], weight=1.0),
-        Task("digits", tasks["digits"]["examples"], task=IMAGE_TASK, batch_size=sz["digits_batch"], weight=1.0),
-    ], steps=sz["pre_steps"], lr=5e-5, warmup_steps=2, temperature=0.05, **common)
+        Task("digits", tasks["digits"]["examples"], task=IMAGE_TASK, batch_size=sz["digits_batch"], weight=2.0),
+    ], steps=sz["pre_steps"], lr=8e-5, warmup_steps=2, temperature=0.05, **common)
     fine = Stage("fine-tuning", [
         Task("code", tasks["code"]["examples"], task=CODE_TASK, batch_size=sz["fine_code_batch"], weight=1.0),
-        Task("digits", tasks["digits"]["examples"], task=IMAGE_TASK, batch_size=sz["digits_batch"], weight=1.0),
-    ], steps=sz["fine_steps"], lr=3e-5, warmup_steps=1, hard_negatives=True, num_negatives=1,
+        Task("digits", tasks["digits"]["examples"], task=IMAGE_TASK, batch_size=sz["digits_batch"], weight=2.0),
+    ], steps=sz["fine_steps"], lr=5e-5, warmup_steps=1, hard_negatives=True, num_negatives=1,
         learn_temperature=True, temperature=0.05, task_drop_prob=0.1, **common)
     tmp = tempfile.TemporaryDirectory(prefix="embedkit-demo-") if out_dir is None else None
     root = Path(out_dir) if out_dir is not None else Path(tmp.name)
@@ -210,28 +212,26 @@ def run(*, json_path: str | None = None, smoke: bool = False, seed: int = 0, dev
     log(f"soup: dev scores {[round(s, 4) for s in scores['individual']]} (fine, pre) -> soup of "
         f"{[['fine', 'pre'][i] for i in chosen]}: {scores['soup']:.4f}")
 
-    after = evaluate_all(model, evals, "test")
-    log("after:", after)
-
-    # Encoding throughput on the accelerated path (auto backend: Triton kernels on a GPU).
-    corpus = evals["code"]["test"][1] + evals["digits"]["test"][0]
-    model.encode(corpus[:8], dim=None)  # warm-up (kernel compilation on a GPU)
+    # The held-out evaluation doubles as the encoding benchmark: it runs encode() on the accelerated
+    # path (backend "auto": the Triton kernels on a GPU).
+    inputs = [x for ev in evals.values() for x in ev["test"][0] + ev["test"][1]]
+    tokens = sum(model.processor.item(x, ev["test"][3]).length for ev in evals.values() for x in ev["test"][0])
+    tokens += sum(model.processor.item(x).length for ev in evals.values() for x in ev["test"][1])
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    emb = model.encode(corpus, dim=None)
+    after = evaluate_all(model, evals, "test")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     enc_s = time.perf_counter() - t1
-    tokens = sum(model.processor.item(x).length for x in corpus)
-    n_train = sum(sz["code_batch"] if h["task"] == "code" else sz["digits_batch"] for h in history)
+    log("after:", after)
+    n_train = sum(h["examples_per_s"] * h["seconds"] for h in history)
     throughput = {
-        "encode_inputs_per_s": round(len(corpus) / enc_s, 1), "encode_tokens_per_s": round(tokens / enc_s, 1),
+        "encode_inputs_per_s": round(len(inputs) / enc_s, 1), "encode_tokens_per_s": round(tokens / enc_s, 1),
         "train_examples_per_s": round(n_train / train_s, 2),
         "train_tokens_per_s": round(sum(h["tokens_per_s"] * h["seconds"] for h in history) / train_s, 1),
         "train_seconds": round(train_s, 1), "device": dev.type, "backends": backends,
     }
-    assert emb.shape[0] == len(corpus)
     result = {"before": before, "after": after, "throughput": throughput,
               "soup": {"chosen": [["fine-tuning", "pre-fine-tuning"][i] for i in chosen],
                        "dev_scores": scores["individual"], "dev_soup": scores["soup"]},
