@@ -10,6 +10,7 @@ BENCHMARKS = {
     "pool_project": "bench.bench_pool_project",
     "embedder": "bench.bench_embedder",
     "native": "bench.bench_native",
+    "nce_loss": "bench.bench_nce",
 }
 
 

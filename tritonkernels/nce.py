@@ -24,6 +24,12 @@ candidate gets probability exactly 0 through `tl.where` (never a -inf logit), so
 temperature never sees inf - inf.
 
 At most 3 levels per pass (MAX_LEVELS); the launchers run longer MRL lists in groups of 3.
+
+Cost: forward 2 B N D FLOPs; backward recomputes the dots once for the rows' gradient and once for the
+candidates' (2 + 2 + 2 + 2 B N D), so 10 B N D in all against the 8 B N D of a backward that shares one
+recomputation. The fp32 gradient rows are read-modified-written once per streamed tile, which at large D
+is memory traffic a GEMM-shaped backward (materialize a bounded [rows-chunk, candidate-chunk] block of P
+in bf16, then two GEMMs) would avoid: the next step once this is measured on a GPU.
 """
 from __future__ import annotations
 
@@ -32,10 +38,11 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._dtypes import DOT_FP32, dot_code, next_pow2
+from ._dtypes import DOT_FP16, dot_code, next_pow2
 
 MAX_LEVELS = 3
-_NEG_INIT = -1.0e30  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
+_DOT_TF32 = 3  # a fourth operand code beside _dtypes' DOT_FP32 / DOT_FP16 / DOT_BF16
+_NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
 
 
 # ---- device helpers ---------------------------------------------------------------------------
@@ -46,6 +53,8 @@ def _mma(acc, a, b, DOT: tl.constexpr):
         acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
     elif DOT == 2:
         acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT == 3:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return acc
@@ -313,15 +322,15 @@ def _coef(dot, a_own, b_oth, lse, g, it, valid, is_pos, OWNER_IS_ROW: tl.constex
 
 
 @triton.jit
-def _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, coef, y, stride_y, offs_y, y_ok, lo, hi, D,
+def _grad_range(gbuf, loc, o_ok, coef, y, stride_y, offs_y, y_ok, lo, hi, D,
                 BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """gbuf[own, lo:hi] += coef @ y[oth, lo:hi] (fp32 read-modify-write of the owner's own rows)."""
+    """gbuf[loc, lo:hi] += coef @ y[oth, lo:hi] (fp32 read-modify-write of the owner's own rows)."""
     for d0 in range(lo, hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < hi
         yt = tl.load(y + offs_y[:, None].to(tl.int64) * stride_y + offs_d[None, :],
                      mask=y_ok[:, None] & d_ok[None, :], other=0.0)
-        gp = gbuf + offs_o[:, None].to(tl.int64) * D + offs_d[None, :]
+        gp = gbuf + loc[:, None].to(tl.int64) * D + offs_d[None, :]
         gm = o_ok[:, None] & d_ok[None, :]
         acc = tl.load(gp, mask=gm, other=0.0)
         acc = _mma(acc, coef, yt, DOT)
@@ -329,45 +338,50 @@ def _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, coef, y, stride_y, offs_y
 
 
 @triton.jit
-def _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, c, lo, hi, D, BLOCK_D: tl.constexpr):
-    """gbuf[own, lo:hi] -= c[own] * x[own, lo:hi] (the L2 normalization's backward)."""
+def _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, c, lo, hi, D, BLOCK_D: tl.constexpr):
+    """gbuf[loc, lo:hi] -= c * x[own, lo:hi] (the L2 normalization's backward)."""
     for d0 in range(lo, hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         gm = o_ok[:, None] & (offs_d < hi)[None, :]
-        gp = gbuf + offs_o[:, None].to(tl.int64) * D + offs_d[None, :]
+        gp = gbuf + loc[:, None].to(tl.int64) * D + offs_d[None, :]
         xv = tl.load(x_own + offs_o[:, None].to(tl.int64) * stride_own + offs_d[None, :],
                      mask=gm, other=0.0).to(tl.float32)
         tl.store(gp, tl.load(gp, mask=gm, other=0.0) - c[:, None] * xv, mask=gm)
 
 
 @triton.jit
-def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N_oth, M_rows, N_cands,
-                lse, g, inv_temp, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N_oth, M_rows,
+                own_start, own_end, lse, g, inv_temp, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
                 gbuf, rbuf, D, D0, D1, D2,
                 OWNER_IS_ROW: tl.constexpr, NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr,
                 HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, FINALIZE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                GRAD_DOT: tl.constexpr):
     """Gradient of the owner rows (query rows when OWNER_IS_ROW, else candidates) over all other tiles.
 
-    gbuf [M_own, D] fp32 accumulates sum_l a_l sum_j P^l b_l y_j; rbuf [L, M_own] accumulates
-    R^l = sum_j P^l s^l; with FINALIZE the normalization term -a_l^2 R^l x[:d_l] is applied.
+    Programs cover owners [own_start, own_end) (a chunk: the fp32 buffers are chunk-sized, so the extra
+    memory stays bounded whatever B). gbuf [C, D] fp32 accumulates sum_l a_l sum_j P^l b_l y_j;
+    rbuf [L, C] accumulates R^l = sum_j P^l s^l; with FINALIZE the normalization term
+    -a_l^2 R^l x[:d_l] is applied (C = own_end - own_start).
     lse [L, M_rows] and g [L, M_rows] (the upstream gradient times the level weight) are per query row.
     """
-    offs_o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_ok = offs_o < M_own
+    offs_o = own_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_ok = offs_o < own_end
+    loc = offs_o - own_start
+    C = own_end - own_start
     it = tl.load(inv_temp).to(tl.float32)
     a0 = tl.load(inv_own + offs_o, mask=o_ok, other=0.0)
-    r0 = tl.load(rbuf + offs_o, mask=o_ok, other=0.0)
+    r0 = tl.load(rbuf + loc, mask=o_ok, other=0.0)
     a1 = a0
     a2 = a0
     r1 = r0
     r2 = r0
     if NUM_LEVELS > 1:
         a1 = tl.load(inv_own + M_own + offs_o, mask=o_ok, other=0.0)
-        r1 = tl.load(rbuf + M_own + offs_o, mask=o_ok, other=0.0)
+        r1 = tl.load(rbuf + C + loc, mask=o_ok, other=0.0)
     if NUM_LEVELS > 2:
         a2 = tl.load(inv_own + 2 * M_own + offs_o, mask=o_ok, other=0.0)
-        r2 = tl.load(rbuf + 2 * M_own + offs_o, mask=o_ok, other=0.0)
+        r2 = tl.load(rbuf + 2 * C + loc, mask=o_ok, other=0.0)
     if OWNER_IS_ROW:
         lse0 = tl.load(lse + offs_o, mask=o_ok, other=0.0)
         g0 = tl.load(g + offs_o, mask=o_ok, other=0.0)
@@ -422,14 +436,11 @@ def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N
             e1 += c2
             e0 += c2
         # Segment [d_{k-1}, d_k) of D receives the coefficients of every level l >= k.
-        _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, e0, y_oth, stride_oth, offs_n, n_ok, 0, D0, D,
-                    BLOCK_D, DOT)
+        _grad_range(gbuf, loc, o_ok, e0, y_oth, stride_oth, offs_n, n_ok, 0, D0, D, BLOCK_D, GRAD_DOT)
         if NUM_LEVELS > 1:
-            _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, e1, y_oth, stride_oth, offs_n, n_ok, D0, D1,
-                        D, BLOCK_D, DOT)
+            _grad_range(gbuf, loc, o_ok, e1, y_oth, stride_oth, offs_n, n_ok, D0, D1, D, BLOCK_D, GRAD_DOT)
         if NUM_LEVELS > 2:
-            _grad_range(gbuf, x_own, stride_own, offs_o, o_ok, e2, y_oth, stride_oth, offs_n, n_ok, D1, D2,
-                        D, BLOCK_D, DOT)
+            _grad_range(gbuf, loc, o_ok, e2, y_oth, stride_oth, offs_n, n_ok, D1, D2, D, BLOCK_D, GRAD_DOT)
     if FINALIZE:
         f0 = a0 * a0 * r0
         if NUM_LEVELS > 1:
@@ -439,27 +450,30 @@ def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N
             f2 = a2 * a2 * r2
             f1 += f2
             f0 += f2
-        _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, f0, 0, D0, D, BLOCK_D)
+        _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f0, 0, D0, D, BLOCK_D)
         if NUM_LEVELS > 1:
-            _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, f1, D0, D1, D, BLOCK_D)
+            _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f1, D0, D1, D, BLOCK_D)
         if NUM_LEVELS > 2:
-            _finalize_range(gbuf, x_own, stride_own, offs_o, o_ok, f2, D1, D2, D, BLOCK_D)
+            _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f2, D1, D2, D, BLOCK_D)
     else:
-        tl.store(rbuf + offs_o, r0, mask=o_ok)
+        tl.store(rbuf + loc, r0, mask=o_ok)
         if NUM_LEVELS > 1:
-            tl.store(rbuf + M_own + offs_o, r1, mask=o_ok)
+            tl.store(rbuf + C + loc, r1, mask=o_ok)
         if NUM_LEVELS > 2:
-            tl.store(rbuf + 2 * M_own + offs_o, r2, mask=o_ok)
+            tl.store(rbuf + 2 * C + loc, r2, mask=o_ok)
 
 
 @triton.jit
 def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, inv_temp,
-                             gbuf, rbuf, dneg, B, K, D, D0, D1, D2,
+                             gbuf, rbuf, dneg, row_start, row_end, B, K, D, D0, D1, D2,
                              NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-row negatives: d x_i += sum_k P_ik a b neg_ik (into gbuf, R into rbuf) and
-    d neg_ik += P_ik a b x_i - b^2 P_ik s_ik neg_ik (into the fp32 dneg), elementwise over D."""
-    offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = offs < B
+    d neg_ik += P_ik a b x_i - b^2 P_ik s_ik neg_ik (into the fp32 dneg), elementwise over D.
+    Rows [row_start, row_end); gbuf [C, D], rbuf [L, C], dneg [C, K, D] hold that chunk."""
+    offs = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offs < row_end
+    loc = offs - row_start
+    C = row_end - row_start
     it = tl.load(inv_temp).to(tl.float32)
     for k in range(0, K):
         for lvl in tl.static_range(NUM_LEVELS):
@@ -468,7 +482,7 @@ def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, 
             s = tl.load(row_cos + (lvl * B + offs) * K + k, mask=ok, other=0.0)
             P = tl.load(g + lvl * B + offs, mask=ok, other=0.0) * \
                 tl.exp(s * it - tl.load(lse + lvl * B + offs, mask=ok, other=0.0)) * it
-            tl.store(rbuf + lvl * B + offs, tl.load(rbuf + lvl * B + offs, mask=ok, other=0.0) + P * s, mask=ok)
+            tl.store(rbuf + lvl * C + loc, tl.load(rbuf + lvl * C + loc, mask=ok, other=0.0) + P * s, mask=ok)
             cx = P * a * b      # coefficient of neg_ik in d x_i, and of x_i in d neg_ik
             cn = b * b * P * s  # normalization term of d neg_ik
             if lvl == 0:
@@ -483,8 +497,8 @@ def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, 
                 m2 = ok[:, None] & (offs_d < hi)[None, :]
                 xp = offs[:, None].to(tl.int64) * stride_x + offs_d[None, :]
                 np_ = (offs[:, None].to(tl.int64) * K + k) * stride_x + offs_d[None, :]
-                gp = offs[:, None].to(tl.int64) * D + offs_d[None, :]
-                dp = (offs[:, None].to(tl.int64) * K + k) * D + offs_d[None, :]
+                gp = loc[:, None].to(tl.int64) * D + offs_d[None, :]
+                dp = (loc[:, None].to(tl.int64) * K + k) * D + offs_d[None, :]
                 xv = tl.load(x + xp, mask=m2, other=0.0).to(tl.float32)
                 nv = tl.load(neg + np_, mask=m2, other=0.0).to(tl.float32)
                 tl.store(gbuf + gp, tl.load(gbuf + gp, mask=m2, other=0.0) + cx[:, None] * nv, mask=m2)
@@ -498,6 +512,12 @@ def _blocks(D: int) -> tuple[int, int, int]:
     if INTERPRET:
         return 16, 16, min(64, max(16, next_pow2(D)))
     return 64, 64, 64
+
+
+# Tiles of 64 x 64 with up to 3 live fp32 dot tiles per level group: with 4 warps ptxas (sm_90) spills
+# registers in both the forward and the backward kernels; 8 warps compile without (forward) or with a few
+# bytes of (backward) spills. Not yet tuned on a GPU.
+_NUM_WARPS = 8
 
 
 def _groups(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -570,17 +590,29 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
                           ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset,
                           row_cos[sl].contiguous() if K else dummy, K, sm, sl_, stt, ps, *d3,
                           NUM_LEVELS=len(grp), HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
-                          HAS_ROW_NEG=K > 0, INIT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot)
+                          HAS_ROW_NEG=K > 0, INIT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot,
+                          num_warps=_NUM_WARPS)
         if shared_neg is not None and shared_neg.shape[0] > 0:
             _fwd_kernel[grid](rows, shared_neg, rows.stride(0), shared_neg.stride(0), inv_rows[sl].contiguous(),
                               inv_shared[sl].contiguous(), M, shared_neg.shape[0], inv_temp,
                               dummy, dummy, dummy, dummy, 0, dummy, 0, sm, sl_, stt, ps, *d3,
                               NUM_LEVELS=len(grp), HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
-                              HAS_ROW_NEG=False, INIT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot)
+                              HAS_ROW_NEG=False, INIT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot,
+                              num_warps=_NUM_WARPS)
         st_m[sl], st_l[sl], st_t[sl], pos[sl] = sm, sl_, stt, ps
     lse = st_m + torch.log(st_l)
     es = st_t / st_l
     return lse, pos, es, inv_rows, inv_cands, inv_shared, inv_rowneg, row_cos
+
+
+# fp32 gradient accumulators are allocated per chunk of owner rows: the extra memory of the backward
+# stays about this size whatever B (the inputs' gradients themselves are in the inputs' dtype).
+GRAD_CHUNK_BYTES = 160 << 20
+
+
+def _chunks(n: int, row_bytes: int, block: int):
+    rows = max(block, (GRAD_CHUNK_BYTES // max(1, row_bytes)) // block * block)
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
 
 def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
@@ -588,62 +620,70 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
             inv_shared, inv_rowneg, row_cos):
     """Gradients of sum_{l,i} g[l, i] * loss^l_i w.r.t. rows, cands, shared_neg and row_neg
     (g fp32 [L, M]: upstream gradient times level weight). Returns tensors in the inputs' dtypes
-    (None for absent inputs)."""
+    (None for absent inputs). Deterministic: every gradient row is written by one program."""
     M, D = rows.shape
     N = cands.shape[0]
     dev = rows.device
     bm, bn, bd = _blocks(D)
     dot = dot_code(rows.dtype)
+    # The gradient MMA multiplies fp32 coefficients P a b, which are tiny at large B (P ~ p / (B tau)):
+    # fp16 operands would flush them to zero, so fp16 inputs run that MMA in tf32 (8-bit exponent; the
+    # fp16 operand is exact in tf32). bf16 has the exponent range already.
+    grad_dot = _DOT_TF32 if dot == DOT_FP16 else dot
     f32 = dict(dtype=torch.float32, device=dev)
     K = row_neg.shape[1] if row_neg is not None else 0
     S = shared_neg.shape[0] if shared_neg is not None else 0
-    g_rows = torch.zeros(M, D, **f32)
-    g_cands = torch.zeros(N, D, **f32)
-    g_shared = torch.zeros(S, D, **f32) if shared_neg is not None else None
-    g_rowneg = torch.zeros(M, K, D, **f32) if row_neg is not None else None
+    d_rows = torch.empty_like(rows)
+    d_cands = torch.empty_like(cands)
+    d_shared = torch.empty_like(shared_neg) if shared_neg is not None else None
+    d_rowneg = torch.empty_like(row_neg) if row_neg is not None else None
     has_a, has_b = ids_a_r is not None, ids_b_r is not None
-    dummy = inv_rows
-    common = dict(BLOCK_D=bd, DOT=dot)
-    for gi, grp in enumerate(_groups(dims)):
-        sl = slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp))
-        d3 = _pad3(grp)
-        Lg = len(grp)
-        lse_g, g_g = lse[sl].contiguous(), g[sl].contiguous()
-        ir, ic = inv_rows[sl].contiguous(), inv_cands[sl].contiguous()
-        r_rows = torch.zeros(Lg, M, **f32)
+    ids = (ids_a_r if has_a else inv_rows, ids_b_r if has_b else inv_rows,
+           ids_a_c if has_a else inv_rows, ids_b_c if has_b else inv_rows)
+    no_ids = (inv_rows,) * 4
+    groups = [(slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp)), grp) for gi, grp in enumerate(_groups(dims))]
+    per_group = [(sl, grp, lse[sl].contiguous(), g[sl].contiguous(), inv_rows[sl].contiguous(),
+                  inv_cands[sl].contiguous(), inv_shared[sl].contiguous() if S else None) for sl, grp in groups]
+
+    def launch(own, oth, inv_own, inv_oth, n_oth, start, end, lse_g, g_g, idp, has_ids, diag, gbuf, rbuf,
+               grp, owner_is_row, finalize):
+        _bwd_kernel[(triton.cdiv(end - start, bm),)](
+            own, oth, own.stride(0), oth.stride(0), inv_own, inv_oth, own.shape[0], n_oth, M, start, end,
+            lse_g, g_g, inv_temp, *idp, diag_offset, gbuf, rbuf, D, *_pad3(grp),
+            OWNER_IS_ROW=owner_is_row, NUM_LEVELS=len(grp), HAS_IDS_A=has_ids and has_a,
+            HAS_IDS_B=has_ids and has_b, HAS_DIAG=diag, FINALIZE=finalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            DOT=dot, GRAD_DOT=grad_dot, num_warps=_NUM_WARPS)
+
+    # Query rows (with their own negatives): against target tiles, then shared-negative tiles.
+    for r0, r1 in _chunks(M, D * 4 * (1 + K), bm):
+        gbuf = torch.zeros(r1 - r0, D, **f32)
+        dneg = torch.zeros(r1 - r0, K, D, **f32) if K else None
+        for sl, grp, lse_g, g_g, ir, ic, isn in per_group:
+            rbuf = torch.zeros(len(grp), r1 - r0, **f32)
+            if K:
+                _row_negative_bwd_kernel[(triton.cdiv(r1 - r0, bm),)](
+                    rows, row_neg, rows.stride(0), ir, inv_rowneg[sl].contiguous(), row_cos[sl].contiguous(),
+                    lse_g, g_g, inv_temp, gbuf, rbuf, dneg, r0, r1, M, K, D, *_pad3(grp),
+                    NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+            launch(rows, cands, ir, ic, N, r0, r1, lse_g, g_g, ids, True, True, gbuf, rbuf, grp, True, S == 0)
+            if S:
+                launch(rows, shared_neg, ir, isn, S, r0, r1, lse_g, g_g, no_ids, False, False, gbuf, rbuf, grp,
+                       True, True)
+        d_rows[r0:r1] = gbuf
         if K:
-            _row_negative_bwd_kernel[(triton.cdiv(M, bm),)](
-                rows, row_neg, rows.stride(0), ir, inv_rowneg[sl].contiguous(), row_cos[sl].contiguous(),
-                lse_g, g_g, inv_temp, g_rows, r_rows, g_rowneg, M, K, D, *d3,
-                NUM_LEVELS=Lg, BLOCK_M=bm, BLOCK_D=bd)
-        has_shared = S > 0
-        # Rows against target tiles (then shared-negative tiles); rows finalize after the last.
-        _bwd_kernel[(triton.cdiv(M, bm),)](
-            rows, cands, rows.stride(0), cands.stride(0), ir, ic, M, N, M, N, lse_g, g_g, inv_temp,
-            ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
-            ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset, g_rows, r_rows, D, *d3,
-            OWNER_IS_ROW=True, NUM_LEVELS=Lg, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
-            FINALIZE=not has_shared, BLOCK_M=bm, BLOCK_N=bn, **common)
-        if has_shared:
-            isn = inv_shared[sl].contiguous()
-            _bwd_kernel[(triton.cdiv(M, bm),)](
-                rows, shared_neg, rows.stride(0), shared_neg.stride(0), ir, isn, M, S, M, S, lse_g, g_g,
-                inv_temp, dummy, dummy, dummy, dummy, 0, g_rows, r_rows, D, *d3,
-                OWNER_IS_ROW=True, NUM_LEVELS=Lg, HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
-                FINALIZE=True, BLOCK_M=bm, BLOCK_N=bn, **common)
-            _bwd_kernel[(triton.cdiv(S, bm),)](
-                shared_neg, rows, shared_neg.stride(0), rows.stride(0), isn, ir, S, M, M, S, lse_g, g_g,
-                inv_temp, dummy, dummy, dummy, dummy, 0, g_shared, torch.zeros(Lg, S, **f32), D, *d3,
-                OWNER_IS_ROW=False, NUM_LEVELS=Lg, HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
-                FINALIZE=True, BLOCK_M=bm, BLOCK_N=bn, **common)
-        # Candidates (targets) against row tiles.
-        _bwd_kernel[(triton.cdiv(N, bm),)](
-            cands, rows, cands.stride(0), rows.stride(0), ic, ir, N, M, M, N, lse_g, g_g, inv_temp,
-            ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
-            ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset, g_cands,
-            torch.zeros(Lg, N, **f32), D, *d3,
-            OWNER_IS_ROW=False, NUM_LEVELS=Lg, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
-            FINALIZE=True, BLOCK_M=bm, BLOCK_N=bn, **common)
-    return (g_rows.to(rows.dtype), g_cands.to(cands.dtype),
-            g_shared.to(shared_neg.dtype) if g_shared is not None else None,
-            g_rowneg.to(row_neg.dtype) if g_rowneg is not None else None)
+            d_rowneg[r0:r1] = dneg
+    # Targets against query-row tiles.
+    for c0, c1 in _chunks(N, D * 4, bm):
+        gbuf = torch.zeros(c1 - c0, D, **f32)
+        for sl, grp, lse_g, g_g, ir, ic, isn in per_group:
+            launch(cands, rows, ic, ir, M, c0, c1, lse_g, g_g, ids, True, True, gbuf,
+                   torch.zeros(len(grp), c1 - c0, **f32), grp, False, True)
+        d_cands[c0:c1] = gbuf
+    # Shared negatives against query-row tiles (never masked, never positive).
+    for c0, c1 in _chunks(S, D * 4, bm):
+        gbuf = torch.zeros(c1 - c0, D, **f32)
+        for sl, grp, lse_g, g_g, ir, ic, isn in per_group:
+            launch(shared_neg, rows, isn, ir, M, c0, c1, lse_g, g_g, no_ids, False, False, gbuf,
+                   torch.zeros(len(grp), c1 - c0, **f32), grp, False, True)
+        d_shared[c0:c1] = gbuf
+    return d_rows, d_cands, d_shared, d_rowneg

@@ -160,31 +160,32 @@ def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, n, diag_offset, device):
-    """[r1 - r0, n] bool: candidate j dropped from row i (ids match and j is not i's positive)."""
-    drop = torch.zeros(r1 - r0, n, dtype=torch.bool, device=device)
+def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, diag_offset):
+    """[r1 - r0, N] bool: candidate j dropped from row i (ids match and j is not i's positive)."""
+    drop = None
     if ids_a_r is not None:
-        drop |= ids_a_r[r0:r1, None] == ids_a_c[None, :]
+        drop = ids_a_r[r0:r1, None] == ids_a_c[None, :]
     if ids_b_r is not None:
-        drop |= ids_b_r[r0:r1, None] == ids_b_c[None, :]
-    rows = torch.arange(r0, r1, device=device) + diag_offset
-    drop[torch.arange(r1 - r0, device=device), rows] = False
+        same_b = ids_b_r[r0:r1, None] == ids_b_c[None, :]
+        drop = same_b if drop is None else drop | same_b
+    if drop is not None:
+        drop.diagonal(r0 + diag_offset).fill_(False)
     return drop
 
 
-def _nce_chunk(r0, r1, diag_offset, temperature, ids, rows_n, cands_n, shared_n, row_neg_n):
+def _nce_chunk(r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n):
     """Per-row loss of rows [r0, r1) at one level (normalized inputs), in the accumulation dtype."""
     acc = _acc_dtype(cands_n.dtype)
-    rn = rows_n[r0:r1]
-    logits = (rn @ cands_n.t()).to(acc) / temperature
-    pos = logits[torch.arange(r1 - r0, device=rn.device), torch.arange(r0, r1, device=rn.device) + diag_offset]
-    drop = _nce_pair_mask(*ids, r0, r1, cands_n.shape[0], diag_offset, rn.device)
-    parts = [logits.masked_fill(drop, float("-inf"))]
+    rn = rows_n[r0:r1] * inv_temp  # scaling the [chunk, d] rows is cheaper than the [chunk, N] logits
+    logits = (rn @ cands_n.t()).to(acc)
+    pos = logits.diagonal(r0 + diag_offset)
+    drop = _nce_pair_mask(*ids, r0, r1, diag_offset)
+    parts = [logits if drop is None else logits.masked_fill(drop, float("-inf"))]
     if shared_n is not None:
-        parts.append((rn @ shared_n.t()).to(acc) / temperature)
+        parts.append((rn @ shared_n.t()).to(acc))
     if row_neg_n is not None:
-        parts.append(torch.einsum("md,mkd->mk", rn, row_neg_n[r0:r1]).to(acc) / temperature)
-    return torch.logsumexp(torch.cat(parts, dim=1), dim=1) - pos
+        parts.append(torch.einsum("md,mkd->mk", rn, row_neg_n[r0:r1]).to(acc))
+    return torch.logsumexp(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), dim=1) - pos
 
 
 def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None,
@@ -203,6 +204,7 @@ def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Ten
         (row_neg.shape[1] if row_neg is not None else 0)
     chunk = chunk_rows or max(1, min(M, _NCE_CHUNK_ELEMENTS // max(1, N)))
     ids = (ids_a_r, ids_b_r, ids_a_c, ids_b_c)
+    inv_temp = 1.0 / temperature
     total = None
     for d, w in zip(dims, weights):
         rows_n = F.normalize(rows[:, :d], dim=-1)
@@ -213,10 +215,10 @@ def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Ten
         for r0 in range(0, M, chunk):
             r1 = min(M, r0 + chunk)
             if torch.is_grad_enabled():
-                per_row.append(checkpoint(_nce_chunk, r0, r1, diag_offset, temperature, ids, rows_n, cands_n,
+                per_row.append(checkpoint(_nce_chunk, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n,
                                           shared_n, row_neg_n, use_reentrant=False))
             else:
-                per_row.append(_nce_chunk(r0, r1, diag_offset, temperature, ids, rows_n, cands_n, shared_n,
+                per_row.append(_nce_chunk(r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n,
                                           row_neg_n))
         level = torch.cat(per_row) * w
         total = level if total is None else total + level

@@ -1,0 +1,153 @@
+"""nce_loss: the tiled Triton kernel against the naive torch loss (materialized [B, B] logits +
+cross_entropy, one separate loss per MRL level), a chunked torch loss (embedkit's reference: row
+chunks under activation checkpointing) and the inf-cl package (when installed).
+
+Reported per case: forward+backward time, FLOP rate of the 8 * B^2 * D convention (forward 2 B^2 D,
+backward recompute 2 B^2 D + two gradient matmuls 4 B^2 D) and its fraction of the matmul rate measured
+in the same run, peak memory above the inputs (and the "extra" memory beyond the inputs' gradients),
+the speedup over the naive loss, and the cost of 3 MRL levels over 1 level for every implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import embedkit
+
+from .harness import BenchRun
+
+OP = "nce_loss"
+TEMPERATURE = 0.05
+
+
+def _levels(D: int, n: int) -> tuple[int, ...] | None:
+    if n == 1:
+        return None
+    return (D // 4, D // 2, D) if D >= 3072 else tuple(D * (i + 1) // n for i in range(n))
+
+
+def _naive(q, t, dims):
+    """What a user writes: per level, normalize, materialize the logits, cross_entropy."""
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = 0.0
+    for d in dims or (q.shape[1],):
+        logits = F.normalize(q[:, :d], dim=-1) @ F.normalize(t[:, :d], dim=-1).t() / TEMPERATURE
+        loss = loss + F.cross_entropy(logits.float(), labels)
+    return loss
+
+
+def _inf_cl():
+    try:
+        from inf_cl import cal_inf_loss  # noqa: F401
+    except Exception as exc:  # not installed (or no CUDA build): say so in the record
+        return None, repr(exc)
+    return cal_inf_loss, None
+
+
+def _inf_cl_loss(fn, q, t, dims):
+    loss = 0.0
+    for d in dims or (q.shape[1],):
+        loss = loss + fn(F.normalize(q[:, :d], dim=-1), F.normalize(t[:, :d], dim=-1), scale=1.0 / TEMPERATURE)
+    return loss
+
+
+def _naive_bytes(B: int, D: int, levels: int, elem: int) -> int:
+    # per level alive until backward: low-precision logits, fp32 copy, softmax/grad buffers
+    return levels * B * B * (elem + 4 + 4) + 4 * B * D * elem
+
+
+def run(bench: BenchRun) -> None:
+    dev = bench.device
+    if bench.on_gpu:
+        dtype = torch.bfloat16
+        batches = [4096, 16384] if bench.quick else [4096, 16384, 65536, 262144]
+        dims = [768, 3072]
+        impls = ["triton", "torch-naive", "torch-chunked", "inf-cl"]
+        free = torch.cuda.mem_get_info(dev)[0]
+    else:
+        dtype = torch.float32
+        batches = [512] if bench.quick else [1024, 2048]
+        dims = [256]
+        impls = ["reference", "torch-naive"]
+        free = None
+        bench.note("nce_loss on CPU: the tiled reference (chunked torch) and the naive loss only; the Triton "
+                   "kernel's time and memory, and the H100 targets, need a GPU")
+    inf_fn, inf_err = _inf_cl() if "inf-cl" in impls else (None, None)
+    if "inf-cl" in impls and inf_fn is None:
+        bench.note(f"inf-cl is not installed or does not import ({inf_err}): not measured")
+    gen = torch.Generator().manual_seed(0)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    for D in dims:
+        for B in batches:
+            q0 = torch.randn(B, D, generator=gen).to(dev, dtype)
+            t0 = (q0.float() + torch.randn(B, D, generator=gen).to(dev)).to(dtype)
+            q = q0.requires_grad_()
+            t = t0.requires_grad_()
+            grads_bytes = 2 * B * D * elem
+            per_impl: dict[str, dict[int, float]] = {}
+            for levels in (1, 3):
+                mrl = _levels(D, levels)
+                case = {"B": B, "D": D, "levels": levels, "dtype": str(dtype)[6:]}
+                naive_ms = None
+                for impl in impls:
+                    if impl == "torch-naive" and free is not None and _naive_bytes(B, D, levels, elem) > 0.8 * free:
+                        bench.note(f"torch-naive skipped at B={B} D={D} levels={levels}: needs about "
+                                   f"{_naive_bytes(B, D, levels, elem) / 2**30:.0f} GiB (the [B, B] logits)")
+                        continue
+                    if impl == "torch-chunked" and B > 65536:
+                        bench.note(f"torch-chunked skipped at B={B}: minutes per call")
+                        continue
+                    if impl == "inf-cl" and inf_fn is None:
+                        continue
+
+                    if impl in ("triton", "reference", "torch-chunked"):
+                        backend = "reference" if impl == "torch-chunked" else impl
+
+                        def loss_fn(backend=backend, mrl=mrl):
+                            with embedkit.use_backend(backend):
+                                return embedkit.nce_loss(q, t, temperature=TEMPERATURE, mrl_dims=mrl)
+                    elif impl == "torch-naive":
+                        def loss_fn(mrl=mrl):
+                            return _naive(q, t, mrl)
+                    else:
+                        def loss_fn(mrl=mrl):
+                            return _inf_cl_loss(inf_fn, q, t, mrl)
+
+                    def fwd_bwd(loss_fn=loss_fn):
+                        loss_fn().backward()
+                        q.grad = t.grad = None
+
+                    try:
+                        ms = bench.time_ms(fwd_bwd)
+                        peak = bench.peak_memory_bytes(fwd_bwd)
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        bench.note(f"{impl} ran out of memory at B={B} D={D} levels={levels}")
+                        continue
+                    extra = {}
+                    if peak is not None:
+                        extra = {"peak_mb": peak / 2**20, "extra_mb": max(0, peak - grads_bytes) / 2**20}
+                    if impl == "torch-naive":
+                        naive_ms = ms
+                    per_impl.setdefault(impl, {})[levels] = ms
+                    bench.record(OP, case, impl, ms=ms, flops=8.0 * B * B * D, **extra)
+                # Speedups over the naive loss, same case, same run.
+                if naive_ms is not None:
+                    for rec in bench.records:
+                        if rec["op"] == OP and rec["case"] == case:
+                            rec["speedup"] = naive_ms / rec["ms"]
+            for impl, by_levels in per_impl.items():
+                if 1 in by_levels and 3 in by_levels:
+                    ratio = by_levels[3] / by_levels[1]
+                    for rec in bench.records:
+                        if rec["op"] == OP and rec["impl"] == impl and rec["case"]["B"] == B and \
+                                rec["case"]["D"] == D and rec["case"]["levels"] == 3:
+                            rec["levels3_over_1"] = ratio
+                    bench.note(f"{impl} B={B} D={D}: 3 MRL levels cost {ratio:.2f}x one level")
+            del q, t, q0, t0
+            if bench.on_gpu:
+                torch.cuda.empty_cache()
+    if bench.on_gpu:
+        bench.note("targets (H100, B=65536, D=3072, bf16, fwd+bwd): extra_mb <= 256; frac_matmul >= 1/1.4 = 0.71 "
+                   "of the 8 B^2 D convention; speedup >= 2 over torch-naive at B=16384; levels3_over_1 <= 1.15 "
+                   "for triton (>= 1.75 for the separate per-level losses)")

@@ -1,0 +1,577 @@
+"""nce_loss: the triton (interpreter) and reference backends against a float64 MATERIALIZED loss written
+here (values and every gradient, temperature included), masking edge cases, bad inputs, the tiled
+reference's memory, and torch.distributed (gloo, 2 and 4 spawned CPU processes)."""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import embedkit
+from embedkit.ops import reference
+from numerics import assert_by_rule
+
+from conftest import DEVICE
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_BACKENDS = [b for b in ("triton", "native") if b in embedkit.available_backends("nce_loss")]
+
+
+# ---- the oracle: the plain materialized loss, straight from the design text ---------------------------
+
+def dense_nce(q, t, neg=None, temperature=0.05, query_ids=None, target_ids=None, symmetric=False,
+              shared_negatives=False, mrl_dims=None, mrl_weights=None, reduction="mean"):
+    B, D = q.shape
+    dims = list(mrl_dims) if mrl_dims is not None else [D]
+    weights = list(mrl_weights) if mrl_weights is not None else [1.0] * len(dims)
+    drop = torch.zeros(B, B, dtype=torch.bool, device=q.device)
+    if query_ids is not None:
+        drop |= query_ids[:, None] == query_ids[None, :]
+    if target_ids is not None:
+        drop |= target_ids[:, None] == target_ids[None, :]
+    drop.fill_diagonal_(False)
+    K = neg.shape[1] if neg is not None else 0
+    shared = neg.reshape(B * K, D) if (neg is not None and shared_negatives) else None
+    own = neg if (neg is not None and not shared_negatives) else None
+
+    def direction(rows, cands, own_neg, shared_neg):
+        total = 0
+        for d, w in zip(dims, weights):
+            r = F.normalize(rows[:, :d], dim=-1)
+            logits = r @ F.normalize(cands[:, :d], dim=-1).T / temperature
+            parts = [logits.masked_fill(drop, float("-inf"))]
+            if shared_neg is not None:
+                parts.append(r @ F.normalize(shared_neg[:, :d], dim=-1).T / temperature)
+            if own_neg is not None:
+                parts.append(torch.einsum("bd,bkd->bk", r, F.normalize(own_neg[..., :d], dim=-1)) / temperature)
+            total = total + w * (torch.logsumexp(torch.cat(parts, 1), 1) - logits.diagonal())
+        return total
+
+    loss = direction(q, t, own, shared)
+    if symmetric:
+        loss = (loss + direction(t, q, None, None)) / 2
+    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+
+
+def _ids(kind, B, g):
+    if kind == "none":
+        return None, None
+    if kind == "dups":  # a few duplicate queries and same-label targets
+        qid = torch.arange(B)
+        tid = torch.arange(B) + 1000
+        n = max(1, B // 5)
+        qid[torch.randint(0, B, (n,), generator=g)] = qid[torch.randint(0, B, (n,), generator=g)]
+        tid[torch.randint(0, B, (n,), generator=g)] = 7
+        return qid.to(DEVICE), tid.to(DEVICE)
+    return torch.zeros(B, dtype=torch.int64, device=DEVICE), None  # all rows one label
+
+
+def _case(B, D, K, ids, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=g, dtype=torch.float64)
+    t = q + torch.randn(B, D, generator=g, dtype=torch.float64)  # correlated pairs: a non-trivial loss
+    neg = torch.randn(B, K, D, generator=g, dtype=torch.float64) if K else None
+    qid, tid = _ids(ids, B, g)
+    return q.to(DEVICE), t.to(DEVICE), (neg.to(DEVICE) if neg is not None else None), qid, tid
+
+
+def check(backend, dtype, B, D, K, *, ids="none", tensor_temp=False, temperature=0.07, symmetric=False,
+          shared=False, mrl_dims=None, mrl_weights=None, reduction="mean", seed=0):
+    q, t, neg, qid, tid = _case(B, D, K, ids, seed)
+    kw = dict(query_ids=qid, target_ids=tid, symmetric=symmetric, shared_negatives=shared, mrl_dims=mrl_dims,
+              mrl_weights=mrl_weights, reduction=reduction)
+
+    def leaves(dt):
+        xs = [q.to(dt).requires_grad_(), t.to(dt).requires_grad_()]
+        xs.append(neg.to(dt).requires_grad_() if neg is not None else None)
+        temp = torch.tensor(temperature, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                            device=DEVICE, requires_grad=True) if tensor_temp else temperature
+        return xs, temp
+
+    def diff(out, xs, temp, go):
+        ins = [x for x in xs if x is not None] + ([temp] if tensor_temp else [])
+        return torch.autograd.grad(out, ins, go.to(out.dtype))
+
+    xs, temp = leaves(torch.float64)
+    oracle = dense_nce(xs[0], xs[1], xs[2], temperature=temp, **kw)
+    go = torch.randn(oracle.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    oracle_g = diff(oracle, xs, temp, go)
+    xs, temp = leaves(dtype)
+    lowp = dense_nce(xs[0], xs[1], xs[2], temperature=temp, **kw).float()
+    lowp_g = diff(lowp, xs, temp, go)
+    xs, temp = leaves(dtype)
+    with embedkit.use_backend(backend):
+        actual = embedkit.nce_loss(xs[0], xs[1], negatives=xs[2], temperature=temp, **kw)
+    assert actual.shape == oracle.shape
+    assert actual.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    actual_g = diff(actual, xs, temp, go)
+    names = ["d_query", "d_target"] + (["d_negatives"] if neg is not None else []) + \
+        (["d_temperature"] if tensor_temp else [])
+    # Slack scales with the size of what is compared (the temperature's gradient is O(1 / tau^2)).
+    slack = (1e-5 if dtype in (torch.float32, torch.float64) else 2e-3)
+    assert_by_rule("loss", actual, oracle, lowp, atol=slack * max(1.0, oracle.abs().max().item()))
+    for name, a, o, lo in zip(names, actual_g, oracle_g, lowp_g):
+        assert torch.isfinite(a).all(), name
+        assert_by_rule(name, a, o, lo, factor=3.0, atol=slack * max(1.0, o.abs().max().item()))
+
+
+def _dims_for(D, levels):
+    """Up to `levels` increasing prefixes ending at D (not aligned to any block)."""
+    if levels == 1 or D < 4:
+        return None if levels == 1 else [D]
+    cuts = sorted({max(1, D * (i + 1) // levels - (i % 2)) for i in range(levels - 1)} | {D})
+    return cuts
+
+
+# ---- kernel backends (interpreter on CPU): small shapes ------------------------------------------------
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_kernel_fixed_case(backend, dtype):
+    # B not a multiple of the tile, 3 unaligned levels, own negatives, duplicates, learnable temperature.
+    check(backend, dtype, 37, 72, 2, ids="dups", tensor_temp=True, mrl_dims=[16, 40, 72],
+          mrl_weights=[1.0, 0.5, 2.0])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_symmetric_shared_negatives_more_than_three_levels(backend):
+    # 4 levels run as two kernel groups; shared negatives are extra candidate tiles in both directions.
+    check(backend, torch.float32, 21, 64, 3, ids="dups", tensor_temp=True, symmetric=True, shared=True,
+          mrl_dims=[8, 24, 40, 64], reduction="sum")
+
+
+# Half the profile's examples (each runs 3 implementations x forward + backward); "thorough" still scales up.
+_HALF = settings(max_examples=max(8, settings.default.max_examples // 2))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@_HALF
+@given(B=st.integers(1, 40).filter(lambda b: b % 16 != 0), D=st.sampled_from([8, 24, 40, 96]),
+       K=st.integers(0, 4), ids=st.sampled_from(["none", "dups", "one_label"]), tensor_temp=st.booleans(),
+       symmetric=st.booleans(), shared=st.booleans(), levels=st.integers(1, 3),
+       reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 2 ** 16))
+def test_kernel_matches_dense_oracle(backend, B, D, K, ids, tensor_temp, symmetric, shared, levels, reduction,
+                                     seed):
+    check(backend, torch.float32, B, D, K, ids=ids, tensor_temp=tensor_temp, temperature=0.05 + seed % 7 * 0.1,
+          symmetric=symmetric, shared=shared, mrl_dims=_dims_for(D, levels), reduction=reduction, seed=seed)
+
+
+# ---- the reference backend (tiled pure torch): bigger shapes -------------------------------------------
+
+@_HALF
+@given(B=st.integers(1, 300), D=st.sampled_from([8, 64, 200, 768]), K=st.integers(0, 4),
+       ids=st.sampled_from(["none", "dups", "one_label"]), tensor_temp=st.booleans(), symmetric=st.booleans(),
+       shared=st.booleans(), levels=st.integers(1, 4), reduction=st.sampled_from(["mean", "sum", "none"]),
+       seed=st.integers(0, 2 ** 16))
+def test_reference_matches_dense_oracle(B, D, K, ids, tensor_temp, symmetric, shared, levels, reduction, seed):
+    check("reference", torch.float32, B, D, K, ids=ids, tensor_temp=tensor_temp, symmetric=symmetric,
+          shared=shared, mrl_dims=_dims_for(D, levels), reduction=reduction, seed=seed)
+
+
+def test_reference_mrl_3072_and_small_chunks():
+    check("reference", torch.float32, 5, 3072, 2, ids="dups", tensor_temp=True, symmetric=True,
+          mrl_dims=[768, 1536, 3072])
+    # Chunks of 7 rows (B = 50): the chunked loss is the same loss.
+    q, t, neg, qid, tid = _case(50, 32, 2, "dups", 3)
+    whole = reference.nce_direction(q, t, None, neg, qid, tid, qid, tid, 0, 0.1, (16, 32), (1.0, 1.0))
+    chunked = reference.nce_direction(q, t, None, neg, qid, tid, qid, tid, 0, 0.1, (16, 32), (1.0, 1.0),
+                                      chunk_rows=7)
+    torch.testing.assert_close(chunked, whole)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backward_in_owner_chunks(backend, monkeypatch):
+    """The backward's fp32 accumulators cover one chunk of owner rows at a time (bounded extra memory):
+    with one row block per chunk, rows, targets, own and shared negatives all span several chunks."""
+    from tritonkernels import nce as kernels
+
+    monkeypatch.setattr(kernels, "GRAD_CHUNK_BYTES", 1)
+    check(backend, torch.float32, 37, 24, 2, ids="dups", tensor_temp=True, mrl_dims=[8, 24])
+    check(backend, torch.float32, 21, 24, 2, ids="dups", symmetric=True, shared=True, mrl_dims=[8, 16, 24])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_fp16_gradient_keeps_tiny_coefficients(backend):
+    """At large B the backward's coefficients P a b are tiny (P ~ p / (B tau)); as fp16 operands they
+    would lose their precision or flush to zero. Inputs of norm ~500 (a b ~ 4e-6) reproduce that regime at
+    a small B: the fp16 kernel's gradients stay within 1% of the fp64 oracle."""
+    q, t, neg, qid, tid = _case(24, 32, 0, "none", 11)
+    q, t = q * 100, t * 100
+    go = torch.ones(24, dtype=torch.float64, device=DEVICE)
+    x64 = [q.clone().requires_grad_(), t.clone().requires_grad_()]
+    oracle = torch.autograd.grad(dense_nce(*x64, temperature=0.05, reduction="none"), x64, go)
+    x16 = [q.half().requires_grad_(), t.half().requires_grad_()]
+    with embedkit.use_backend(backend):
+        out = embedkit.nce_loss(*x16, temperature=0.05, reduction="none")
+    for a, o in zip(torch.autograd.grad(out, x16, go.float()), oracle):
+        assert (a.double() - o).abs().max() <= 1e-2 * o.abs().max()
+
+
+def test_kernel_triton_d3072_tiny_batch():
+    if "triton" not in KERNEL_BACKENDS:
+        pytest.skip("no triton")
+    check("triton", torch.float32, 3, 3072, 1, ids="none", tensor_temp=True, mrl_dims=[768, 1536, 3072])
+
+
+# ---- semantics --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_row_with_only_its_positive_has_zero_loss(backend):
+    """Every candidate but the positive masked (all rows share one query id, no negatives): each row's
+    loss is exactly 0 and every gradient 0 -- valid, with a learnable temperature, no NaN. (The kernel's
+    backward recomputes the positive's logit in the transposed tile layout, so its gradients are 0 up
+    to the rounding of that recomputation.)"""
+    q, t = torch.randn(9, 16, device=DEVICE), torch.randn(9, 16, device=DEVICE)
+    ids = torch.full((9,), 4, dtype=torch.int64, device=DEVICE)
+    xs = [q.clone().requires_grad_(), t.clone().requires_grad_()]
+    temp = torch.tensor(0.02, device=DEVICE, requires_grad=True)
+    with embedkit.use_backend(backend):
+        loss = embedkit.nce_loss(*xs, temperature=temp, query_ids=ids, symmetric=True, reduction="none",
+                                 mrl_dims=[8, 16])
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for g in torch.autograd.grad(loss.sum(), xs + [temp]):
+        assert torch.isfinite(g).all()
+        assert g.abs().max() <= (0 if backend == "reference" else 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_masking_drops_duplicates_and_equals_removing_them(backend):
+    """Row 0's duplicate (row 1, same query id) is not a candidate of row 0: row 0's loss equals the
+    loss computed without row 1's target in the batch."""
+    g = torch.Generator().manual_seed(5)
+    q, t = torch.randn(6, 24, generator=g).to(DEVICE), torch.randn(6, 24, generator=g).to(DEVICE)
+    qid = torch.tensor([0, 0, 1, 2, 3, 4], device=DEVICE)
+    with embedkit.use_backend(backend):
+        masked = embedkit.nce_loss(q, t, query_ids=qid, reduction="none")
+        without = embedkit.nce_loss(q[[0, 2, 3, 4, 5]], t[[0, 2, 3, 4, 5]], reduction="none")
+    torch.testing.assert_close(masked[0], without[0], rtol=1e-5, atol=1e-5)
+
+
+def test_float_and_tensor_temperature_agree_and_tensor_gets_gradient():
+    q, t = torch.randn(7, 16, device=DEVICE), torch.randn(7, 16, device=DEVICE)
+    temp = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+    a = embedkit.nce_loss(q, t, temperature=0.1)
+    b = embedkit.nce_loss(q, t, temperature=temp)
+    torch.testing.assert_close(a, b)
+    b.backward()
+    assert temp.grad is not None and torch.isfinite(temp.grad)
+
+
+def test_reduction_relations():
+    q, t = torch.randn(11, 16, device=DEVICE), torch.randn(11, 16, device=DEVICE)
+    none = embedkit.nce_loss(q, t, reduction="none", mrl_dims=[8, 16], mrl_weights=[0.5, 1.0])
+    assert none.shape == (11,)
+    torch.testing.assert_close(embedkit.nce_loss(q, t, reduction="sum", mrl_dims=[8, 16], mrl_weights=[0.5, 1.0]),
+                               none.sum())
+    torch.testing.assert_close(embedkit.nce_loss(q, t, mrl_dims=[8, 16], mrl_weights=[0.5, 1.0]), none.mean())
+    lvl8 = embedkit.nce_loss(q[:, :8], t[:, :8], reduction="none")
+    lvl16 = embedkit.nce_loss(q, t, reduction="none")
+    torch.testing.assert_close(none, 0.5 * lvl8 + lvl16)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """The custom ops' fake implementations and autograd registration trace under torch.compile."""
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(20, 32, generator=g).to(DEVICE).requires_grad_(),
+          torch.randn(20, 32, generator=g).to(DEVICE).requires_grad_(),
+          torch.randn(20, 2, 32, generator=g).to(DEVICE).requires_grad_(),
+          torch.tensor(0.1, device=DEVICE, requires_grad=True)]
+    ids = torch.randint(0, 5, (20,), generator=g).to(DEVICE)
+
+    def f(q, t, neg, temp):
+        return embedkit.nce_loss(q, t, negatives=neg, temperature=temp, query_ids=ids, symmetric=True,
+                                 mrl_dims=[16, 32])
+
+    with embedkit.use_backend(backend):
+        eager = f(*xs)
+        eager_g = torch.autograd.grad(eager, xs)
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*xs)
+        compiled_g = torch.autograd.grad(compiled, xs)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_g, eager_g):
+        torch.testing.assert_close(a, b)
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------
+
+def _good():
+    return torch.randn(4, 8), torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(target=torch.randn(5, 8)), ValueError, "target"),
+    (dict(target=torch.randn(4, 9)), ValueError, "target"),
+    (dict(query=torch.randn(4)), ValueError, "query"),
+    (dict(target=torch.randn(4, 8, dtype=torch.float64)), TypeError, "target"),
+    (dict(query=torch.zeros(4, 8, dtype=torch.int64)), TypeError, "query"),
+    (dict(negatives=torch.randn(4, 2, 7)), ValueError, "negatives"),
+    (dict(negatives=torch.randn(3, 2, 8)), ValueError, "negatives"),
+    (dict(negatives=torch.randn(4, 8)), ValueError, "negatives"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=torch.tensor(-0.1)), ValueError, "temperature"),
+    (dict(temperature=torch.tensor([0.1])), ValueError, "temperature"),
+    (dict(temperature="0.1"), TypeError, "temperature"),
+    (dict(mrl_dims=[8, 4]), ValueError, "mrl_dims"),
+    (dict(mrl_dims=[4, 4]), ValueError, "mrl_dims"),
+    (dict(mrl_dims=[4, 16]), ValueError, "mrl_dims"),
+    (dict(mrl_dims=[0, 8]), ValueError, "mrl_dims"),
+    (dict(mrl_dims=8), TypeError, "mrl_dims"),
+    (dict(mrl_dims=[4, 8], mrl_weights=[1.0]), ValueError, "mrl_weights"),
+    (dict(query_ids=torch.zeros(4, dtype=torch.int32)), TypeError, "query_ids"),
+    (dict(query_ids=torch.zeros(5, dtype=torch.int64)), ValueError, "query_ids"),
+    (dict(target_ids=torch.zeros(4, 1, dtype=torch.int64)), ValueError, "target_ids"),
+    (dict(target_ids=[0, 1, 2, 3]), TypeError, "target_ids"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(symmetric=1), TypeError, "symmetric"),
+])
+def test_bad_inputs(backend, kwargs, exc, words):
+    q, t = _good()
+    args = dict(query=q, target=t)
+    args.update(kwargs)
+    with embedkit.use_backend(backend), pytest.raises(exc, match=words):
+        embedkit.nce_loss(args.pop("query"), args.pop("target"), **args)
+
+
+def test_float64_on_kernel_backend_is_a_clear_error():
+    for backend in KERNEL_BACKENDS:
+        with embedkit.use_backend(backend), pytest.raises(TypeError, match="reference"):
+            embedkit.nce_loss(torch.randn(4, 8, dtype=torch.float64, device=DEVICE),
+                              torch.randn(4, 8, dtype=torch.float64, device=DEVICE))
+
+
+# ---- the reference is tiled: no [B, B] buffer, memory linear in B --------------------------------------
+
+def test_reference_never_allocates_b_by_b_at_b32768():
+    """B = 32768, D = 64, forward + backward through the reference, on the meta device (shapes only, so it
+    is fast): every tensor any op creates -- checkpoint recomputation and backward included -- is
+    recorded; none comes near B x B (the largest is one [chunk, B] logit block)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_flatten(out)[0]:
+                if isinstance(x, torch.Tensor):
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    B = 32768
+    q = torch.randn(B, 64, device="meta", requires_grad=True)
+    t = torch.randn(B, 64, device="meta", requires_grad=True)
+    ids = torch.zeros(B, dtype=torch.int64, device="meta")
+    with LargestTensor() as mode:
+        with embedkit.use_backend("reference"):
+            loss = embedkit.nce_loss(q, t, query_ids=ids, temperature=0.05)
+        loss.backward()
+    assert q.grad.shape == (B, 64) and t.grad.shape == (B, 64)
+    assert mode.largest <= reference._NCE_CHUNK_ELEMENTS < B * B // 64, mode.largest
+
+
+_MEMORY_SCRIPT = r"""
+import resource, sys, torch
+import embedkit
+from embedkit.ops import reference
+torch.set_num_threads(1)
+reference._NCE_CHUNK_ELEMENTS = 1 << 16  # small chunks: a [B, B] buffer would dwarf them
+def run(B):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 64, generator=g).requires_grad_()
+    t = torch.randn(B, 64, generator=g).requires_grad_()
+    ids = torch.randint(0, B // 2, (B,), generator=g)
+    with embedkit.use_backend("reference"):
+        loss = embedkit.nce_loss(q, t, query_ids=ids, mrl_dims=[32, 64])
+    loss.backward()
+run(64)  # warm-up: lazy imports and thread pools are not the loss's memory
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for B in map(int, sys.argv[1:]):
+    run(B)
+    print(B, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_reference_peak_memory_is_linear_in_batch():
+    """Real CPU peak (ru_maxrss of a fresh process; MALLOC_MMAP_THRESHOLD_ makes freed blocks leave the
+    resident set, so the peak is the live peak) over forward + backward at B = 1024 then 4096: the growth
+    stays O(B * D), far below one [B, B] fp32 buffer (64 MiB at B = 4096)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _MEMORY_SCRIPT, "1024", "4096"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown = {int(b): int(n) for b, n in (line.split() for line in out.stdout.split("\n") if line.strip())}
+    for B, n in grown.items():
+        assert n < B * B * 4 // 2, f"B={B}: peak grew by {n / 2**20:.1f} MiB; [B, B] fp32 is {B * B * 4 / 2**20:.0f} MiB"
+    # 4x the rows: the growth is that of O(B) tensors (inputs' copies, gradients), not 16x.
+    assert grown[4096] < 8 * max(grown[1024], 1 << 20) + (8 << 20), grown
+
+
+# ---- torch.distributed: gloo, spawned CPU processes ----------------------------------------------------
+
+def _spawn(world, backends, cases_path, out_dir, timeout=240):
+    import torch.multiprocessing as mp
+
+    from nce_dist_worker import free_port, worker
+
+    port = free_port()
+    ctx = mp.start_processes(worker, args=(world, port, backends, cases_path, out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.time())):
+            if time.time() > deadline:
+                raise TimeoutError(f"distributed workers did not finish in {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _dist_cases(world):
+    B = 5  # rows per rank
+    g = torch.Generator().manual_seed(world)
+    cases = []
+    for i, (K, shared, sym, ids, levels, red, ttemp) in enumerate([
+            (2, False, False, "dups", [8, 16, 24], "mean", True),
+            (2, True, True, "dups", [24], "sum", True),
+            (0, False, True, "one_label", [12, 24], "none", False)]):
+        n = world * B
+        q = torch.randn(n, 24, generator=g, dtype=torch.float64)
+        t = q + torch.randn(n, 24, generator=g, dtype=torch.float64)
+        neg = torch.randn(n, K, 24, generator=g, dtype=torch.float64) if K else None
+        qid = tid = None
+        if ids == "dups":
+            qid = torch.randint(0, n // 2, (n,), generator=g)
+            tid = torch.randint(0, n, (n,), generator=g)
+        elif ids == "one_label":
+            tid = torch.zeros(n, dtype=torch.int64)
+        cases.append(dict(q=q, t=t, neg=neg, qid=qid, tid=tid, shared=shared, symmetric=sym, dims=levels,
+                          reduction=red, tensor_temp=ttemp, go=torch.randn(n, generator=g, dtype=torch.float64)))
+    return cases
+
+
+def _single_process(c):
+    """Loss and gradients of the concatenated batch (float64, dense oracle)."""
+    xs = [c["q"].clone().requires_grad_(), c["t"].clone().requires_grad_()]
+    if c["neg"] is not None:
+        xs.append(c["neg"].clone().requires_grad_())
+    temp = torch.tensor(0.1, dtype=torch.float64, requires_grad=True) if c["tensor_temp"] else 0.1
+    loss = dense_nce(xs[0], xs[1], xs[2] if c["neg"] is not None else None, temperature=temp,
+                     query_ids=c["qid"], target_ids=c["tid"], symmetric=c["symmetric"],
+                     shared_negatives=c["shared"], mrl_dims=c["dims"], reduction=c["reduction"])
+    go = c["go"] if c["reduction"] == "none" else torch.ones((), dtype=torch.float64)
+    ins = xs + ([temp] if c["tensor_temp"] else [])
+    return loss.detach(), torch.autograd.grad(loss, ins, go)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_matches_single_process_on_concatenated_batch(world, tmp_path):
+    # One spawn per world size (process start-up dominates): the reference backend on 4 ranks, the
+    # reference and the Triton kernels (interpreter) on 2.
+    import tritonkernels
+
+    # Workers run on CPU (gloo): the Triton kernels take CPU tensors only under the interpreter.
+    cpu_kernels = ["triton"] if ("triton" in KERNEL_BACKENDS and tritonkernels.INTERPRET) else []
+    backends = ["reference"] + (cpu_kernels if world == 2 else [])
+    cases = _dist_cases(world)
+    cases_path = tmp_path / "cases.pt"
+    torch.save(cases, cases_path)
+    _spawn(world, backends, str(cases_path), str(tmp_path))
+    for backend in backends:
+        _compare_distributed(world, backend, cases, tmp_path)
+
+
+def _compare_distributed(world, backend, cases, tmp_path):
+    results = [torch.load(tmp_path / f"{backend}-rank{r}.pt", weights_only=True) for r in range(world)]
+    tol = dict(rtol=1e-4, atol=1e-5) if backend == "reference" else dict(rtol=2e-4, atol=2e-5)
+    for ci, c in enumerate(cases):
+        loss, grads = _single_process(c)
+        B = c["q"].shape[0] // world
+        losses = [res[ci]["loss"].double() for res in results]
+        if c["reduction"] == "mean":
+            torch.testing.assert_close(torch.stack(losses).mean(), loss, **tol)
+            scale = world  # each rank's gradient = world_size x the global-batch gradient of its rows
+        elif c["reduction"] == "sum":
+            torch.testing.assert_close(torch.stack(losses).sum(), loss, **tol)
+            scale = 1
+        else:
+            torch.testing.assert_close(torch.cat(losses), loss, **tol)
+            scale = 1
+        for r, res in enumerate(results):
+            rows = slice(r * B, (r + 1) * B)
+            for name, gi in (("q", 0), ("t", 1)) + ((("neg", 2),) if c["neg"] is not None else ()):
+                torch.testing.assert_close(res[ci]["d_" + name].double(), scale * grads[gi][rows], **tol,
+                                           msg=lambda m: f"{backend} case {ci} rank {r} d_{name}: {m}")
+        if c["tensor_temp"]:
+            # DDP averages the ranks' temperature gradients: that average is the global gradient.
+            d_temp = torch.stack([res[ci]["d_temp"].double() for res in results]).sum() / scale
+            torch.testing.assert_close(d_temp, grads[-1], **tol)
+
+
+def test_ddp_example_runs():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-m", "embedkit.train.ddp_nce_example", "--world-size", "2",
+                          "--steps", "3", "--cpu"], capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loss" in out.stdout
+
+
+# ---- the kernels compile for a real GPU (no GPU needed: Triton's NVIDIA backend + bundled ptxas) ------
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from tritonkernels import nce as K
+
+EMB = {"x", "y", "neg", "x_own", "y_oth"}
+IDS = {"ids_a_r", "ids_b_r", "ids_a_c", "ids_b_c"}
+INTS = {"stride_x", "stride_y", "stride_own", "stride_oth", "N", "M", "K", "B", "D", "D0", "D1", "D2", "diag_offset",
+        "M_own", "N_oth", "M_rows", "own_start", "own_end", "row_start", "row_end"}
+
+def build(fn, consts, emb="*bf16"):
+    sig = {n: "constexpr" if n in consts else emb if n in EMB else "*i64" if n in IDS else "i32" if n in INTS
+           else "*fp32" for n in fn.arg_names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K._NUM_WARPS})
+    assert ".local" not in k.asm["ptx"], f"{fn.__name__} spills to local memory"
+
+blk = dict(BLOCK_M=64, BLOCK_D=64)
+build(K._prefix_inv_norm_kernel, dict(NUM_LEVELS=3, **blk))
+build(K._row_negative_cos_kernel, dict(NUM_LEVELS=3, **blk))
+build(K._row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk))
+build(K._fwd_kernel, dict(NUM_LEVELS=3, HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True, HAS_ROW_NEG=True, INIT=True,
+                          BLOCK_N=64, DOT=2, **blk))
+for own in (True, False):
+    build(K._bwd_kernel, dict(OWNER_IS_ROW=own, NUM_LEVELS=3, HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True,
+                              FINALIZE=True, BLOCK_N=64, DOT=2, GRAD_DOT=2, **blk))
+build(K._bwd_kernel, dict(OWNER_IS_ROW=True, NUM_LEVELS=1, HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=True,
+                          FINALIZE=True, BLOCK_N=64, DOT=1, GRAD_DOT=3, **blk), emb="*fp16")
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not run Triton's compiler (e.g. it accepts non-constexpr globals): compile the
+    bf16 3-level kernels to sm_90 PTX / cubin here, which needs no GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
