@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 import embedkit
-from embedkit.ops import reference
 
 from .harness import BenchRun
 

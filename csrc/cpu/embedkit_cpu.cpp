@@ -1,8 +1,15 @@
-// The C++ CPU twins of the CUDA functions (libembedkit_cpu). Synchronous, single-threaded, and
-// strict: unlike the CUDA kernels they check cu_seqlens and the mask against each other, since
-// reading host memory costs nothing extra here.
+// The C++ CPU twins of the CUDA functions (libembedkit_cpu). Synchronous and strict: unlike the
+// CUDA kernels they check cu_seqlens and the mask against each other, since reading host memory
+// costs nothing extra here. Sequences are independent, so large calls split the batch over a few
+// threads (at least 8 MiB of data each, at most torch.get_num_threads()).
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "../common.h"
@@ -12,6 +19,7 @@ using embedkit::fail;
 namespace {
 
 thread_local embedkit::ErrorSlot g_error = {{0}};
+std::atomic<int> g_num_threads{0};  // 0 = every usable CPU
 
 // ---- fp16 / bf16 <-> fp32 (round to nearest even), after Maratyszcza's FP16 library -----------
 inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -52,6 +60,37 @@ struct F32 { using T = float; static float load(T x) { return x; } static T stor
 struct F16 { using T = uint16_t; static float load(T x) { return half_to_float(x); } static T store(float x) { return float_to_half(x); } };
 struct BF16 { using T = uint16_t; static float load(T x) { return bf16_to_float(x); } static T store(float x) { return float_to_bf16(x); } };
 
+int usable_cpus() {
+  int cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = std::max(1, CPU_COUNT(&set));
+  const int cap = g_num_threads.load(std::memory_order_relaxed);
+  return cap > 0 ? std::min(cpus, cap) : cpus;
+}
+
+// Runs body(b0, b1) over [0, batch) split into contiguous ranges, one per thread; returns the
+// first nonzero status, whose message is moved into the calling thread's error slot.
+template <class Body>
+int parallel_over_sequences(int64_t batch, int64_t work_bytes, Body body) {
+  const int64_t by_work = std::max<int64_t>(1, work_bytes >> 23);  // >= 8 MiB per thread
+  const int64_t n = std::min<int64_t>({static_cast<int64_t>(usable_cpus()), batch, by_work});
+  if (n <= 1) return body(int64_t(0), batch);
+  std::vector<int> status(static_cast<size_t>(n), EK_OK);
+  std::vector<std::string> message(static_cast<size_t>(n));
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      status[i] = body(batch * i / n, batch * (i + 1) / n);
+      if (status[i] != EK_OK) message[i] = g_error.text;  // g_error is this worker's slot
+    });
+  }
+  for (auto &t : threads) t.join();
+  for (int64_t i = 0; i < n; ++i)
+    if (status[i] != EK_OK) return fail(g_error, status[i], "%s", message[i].c_str());
+  return EK_OK;
+}
+
 int check_cu(const int32_t *cu, int64_t batch, int64_t total_rows) {
   if (cu[0] != 0) return fail(g_error, EK_ERR_BAD_CU_SEQLENS, "cu_seqlens[0] must be 0, got %d", cu[0]);
   for (int64_t b = 0; b < batch; ++b) {
@@ -66,13 +105,13 @@ int check_cu(const int32_t *cu, int64_t batch, int64_t total_rows) {
 }
 
 template <class D>
-void masked_mean_rows(const void *hidden, int64_t width, int64_t stride_rows, const int32_t *cu,
-                      const uint8_t *mask, int64_t batch, void *out, float *counts) {
+int masked_mean_rows(const void *hidden, int64_t width, int64_t stride_rows, const int32_t *cu,
+                     const uint8_t *mask, int64_t b0, int64_t b1, void *out, float *counts) {
   using T = typename D::T;
   const T *x = static_cast<const T *>(hidden);
   T *y = static_cast<T *>(out);
   std::vector<float> acc(static_cast<size_t>(width));
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     float count = 0.0f;
     for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
@@ -84,6 +123,7 @@ void masked_mean_rows(const void *hidden, int64_t width, int64_t stride_rows, co
     for (int64_t h = 0; h < width; ++h) y[b * width + h] = D::store(acc[h] / count);
     counts[b] = count;
   }
+  return EK_OK;
 }
 
 }  // namespace
@@ -93,6 +133,7 @@ extern "C" {
 int ek_abi_version(void) { return EK_ABI_VERSION; }
 const char *ek_error_string(int code) { return embedkit::error_string(code); }
 const char *ek_cpu_last_error(void) { return g_error.text; }
+void ek_cpu_set_num_threads(int num_threads) { g_num_threads.store(num_threads > 0 ? num_threads : 0); }
 
 int ek_sequence_fingerprint_cpu(const void *values, int64_t total_rows, int64_t row_bytes,
                                 const int32_t *cu_seqlens, int64_t batch, int64_t *out) {
@@ -101,20 +142,22 @@ int ek_sequence_fingerprint_cpu(const void *values, int64_t total_rows, int64_t 
   EK_REQUIRE(g_error, values || total_rows * row_bytes == 0, "null values");
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
   const uint8_t *bytes = static_cast<const uint8_t *>(values);
-  for (int64_t b = 0; b < batch; ++b) {
-    const uint8_t *p = bytes + static_cast<int64_t>(cu_seqlens[b]) * row_bytes;
-    const uint64_t n = static_cast<uint64_t>(cu_seqlens[b + 1] - cu_seqlens[b]) * row_bytes;
-    const uint64_t full = n / 4;
-    uint64_t sum = 0;
-    for (uint64_t k = 0; k < full; ++k) {
-      uint32_t w;
-      std::memcpy(&w, p + 4 * k, 4);  // little-endian hosts (x86-64, aarch64)
-      sum += embedkit::fp_term(k, w);
+  return parallel_over_sequences(batch, total_rows * row_bytes, [=](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t *p = bytes + static_cast<int64_t>(cu_seqlens[b]) * row_bytes;
+      const uint64_t n = static_cast<uint64_t>(cu_seqlens[b + 1] - cu_seqlens[b]) * row_bytes;
+      const uint64_t full = n / 4;
+      uint64_t sum = 0;
+      for (uint64_t k = 0; k < full; ++k) {
+        uint32_t w;
+        std::memcpy(&w, p + 4 * k, 4);  // little-endian hosts (x86-64, aarch64)
+        sum += embedkit::fp_term(k, w);
+      }
+      if (n % 4) sum += embedkit::fp_term(full, embedkit::fp_word_bytes(p, full, n));
+      out[b] = embedkit::fp_finish(sum, n);
     }
-    if (n % 4) sum += embedkit::fp_term(full, embedkit::fp_word_bytes(p, full, n));
-    out[b] = embedkit::fp_finish(sum, n);
-  }
-  return EK_OK;
+    return EK_OK;
+  });
 }
 
 int ek_pack_cpu(const void *padded, const uint8_t *mask, const int32_t *cu_seqlens, int64_t batch,
@@ -126,23 +169,25 @@ int ek_pack_cpu(const void *padded, const uint8_t *mask, const int32_t *cu_seqle
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
   const uint8_t *src = static_cast<const uint8_t *>(padded);
   uint8_t *dst = static_cast<uint8_t *>(packed);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
-    const uint8_t *row_mask = mask ? mask + b * padded_len : nullptr;
-    int64_t j = 0;
-    for (int64_t l = 0; l < padded_len && (row_mask || j < len); ++l) {
-      if (row_mask && !row_mask[l]) continue;
-      if (j >= len)
-        return fail(g_error, EK_ERR_INVALID_ARGUMENT, "attention mask row %lld has more tokens than cu_seqlens "
-                    "gives sequence %lld (%lld)", (long long)b, (long long)b, (long long)len);
-      std::memcpy(dst + (cu_seqlens[b] + j) * row_bytes, src + (b * padded_len + l) * row_bytes, row_bytes);
-      ++j;
+  return parallel_over_sequences(batch, 2 * total_rows * row_bytes, [=](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
+      const uint8_t *row_mask = mask ? mask + b * padded_len : nullptr;
+      int64_t j = 0;
+      for (int64_t l = 0; l < padded_len && (row_mask || j < len); ++l) {
+        if (row_mask && !row_mask[l]) continue;
+        if (j >= len)
+          return fail(g_error, EK_ERR_INVALID_ARGUMENT, "attention mask row %lld has more tokens than "
+                      "cu_seqlens gives sequence %lld (%lld)", (long long)b, (long long)b, (long long)len);
+        std::memcpy(dst + (cu_seqlens[b] + j) * row_bytes, src + (b * padded_len + l) * row_bytes, row_bytes);
+        ++j;
+      }
+      if (j != len)
+        return fail(g_error, EK_ERR_INVALID_ARGUMENT, "sequence %lld has %lld tokens in cu_seqlens but %lld "
+                    "positions in the padded layout", (long long)b, (long long)len, (long long)j);
     }
-    if (j != len)
-      return fail(g_error, EK_ERR_INVALID_ARGUMENT, "sequence %lld has %lld tokens in cu_seqlens but %lld "
-                  "positions in the padded layout", (long long)b, (long long)len, (long long)j);
-  }
-  return EK_OK;
+    return EK_OK;
+  });
 }
 
 int ek_unpack_cpu(const void *packed, const uint8_t *mask, const int32_t *cu_seqlens, int64_t batch,
@@ -154,24 +199,26 @@ int ek_unpack_cpu(const void *packed, const uint8_t *mask, const int32_t *cu_seq
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
   const uint8_t *src = static_cast<const uint8_t *>(packed);
   uint8_t *dst = static_cast<uint8_t *>(padded);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
-    const uint8_t *row_mask = mask ? mask + b * padded_len : nullptr;
-    int64_t j = 0;
-    for (int64_t l = 0; l < padded_len; ++l) {
-      uint8_t *out_row = dst + (b * padded_len + l) * row_bytes;
-      const bool token = row_mask ? row_mask[l] != 0 : l < len;
-      if (token && j >= len)
-        return fail(g_error, EK_ERR_INVALID_ARGUMENT, "attention mask row %lld has more tokens than cu_seqlens "
-                    "gives sequence %lld (%lld)", (long long)b, (long long)b, (long long)len);
-      std::memcpy(out_row, token ? src + (cu_seqlens[b] + j) * row_bytes : fill, row_bytes);
-      j += token;
+  return parallel_over_sequences(batch, (total_rows + batch * padded_len) * row_bytes, [=](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
+      const uint8_t *row_mask = mask ? mask + b * padded_len : nullptr;
+      int64_t j = 0;
+      for (int64_t l = 0; l < padded_len; ++l) {
+        uint8_t *out_row = dst + (b * padded_len + l) * row_bytes;
+        const bool token = row_mask ? row_mask[l] != 0 : l < len;
+        if (token && j >= len)
+          return fail(g_error, EK_ERR_INVALID_ARGUMENT, "attention mask row %lld has more tokens than "
+                      "cu_seqlens gives sequence %lld (%lld)", (long long)b, (long long)b, (long long)len);
+        std::memcpy(out_row, token ? src + (cu_seqlens[b] + j) * row_bytes : fill, row_bytes);
+        j += token;
+      }
+      if (j != len)
+        return fail(g_error, EK_ERR_INVALID_ARGUMENT, "sequence %lld has %lld tokens in cu_seqlens but %lld "
+                    "positions in the padded layout", (long long)b, (long long)len, (long long)j);
     }
-    if (j != len)
-      return fail(g_error, EK_ERR_INVALID_ARGUMENT, "sequence %lld has %lld tokens in cu_seqlens but %lld "
-                  "positions in the padded layout", (long long)b, (long long)len, (long long)j);
-  }
-  return EK_OK;
+    return EK_OK;
+  });
 }
 
 int ek_masked_mean_cpu(const void *hidden, int32_t dtype, int64_t total_rows, int64_t width,
@@ -184,13 +231,23 @@ int ek_masked_mean_cpu(const void *hidden, int32_t dtype, int64_t total_rows, in
   EK_REQUIRE(g_error, out || batch * width == 0, "null out");
   EK_REQUIRE(g_error, hidden || total_rows * width == 0, "null hidden");
   if (int rc = check_cu(cu_seqlens, batch, total_rows)) return rc;
+  const int64_t bytes = total_rows * width * (dtype == EK_DTYPE_FLOAT32 ? 4 : 2);
   switch (dtype) {
-    case EK_DTYPE_FLOAT32: masked_mean_rows<F32>(hidden, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts); break;
-    case EK_DTYPE_FLOAT16: masked_mean_rows<F16>(hidden, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts); break;
-    case EK_DTYPE_BFLOAT16: masked_mean_rows<BF16>(hidden, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts); break;
-    default: return fail(g_error, EK_ERR_UNSUPPORTED_DTYPE, "dtype code %d is not one of EK_DTYPE_*", dtype);
+    case EK_DTYPE_FLOAT32:
+      return parallel_over_sequences(batch, bytes, [=](int64_t b0, int64_t b1) {
+        return masked_mean_rows<F32>(hidden, width, stride_rows, cu_seqlens, pool_mask, b0, b1, out, counts);
+      });
+    case EK_DTYPE_FLOAT16:
+      return parallel_over_sequences(batch, bytes, [=](int64_t b0, int64_t b1) {
+        return masked_mean_rows<F16>(hidden, width, stride_rows, cu_seqlens, pool_mask, b0, b1, out, counts);
+      });
+    case EK_DTYPE_BFLOAT16:
+      return parallel_over_sequences(batch, bytes, [=](int64_t b0, int64_t b1) {
+        return masked_mean_rows<BF16>(hidden, width, stride_rows, cu_seqlens, pool_mask, b0, b1, out, counts);
+      });
+    default:
+      return fail(g_error, EK_ERR_UNSUPPORTED_DTYPE, "dtype code %d is not one of EK_DTYPE_*", dtype);
   }
-  return EK_OK;
 }
 
 }  // extern "C"

@@ -53,6 +53,7 @@ pack_kernel(const uint8_t *__restrict__ src, const uint8_t *__restrict__ mask, c
       items = static_cast<unsigned>(l1 - c0 < kThreads ? l1 - c0 : int64_t(kThreads));
     }
     __syncthreads();
+#pragma unroll 4
     for (unsigned u = threadIdx.x; u < items * nvec; u += kThreads) {
       const unsigned r = u / nvec, v = u - r * nvec;
       if (!UNPACK) {

@@ -59,6 +59,9 @@ EK_API int ek_abi_version(void);
 EK_API const char *ek_error_string(int code);
 EK_API const char *ek_cpu_last_error(void);
 EK_API const char *ek_cuda_last_error(void);
+/* CPU library only: how many threads a large call may split its batch over (0 = every CPU this
+ * process may run on; embedkit passes torch.get_num_threads()). */
+EK_API void ek_cpu_set_num_threads(int num_threads);
 
 /* ---- sequence_fingerprint -------------------------------------------------------------------
  * out[b] = fingerprint of the byte string of sequence b: the n = (cu[b+1] - cu[b]) * row_bytes

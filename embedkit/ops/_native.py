@@ -52,7 +52,10 @@ def library_path(kind: str) -> Path:
 
 
 def reload() -> None:
-    """Forget what was loaded (after a rebuild, or after changing $EMBEDKIT_NATIVE_DIR)."""
+    """Look for the libraries again (after a first build, or a change of $EMBEDKIT_NATIVE_DIR).
+
+    A library file already loaded in this process stays in use even if rebuilt in place (the
+    dynamic loader keeps it by path): restart Python to run a rebuilt library."""
     _cache.clear()
 
 
@@ -73,6 +76,9 @@ def _open(kind: str) -> tuple[ctypes.CDLL | None, str | None]:
         last = getattr(lib, f"ek_{kind}_last_error")
         last.restype = ctypes.c_char_p
         last.argtypes = []
+        if kind == "cpu":
+            lib.ek_cpu_set_num_threads.restype = None
+            lib.ek_cpu_set_num_threads.argtypes = [ctypes.c_int]
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, f"{name}_{kind}")
             fn.restype = ctypes.c_int
@@ -95,6 +101,12 @@ def _kind(device: torch.device) -> str | None:
     return {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
 
 
+@torch.compiler.assume_constant_result
+def _why_unavailable(kind: str) -> str | None:
+    # A constant to torch.compile: loading (file checks, dlopen) happens outside the traced graph.
+    return _library(kind)[1]
+
+
 def problem(op: str, device: torch.device) -> str | None:
     """None if the native library can run `op` on `device`, else why not."""
     if op not in OPS:
@@ -102,7 +114,7 @@ def problem(op: str, device: torch.device) -> str | None:
     kind = _kind(device)
     if kind is None:
         return f"the native libraries run on cpu and cuda tensors, not {device.type}"
-    return _library(kind)[1]
+    return _why_unavailable(kind)
 
 
 def _require(device: torch.device) -> tuple[ctypes.CDLL, str]:
@@ -163,9 +175,14 @@ def _ptr(x: torch.Tensor | None) -> int | None:
 def _call(lib: ctypes.CDLL, kind: str, name: str, device: torch.device, *args) -> None:
     fn = getattr(lib, f"{name}_{kind}")
     if kind == "cuda":
-        with torch.cuda.device(device):
-            rc = fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        if torch.cuda.current_device() == device.index:
+            rc = fn(*args, stream)
+        else:  # the kernels launch on the calling thread's current device
+            with torch.cuda.device(device):
+                rc = fn(*args, stream)
     else:
+        lib.ek_cpu_set_num_threads(torch.get_num_threads())  # follow torch's intra-op setting
         rc = fn(*args)
     if rc != EK_OK:
         text = lib.ek_error_string(rc).decode()

@@ -36,7 +36,7 @@ def sequence_fingerprint(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torc
     _checks.check_tensor(values, "values")
     if values.dim() < 1:
         raise ValueError("values must have a leading token dimension [T, ...], got a 0-d tensor")
-    cu = _checks.check_cu_seqlens(cu_seqlens, values.shape[0], values.device)
+    cu = _checks.check_cu_seqlens(cu_seqlens, values.shape[0], values.device).contiguous()
     backend = _dispatch.resolve(OP, values.device)
     if backend == "reference":
         return reference.sequence_fingerprint(values, cu)

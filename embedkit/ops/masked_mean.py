@@ -66,7 +66,7 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     hidden = _checks.check_float(hidden, "hidden", ndim=2, allowed=_FLOATS + (torch.float64,))
     dev = hidden.device
     total = hidden.shape[0]
-    cu = _checks.check_cu_seqlens(cu_seqlens, total, dev)
+    cu = _checks.check_cu_seqlens(cu_seqlens, total, dev).contiguous()
     if pool_mask is not None:
         _checks.check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=dev)
         if pool_mask.shape[0] != total:
@@ -87,7 +87,7 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     if hidden.dtype == torch.float64:
         raise TypeError(f"hidden: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
                         "got float64 (use backend 'reference' for float64)")
-    if hidden.shape[1] > 1 and hidden.stride(1) != 1:
-        hidden = hidden.contiguous()
+    if (hidden.shape[1] > 1 and hidden.stride(1) != 1) or (total > 1 and hidden.stride(0) < hidden.shape[1]):
+        hidden = hidden.contiguous()  # the kernels take strided rows, not strided or overlapping columns
     mask = None if pool_mask is None else pool_mask.contiguous()
     return _fwd(hidden, cu, mask, backend)[0]

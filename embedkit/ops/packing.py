@@ -107,7 +107,7 @@ def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, attention_mask: torch.T
         raise ValueError(f"padded must be [B, L, ...], got shape {tuple(padded.shape)}")
     dev = padded.device
     batch, length = padded.shape[:2]
-    cu = _checks.check_cu_seqlens(cu_seqlens, None, dev)
+    cu = _checks.check_cu_seqlens(cu_seqlens, None, dev).contiguous()
     if cu.numel() != batch + 1:
         raise ValueError(f"cu_seqlens must have B+1 = {batch + 1} entries (padded has B = {batch}), got {cu.numel()}")
     mask = _check_mask(attention_mask, batch, dev)
@@ -134,7 +134,7 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int | Non
     if packed.dim() < 1:
         raise ValueError("packed must be [T, ...], got a 0-d tensor")
     dev = packed.device
-    cu = _checks.check_cu_seqlens(cu_seqlens, packed.shape[0], dev)
+    cu = _checks.check_cu_seqlens(cu_seqlens, packed.shape[0], dev).contiguous()
     batch = cu.numel() - 1
     mask = _check_mask(attention_mask, batch, dev)
     if padded_len is None:
