@@ -301,3 +301,22 @@ def test_demo_data_is_real_and_leak_free():
     assert captions[7] == "a handwritten digit seven" and len(imgs) == len(labels) == sizes["digits_test"]
     ex = tasks["digits"]["examples"][0]
     assert isinstance(ex.query, Image) and ex.negatives[0] != ex.positive
+
+
+# ---- GPU: bf16 autocast, Triton kernels --------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_bf16_step_cached_matches_plain():
+    exs = text_examples(8, negatives=1) + image_examples(4)
+    stage = Stage("s", [Task("t", exs, task="q")], steps=1, hard_negatives=True, learn_temperature=True)
+    out = []
+    for chunk in (None, 5):
+        m = tiny_model(3).cuda()
+        tr = Trainer(m, [stage], progress=False)
+        tr._start_stage(stage, 0)
+        step = tr.plain_step if chunk is None else (lambda s, t, e: tr.cached_step(s, t, e, chunk))
+        loss, _ = step(stage, stage.tasks[0], exs)
+        out.append((float(loss), _grads(m)))
+    assert math.isfinite(out[0][0]) and abs(out[0][0] - out[1][0]) < 2e-2 * abs(out[0][0])
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], g, rtol=5e-2, atol=5e-3 * float(g.abs().max()) + 1e-6, msg=n)
