@@ -152,7 +152,7 @@ def _score(metrics: dict) -> float:
 
 SIZES = {
     "full": dict(code_train=1000, code_dev=40, code_test=150, digits_train=1200, digits_dev=60, digits_test=300,
-                 pre_steps=16, fine_steps=10, code_batch=16, digits_batch=32, fine_code_batch=8),
+                 pre_steps=32, fine_steps=20, code_batch=16, digits_batch=32, fine_code_batch=8),
     "smoke": dict(code_train=40, code_dev=8, code_test=16, digits_train=40, digits_dev=10, digits_test=20,
                   pre_steps=2, fine_steps=2, code_batch=4, digits_batch=8, fine_code_batch=4),
 }
