@@ -53,6 +53,13 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from embedkit.train import demo
+
+    demo.run(json_path=args.json, smoke=args.smoke, device=args.device, out_dir=args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="embedkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     n.set_defaults(func=_cmd_build)
     i = sub.add_parser("info", help="versions and the backends available for each op")
     i.set_defaults(func=_cmd_info)
+    d = sub.add_parser("demo", help="end-to-end job: MiniLM -> multimodal embedder, evaluate, train 2 stages, "
+                                     "soup, evaluate (offline)")
+    d.add_argument("--json", help="also write {before, after, throughput} to this JSON file")
+    d.add_argument("--smoke", action="store_true", help="tiny sizes (a < 60 s check)")
+    d.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    d.add_argument("--out", help="keep the training checkpoints in this folder (default: a temporary one)")
+    d.set_defaults(func=_cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,99 @@
+"""Safetensors checkpoints of a training run (nothing is pickled).
+
+A checkpoint directory holds
+    model.safetensors      the model's state_dict
+    optimizer.safetensors  every tensor of the optimizer state, flattened ("state.<param>.<key>"),
+                           plus RNG states and other tensors of the trainer ("trainer.<name>")
+    trainer.json           everything else: step counters, the scheduler's state, the optimizer's
+                           param_groups and non-tensor state, Python RNG state, the data position
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "optimizer.safetensors"
+META_FILE = "trainer.json"
+
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """(tensors, json_meta) of an optimizer state_dict."""
+    tensors, scalars = {}, {}
+    for idx, st in state_dict["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v
+    for idx, st in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return x
+
+
+def save(path: str | Path, model_state: dict, tensors: dict, meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(out / MODEL_FILE),
+              metadata={"format": "pt", "library": "embedkit"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / STATE_FILE),
+              metadata={"format": "pt", "library": "embedkit"})
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(meta), indent=1))
+    tmp.replace(out / META_FILE)  # trainer.json last: its presence marks a complete checkpoint
+    return out
+
+
+def load(path: str | Path) -> tuple[dict, dict, dict]:
+    """(model_state, tensors, meta) of a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    for f in (MODEL_FILE, STATE_FILE, META_FILE):
+        if not (root / f).is_file():
+            raise FileNotFoundError(f"{root} is not a complete training checkpoint: {f} is missing")
+    return (load_file(str(root / MODEL_FILE)), load_file(str(root / STATE_FILE)),
+            json.loads((root / META_FILE).read_text()))
+
+
+def load_model_state(ckpt) -> dict:
+    """A state dict from an nn.Module, a dict of tensors, a .safetensors file, or a directory holding
+    model.safetensors (a training checkpoint or Embedder.save_pretrained output)."""
+    if isinstance(ckpt, torch.nn.Module):
+        return {k: v.detach() for k, v in ckpt.state_dict().items()}
+    if isinstance(ckpt, dict):
+        return ckpt
+    if isinstance(ckpt, (str, Path)):
+        from safetensors.torch import load_file
+
+        p = Path(ckpt)
+        if p.is_dir():
+            p = p / MODEL_FILE
+        if not p.is_file():
+            raise FileNotFoundError(f"no model weights at {p} (expected a .safetensors file or a directory "
+                                    f"holding {MODEL_FILE})")
+        return load_file(str(p))
+    raise TypeError(f"a checkpoint must be an nn.Module, a state dict, or a path, got {type(ckpt).__name__}")
