@@ -146,6 +146,29 @@ def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, d
 # ---- kernels ----------------------------------------------------------------------------------
 
 @triton.jit
+def _load_levels(ptr, level_stride, offs, ok, NUM_LEVELS: tl.constexpr):
+    """The per-row values of up to 3 MRL levels stored level-major ([L, N] with row stride
+    level_stride); levels past NUM_LEVELS repeat level 0 (never used)."""
+    v0 = tl.load(ptr + offs, mask=ok, other=0.0)
+    v1 = v0
+    v2 = v0
+    if NUM_LEVELS > 1:
+        v1 = tl.load(ptr + level_stride + offs, mask=ok, other=0.0)
+    if NUM_LEVELS > 2:
+        v2 = tl.load(ptr + 2 * level_stride + offs, mask=ok, other=0.0)
+    return v0, v1, v2
+
+
+@triton.jit
+def _store_levels(ptr, level_stride, offs, ok, v0, v1, v2, NUM_LEVELS: tl.constexpr):
+    tl.store(ptr + offs, v0, mask=ok)
+    if NUM_LEVELS > 1:
+        tl.store(ptr + level_stride + offs, v1, mask=ok)
+    if NUM_LEVELS > 2:
+        tl.store(ptr + 2 * level_stride + offs, v2, mask=ok)
+
+
+@triton.jit
 def _level_span(lvl: tl.constexpr, D0, D1, D2):
     """[lo, hi): the dims that MRL level `lvl` adds to the previous prefix (level 0 starts at 0)."""
     if lvl == 0:
@@ -251,13 +274,7 @@ def _fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, inv_temp,
             if NUM_LEVELS > 2:
                 c2 = tl.load(row_cos + (2 * M + offs_m) * K + k, mask=m_ok, other=0.0)
                 m2, l2, t2 = _online_update(m2, l2, t2, (c2 * it)[:, None], c2[:, None], m_ok[:, None])
-    a0 = tl.load(inv_x + offs_m, mask=m_ok, other=0.0)
-    a1 = a0
-    a2 = a0
-    if NUM_LEVELS > 1:
-        a1 = tl.load(inv_x + M + offs_m, mask=m_ok, other=0.0)
-    if NUM_LEVELS > 2:
-        a2 = tl.load(inv_x + 2 * M + offs_m, mask=m_ok, other=0.0)
+    a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
     p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     p1 = p0
     p2 = p0
@@ -282,23 +299,11 @@ def _fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, inv_temp,
             m2, l2, t2 = _online_update(m2, l2, t2, s2 * it, s2, valid)
             if HAS_DIAG:
                 p2 += tl.sum(tl.where(is_pos, s2, 0.0), axis=1)
-    tl.store(state_m + offs_m, m0, mask=m_ok)
-    tl.store(state_l + offs_m, l0, mask=m_ok)
-    tl.store(state_t + offs_m, t0, mask=m_ok)
+    _store_levels(state_m, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
+    _store_levels(state_l, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
+    _store_levels(state_t, M, offs_m, m_ok, t0, t1, t2, NUM_LEVELS)
     if HAS_DIAG:
-        tl.store(pos + offs_m, p0, mask=m_ok)
-    if NUM_LEVELS > 1:
-        tl.store(state_m + M + offs_m, m1, mask=m_ok)
-        tl.store(state_l + M + offs_m, l1, mask=m_ok)
-        tl.store(state_t + M + offs_m, t1, mask=m_ok)
-        if HAS_DIAG:
-            tl.store(pos + M + offs_m, p1, mask=m_ok)
-    if NUM_LEVELS > 2:
-        tl.store(state_m + 2 * M + offs_m, m2, mask=m_ok)
-        tl.store(state_l + 2 * M + offs_m, l2, mask=m_ok)
-        tl.store(state_t + 2 * M + offs_m, t2, mask=m_ok)
-        if HAS_DIAG:
-            tl.store(pos + 2 * M + offs_m, p2, mask=m_ok)
+        _store_levels(pos, M, offs_m, m_ok, p0, p1, p2, NUM_LEVELS)
 
 
 @triton.jit
@@ -365,31 +370,11 @@ def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N
     loc = offs_o - own_start
     C = own_end - own_start
     it = tl.load(inv_temp).to(tl.float32)
-    a0 = tl.load(inv_own + offs_o, mask=o_ok, other=0.0)
-    r0 = tl.load(rbuf + loc, mask=o_ok, other=0.0)
-    a1 = a0
-    a2 = a0
-    r1 = r0
-    r2 = r0
-    if NUM_LEVELS > 1:
-        a1 = tl.load(inv_own + M_own + offs_o, mask=o_ok, other=0.0)
-        r1 = tl.load(rbuf + C + loc, mask=o_ok, other=0.0)
-    if NUM_LEVELS > 2:
-        a2 = tl.load(inv_own + 2 * M_own + offs_o, mask=o_ok, other=0.0)
-        r2 = tl.load(rbuf + 2 * C + loc, mask=o_ok, other=0.0)
+    a0, a1, a2 = _load_levels(inv_own, M_own, offs_o, o_ok, NUM_LEVELS)
+    r0, r1, r2 = _load_levels(rbuf, C, loc, o_ok, NUM_LEVELS)
     if OWNER_IS_ROW:
-        lse0 = tl.load(lse + offs_o, mask=o_ok, other=0.0)
-        g0 = tl.load(g + offs_o, mask=o_ok, other=0.0)
-        lse1 = lse0
-        g1 = g0
-        lse2 = lse0
-        g2 = g0
-        if NUM_LEVELS > 1:
-            lse1 = tl.load(lse + M_rows + offs_o, mask=o_ok, other=0.0)
-            g1 = tl.load(g + M_rows + offs_o, mask=o_ok, other=0.0)
-        if NUM_LEVELS > 2:
-            lse2 = tl.load(lse + 2 * M_rows + offs_o, mask=o_ok, other=0.0)
-            g2 = tl.load(g + 2 * M_rows + offs_o, mask=o_ok, other=0.0)
+        lse0, lse1, lse2 = _load_levels(lse, M_rows, offs_o, o_ok, NUM_LEVELS)
+        g0, g1, g2 = _load_levels(g, M_rows, offs_o, o_ok, NUM_LEVELS)
     for n0 in range(0, N_oth, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_oth
@@ -451,11 +436,7 @@ def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N
         if NUM_LEVELS > 2:
             _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f2, D1, D2, D, BLOCK_D)
     else:
-        tl.store(rbuf + loc, r0, mask=o_ok)
-        if NUM_LEVELS > 1:
-            tl.store(rbuf + C + loc, r1, mask=o_ok)
-        if NUM_LEVELS > 2:
-            tl.store(rbuf + 2 * C + loc, r2, mask=o_ok)
+        _store_levels(rbuf, C, loc, o_ok, r0, r1, r2, NUM_LEVELS)
 
 
 @triton.jit
