@@ -92,3 +92,27 @@ def check_int(value: object, name: str, *, low: int | None = None, high: int | N
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
+
+
+def check_pool_mask(pool_mask: object, cu_seqlens: torch.Tensor, total_tokens: int,
+                    device: torch.device) -> None:
+    """pool_mask: None or bool [T] on `device`; with sync checks, every sequence pools >= 1 token."""
+    if pool_mask is not None:
+        check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=device)
+        if pool_mask.shape[0] != total_tokens:
+            raise ValueError(f"pool_mask must have T = {total_tokens} entries (hidden's rows), "
+                             f"got {pool_mask.shape[0]}")
+    if not sync_checks_enabled():
+        return
+    cu = cu_seqlens
+    if pool_mask is None:
+        counts = cu[1:] - cu[:-1]
+    else:
+        from .reference import segment_ids
+
+        counts = torch.zeros(cu.numel() - 1, dtype=torch.int64, device=device).index_add_(
+            0, segment_ids(cu, total_tokens), pool_mask.long())
+    if bool((counts == 0).any()):
+        i = int(torch.nonzero(counts == 0)[0, 0])
+        why = "is empty" if pool_mask is None else "has no token with pool_mask True"
+        raise ValueError(f"sequence {i} {why}: a mean over no pooled token is undefined")

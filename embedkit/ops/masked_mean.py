@@ -67,20 +67,7 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     dev = hidden.device
     total = hidden.shape[0]
     cu = _checks.check_cu_seqlens(cu_seqlens, total, dev).contiguous()
-    if pool_mask is not None:
-        _checks.check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=dev)
-        if pool_mask.shape[0] != total:
-            raise ValueError(f"pool_mask must have T = {total} entries (hidden's rows), got {pool_mask.shape[0]}")
-    if _checks.sync_checks_enabled():
-        if pool_mask is None:
-            counts = cu[1:] - cu[:-1]
-        else:
-            counts = torch.zeros(cu.numel() - 1, dtype=torch.int64, device=dev).index_add_(
-                0, reference.segment_ids(cu, total), pool_mask.long())
-        if bool((counts == 0).any()):
-            i = int(torch.nonzero(counts == 0)[0, 0])
-            why = "is empty" if pool_mask is None else "has no token with pool_mask True"
-            raise ValueError(f"sequence {i} {why}: a mean over no pooled token is undefined")
+    _checks.check_pool_mask(pool_mask, cu, total, dev)
     backend = _dispatch.resolve(OP, dev)
     if backend == "reference":
         return reference.masked_mean(hidden, cu, pool_mask)

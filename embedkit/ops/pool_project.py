@@ -103,20 +103,7 @@ def _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim):
             raise ValueError(f"bias must have D_out = {d_out} entries (weight's rows), got {bias.shape[0]}")
     out_dim = d_out if out_dim is None else _checks.check_int(out_dim, "out_dim", low=1, high=d_out)
     cu = _checks.check_cu_seqlens(cu_seqlens, T, dev)
-    if pool_mask is not None:
-        _checks.check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=dev)
-        if pool_mask.shape[0] != T:
-            raise ValueError(f"pool_mask must have T = {T} entries (hidden's rows), got {pool_mask.shape[0]}")
-    if _checks.sync_checks_enabled():
-        if pool_mask is None:
-            counts = cu[1:] - cu[:-1]
-        else:
-            counts = torch.zeros(cu.numel() - 1, dtype=torch.int64, device=dev).index_add_(
-                0, reference.segment_ids(cu, T), pool_mask.long())
-        if bool((counts == 0).any()):
-            i = int(torch.nonzero(counts == 0)[0, 0])
-            why = "is empty" if pool_mask is None else "has no token with pool_mask True"
-            raise ValueError(f"sequence {i} {why}: a mean over no pooled token is undefined")
+    _checks.check_pool_mask(pool_mask, cu, T, dev)
     return out_dim
 
 
