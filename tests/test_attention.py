@@ -436,3 +436,16 @@ def test_gpu_deterministic_bf16():
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
+
+
+def test_strided_cu_seqlens_is_read_as_its_values():
+    """A strided view of cu_seqlens (every other entry of a larger tensor) gives the contiguous result."""
+    lens = [5, 1, 12, 7]
+    (q, k, v, g), _ = _inputs(lens, 2, 1, 16, seed=3)
+    cu = _cu(lens)
+    cu_strided = torch.stack([cu, torch.full_like(cu, 10 ** 6)], dim=1).flatten()[0::2]
+    assert not cu_strided.is_contiguous()
+    want = _run("triton", q, k, v, g, cu, 12, dtype=torch.float32)
+    got = _run("triton", q, k, v, g, cu_strided, 12, dtype=torch.float32)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

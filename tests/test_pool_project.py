@@ -259,3 +259,21 @@ def test_triton_token_splits_match_reference(splits):
                   xs, g)
     for a, r in zip((d_h, d_w, d_b), ref_g):
         assert (a.double() - r).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_cu_seqlens_and_pool_mask(backend):
+    """Views with a stride (e.g. every other entry of a larger tensor) are read as the values they show."""
+    cu, hidden, weight, bias, pool_mask = _case([3, 7, 5], 16, 8, random_mask=True)
+    cu_strided = torch.stack([cu, torch.full_like(cu, 999)], dim=1).flatten()[0::2]
+    mask_strided = torch.stack([pool_mask, ~pool_mask], dim=1).flatten()[0::2]
+    assert not cu_strided.is_contiguous() and not mask_strided.is_contiguous()
+    h = leaf(hidden, torch.float32)
+    with embedkit.use_backend(backend):
+        got = embedkit.pool_project(h, cu_strided, weight.float(), bias.float(), pool_mask=mask_strided)
+    ref = reference.pool_project(hidden, cu, weight, bias, pool_mask=pool_mask)
+    assert (got.double() - ref).abs().max() < 1e-5
+    g = torch.autograd.grad(got.sum(), h)[0]
+    h64 = leaf(hidden)
+    ref_g = torch.autograd.grad(reference.pool_project(h64, cu, weight, bias, pool_mask=pool_mask).sum(), h64)[0]
+    assert (g.double() - ref_g).abs().max() < 1e-5

@@ -396,6 +396,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
                   rotary: tuple[torch.Tensor, torch.Tensor] | None):
     """Returns (out [T, Hq, D] in q's dtype, lse fp32 [Hq, T])."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels index it with stride 1
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1
@@ -423,6 +424,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   rotary: tuple[torch.Tensor, torch.Tensor] | None):
     """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. Deterministic (no atomics)."""
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
+    cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1

@@ -256,6 +256,8 @@ def masked_mean_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: t
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     splits = token_splits(T, B, H, dev) if splits is None else splits
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels index it with stride 1
+    pool_mask = None if pool_mask is None else pool_mask.contiguous()
     pooled = torch.empty(B, H, dtype=torch.float32, device=dev)
     counts = torch.empty(B, dtype=torch.float32, device=dev)
     mask_arg = pool_mask.view(torch.uint8) if pool_mask is not None else cu_seqlens
@@ -328,6 +330,8 @@ def pool_project_bwd(grad_out: torch.Tensor, pooled: torch.Tensor, counts: torch
     _matmul(dy, weight[:out_dim], d_pooled, None, dot)
     d_hidden = torch.empty(T, H, dtype=hidden_dtype, device=dev)
     splits = token_splits(T, B, H, dev) if splits is None else splits
+    cu_seqlens = cu_seqlens.contiguous()
+    pool_mask = None if pool_mask is None else pool_mask.contiguous()
     mask_arg = pool_mask.view(torch.uint8) if pool_mask is not None else cu_seqlens
     _mean_launch(_masked_mean_bwd_kernel, lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]), splits),
                  d_pooled, counts, cu_seqlens, mask_arg, d_hidden, d_hidden.stride(0), H, splits,

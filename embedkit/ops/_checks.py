@@ -58,18 +58,19 @@ def check_cu_seqlens(cu_seqlens: object, total_tokens: int | None, device: torch
     if cu.numel() < 2:
         raise ValueError(f"{name} must have at least 2 entries ([B+1] with B >= 1), got {cu.numel()}")
     if sync_checks_enabled():
-        first = int(cu[0])
+        steps = cu[1:] - cu[:-1]
+        # One host read for the three facts (each a sync on a GPU); details only on failure.
+        first, n_decreasing, last = torch.stack([cu[0], (steps < 0).sum(dtype=cu.dtype), cu[-1]]).tolist()
         if first != 0:
             raise ValueError(f"{name}[0] must be 0, got {first}")
-        steps = cu[1:] - cu[:-1]
-        if bool((steps < 0).any()):
+        if n_decreasing:
             i = int(torch.nonzero(steps < 0)[0, 0])
             raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = {int(cu[i + 1])} "
                              f"< {name}[{i}] = {int(cu[i])}")
-        last = int(cu[-1])
         if total_tokens is not None and last != total_tokens:
             raise ValueError(f"{name}[-1] must equal the number of tokens T = {total_tokens}, got {last}")
-    return cu
+    # Kernels index cu_seqlens with stride 1: a strided view is copied (free when contiguous).
+    return cu.contiguous()
 
 
 def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor, name: str = "max_seqlen") -> int:
@@ -95,8 +96,9 @@ def check_int(value: object, name: str, *, low: int | None = None, high: int | N
 
 
 def check_pool_mask(pool_mask: object, cu_seqlens: torch.Tensor, total_tokens: int,
-                    device: torch.device) -> None:
-    """pool_mask: None or bool [T] on `device`; with sync checks, every sequence pools >= 1 token."""
+                    device: torch.device) -> torch.Tensor | None:
+    """pool_mask: None or bool [T] on `device`; with sync checks, every sequence pools >= 1 token.
+    Returns the mask contiguous (kernels index it with stride 1)."""
     if pool_mask is not None:
         check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=device)
         if pool_mask.shape[0] != total_tokens:
@@ -116,3 +118,4 @@ def check_pool_mask(pool_mask: object, cu_seqlens: torch.Tensor, total_tokens: i
         i = int(torch.nonzero(counts == 0)[0, 0])
         why = "is empty" if pool_mask is None else "has no token with pool_mask True"
         raise ValueError(f"sequence {i} {why}: a mean over no pooled token is undefined")
+    return None if pool_mask is None else pool_mask.contiguous()

@@ -139,7 +139,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary):
         if cos.shape[1] < 1 or 2 * cos.shape[1] > D:
             raise ValueError(f"rotary cos / sin must have R/2 columns with 2 <= R <= D = {D}, "
                              f"got shape {tuple(cos.shape)} (R = {2 * cos.shape[1]})")
-    return max_seqlen, float(softmax_scale)
+    return max_seqlen, float(softmax_scale), cu
 
 
 def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10000.0, sections=None):
@@ -172,7 +172,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     and, with return_lse, lse fp32 [Hq, T] (natural log). Differentiable in q, k, v (and through
     lse).
     """
-    max_seqlen, scale = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
+    max_seqlen, scale, cu_seqlens = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale,

@@ -67,7 +67,7 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     dev = hidden.device
     total = hidden.shape[0]
     cu = _checks.check_cu_seqlens(cu_seqlens, total, dev).contiguous()
-    _checks.check_pool_mask(pool_mask, cu, total, dev)
+    pool_mask = _checks.check_pool_mask(pool_mask, cu, total, dev)
     backend = _dispatch.resolve(OP, dev)
     if backend == "reference":
         return reference.masked_mean(hidden, cu, pool_mask)

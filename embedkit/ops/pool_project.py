@@ -103,8 +103,8 @@ def _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim):
             raise ValueError(f"bias must have D_out = {d_out} entries (weight's rows), got {bias.shape[0]}")
     out_dim = d_out if out_dim is None else _checks.check_int(out_dim, "out_dim", low=1, high=d_out)
     cu = _checks.check_cu_seqlens(cu_seqlens, T, dev)
-    _checks.check_pool_mask(pool_mask, cu, T, dev)
-    return out_dim
+    pool_mask = _checks.check_pool_mask(pool_mask, cu, T, dev)
+    return out_dim, cu, pool_mask
 
 
 def pool_project(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
@@ -116,7 +116,7 @@ def pool_project(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.T
     pool_mask [T] bool (True = pooled); out_dim <= D_out. Returns [B, out_dim] in hidden's dtype,
     L2-normalized when `normalize`. Differentiable in hidden, weight and bias.
     """
-    out_dim = _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim)
+    out_dim, cu_seqlens, pool_mask = _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim)
     backend = _dispatch.resolve(OP, hidden.device)
     if backend == "reference":
         return reference.pool_project(hidden, cu_seqlens, weight, bias, pool_mask=pool_mask,
