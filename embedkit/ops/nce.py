@@ -45,8 +45,9 @@ def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | Non
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = _kernels(backend).nce_fwd(
         rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp, tuple(dims))
-    w = torch.tensor(weights, dtype=torch.float32, device=rows.device)
-    loss = (w[:, None] * (lse - pos * inv_temp)).sum(0)
+    # Python-float weights: no host-to-device copy (a stream sync on CUDA).
+    terms = lse - pos * inv_temp
+    loss = sum(float(wt) * terms[lvl] for lvl, wt in enumerate(weights))
     return (loss, lse, pos, es, inv_r, inv_c, inv_s if inv_s is not None else _empty(rows),
             inv_n if inv_n is not None else _empty(rows), row_cos)
 
@@ -74,8 +75,7 @@ def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_rows, d_cands, d_shared (empty if absent), d_row_neg (empty if absent), d_temperature)."""
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
-    w = torch.tensor(weights, dtype=torch.float32, device=rows.device)
-    g = w[:, None] * grad.float()[None, :]                                        # [L, M]
+    g = torch.stack([grad.float() * float(wt) for wt in weights])                # [L, M], no host copy
     d_rows, d_cands, d_shared, d_neg = _kernels(backend).nce_bwd(
         g, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp,
         tuple(dims), lse, inv_r, inv_c, inv_s if shared_neg is not None else None,
@@ -230,5 +230,5 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     if isinstance(temperature, torch.Tensor):
         temp = temperature if temperature.dtype == torch.float32 else temperature.float()
     else:
-        temp = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
+        temp = torch.full((), float(temperature), dtype=torch.float32, device=query.device)  # no host copy
     return reference.nce_combine(_kernel_direction(backend, temp), query, target, temperature=temp, **kwargs)
