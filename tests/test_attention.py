@@ -397,7 +397,9 @@ def test_flash_attn_drop_in():
     (dict(cu_seqlens_k=_cu([5, 1, 21], "cpu")), "cross-attention"),
     (dict(max_seqlen_k=64), "cross-attention"),
 ])
-def test_flash_attn_unsupported_options(kwargs, match):
+@pytest.mark.parametrize("validation", [True, False], ids=["validated", "validation-off"])
+def test_flash_attn_unsupported_options(kwargs, match, validation):
+    embedkit.set_validation(validation)  # unsupported options raise either way: never a wrong answer
     lens = [7, 20]
     (q, k, v, _), _ = _inputs(lens, 4, 1, 32, 17, device="cpu")
     cu = _cu(lens, "cpu")

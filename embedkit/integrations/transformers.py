@@ -110,8 +110,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if sliding_window is not None and max_len > sliding_window:
         raise NotImplementedError(f"{name}: sequences of {max_len} tokens exceed the sliding window "
                                   f"({sliding_window}); 'embedkit' attends to the whole sequence")
-    out = ops.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, causal=causal,
-                               softmax_scale=scaling)
+    # Strided views are fine (the kernels need unit stride in the head dim only): no copies per layer.
+    out = ops.varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=scaling)
     if indices is not None:
         out = out.new_zeros(B * L, Hq, D).index_copy(0, indices, out)
     return out.view(B, L, Hq, D), None

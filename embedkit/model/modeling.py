@@ -240,7 +240,7 @@ class Embedder(nn.Module):
         b = inputs.batch
         x = self.embed_inputs(inputs)
         rotary = self.rotary(b)
-        states = [x]
+        states = [x] if all_layers else None  # kept only when asked: L + 1 [T, H] tensors otherwise
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpoint:  # recompute each block in backward: activation memory of one block
@@ -248,10 +248,12 @@ class Embedder(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = layer(x, b.cu_seqlens, b.max_seqlen, rotary)
-            states.append(x)
+            if all_layers:
+                states.append(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-            states.append(x)
+            if all_layers:
+                states.append(x)
         return states if all_layers else x
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch, *, dim: int | None = None,

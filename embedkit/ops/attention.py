@@ -217,7 +217,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _checks.check_tensor(cu_seqlens_k, "cu_seqlens_k", ndim=1, dtypes=(torch.int32,))
         if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_k.shape != cu_seqlens_q.shape:
             unsupported("cu_seqlens_k different from cu_seqlens_q (cross-attention)")
-        if _checks.sync_checks_enabled() and not torch.equal(cu_seqlens_k, cu_seqlens_q.to(cu_seqlens_k.device)):
+        # Not a sanity check but an unsupported feature: always checked, even with validation off.
+        if not torch.equal(cu_seqlens_k, cu_seqlens_q.to(cu_seqlens_k.device)):
             unsupported("cu_seqlens_k different from cu_seqlens_q (cross-attention)")
     if max_seqlen_k != max_seqlen_q:
         unsupported(f"max_seqlen_k = {max_seqlen_k} different from max_seqlen_q = {max_seqlen_q} "

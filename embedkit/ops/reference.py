@@ -64,9 +64,12 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
     if pos.dim() == 1:
         angles = pos[:, None] * inv_freq[None, :]
     else:
-        axis = torch.repeat_interleave(torch.arange(3, device=pos.device),
-                                       torch.as_tensor(list(sections), device=pos.device))
-        angles = pos[axis].transpose(0, 1) * inv_freq[None, :]  # [T, half]: freq j follows axis[j]
+        # Frequencies [start, start + n) of section a follow axis a (no index tensor: no host copy).
+        parts, start = [], 0
+        for a, n in enumerate(sections):
+            parts.append(pos[a][:, None] * inv_freq[None, start:start + n])
+            start += n
+        angles = torch.cat(parts, dim=1)  # [T, half]
     return angles.cos().float(), angles.sin().float()
 
 

@@ -106,7 +106,7 @@ def fingerprint_inputs(inputs) -> torch.Tensor:
             continue
         seq = torch.searchsorted(cu[1:].to(index.dtype), index, right=True)
         order = torch.argsort(seq, stable=True)
-        counts = torch.bincount(seq, minlength=B)
+        counts = torch.zeros(B, dtype=torch.long, device=seq.device).index_add_(0, seq, torch.ones_like(seq))  # no sync
         pcu = torch.zeros(B + 1, dtype=torch.int32, device=cu.device)
         pcu[1:] = torch.cumsum(counts, 0).to(torch.int32)
         fp = fp * 1_000_003 + ops.sequence_fingerprint(patches[order].contiguous(), pcu)  # wraps mod 2^64
