@@ -36,13 +36,16 @@ class PackedBatch:
 
     def __post_init__(self) -> None:
         cu = _checks.check_cu_seqlens(self.cu_seqlens, None, None)
+        self.cu_seqlens = cu
         device = cu.device
-        lengths = cu[1:] - cu[:-1]
+        # T (and the longest length) are read from the device once, here, never per access.
         if self.max_seqlen is None:
-            self.max_seqlen = int(lengths.max())
+            longest, total = torch.stack([(cu[1:] - cu[:-1]).max(), cu[-1]]).tolist()
+            self.max_seqlen = int(longest)
         else:
             self.max_seqlen = _checks.check_max_seqlen(self.max_seqlen, cu)
-        total = self.total_tokens
+            total = int(cu[-1])
+        self._total_tokens = int(total)
         if self.position_ids is not None:
             pos = _checks.check_tensor(self.position_ids, "position_ids",
                                        dtypes=(torch.int32, torch.int64), device=device)
@@ -179,7 +182,7 @@ class PackedBatch:
 
     @property
     def total_tokens(self) -> int:
-        return int(self.cu_seqlens[-1])
+        return self._total_tokens
 
     @property
     def lengths(self) -> torch.Tensor:
