@@ -619,3 +619,20 @@ def test_native_ops_trace_with_torch_compile():
     out.sum().backward()
     ref_out.sum().backward()
     assert torch.equal(x1.grad, x2.grad) and torch.equal(p1.grad, p2.grad)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("triton", "native") if b in embedkit.available_backends("masked_mean")])
+def test_masked_mean_with_pool_mask_compiles_to_the_eager_values(backend):
+    """Compiled == eager with a pool mask and cu_seqlens captured from the enclosing scope (tensors made
+    contiguous outside the custom op once changed what the compiled graph computed)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(15, 8)
+    cu = cu_of([4, 9, 2], CPU)
+    pool_mask = torch.rand(15) > 0.3
+    pool_mask[[0, 4, 13]] = True
+    with embedkit.use_backend(backend):
+        eager = embedkit.masked_mean(hidden, cu, pool_mask)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: embedkit.masked_mean(x, cu, pool_mask), fullgraph=True,
+                                 backend="aot_eager")(hidden)
+    assert torch.equal(compiled, eager)

@@ -172,7 +172,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     and, with return_lse, lse fp32 [Hq, T] (natural log). Differentiable in q, k, v (and through
     lse).
     """
-    max_seqlen, scale, cu_seqlens = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
+    # cu_seqlens goes to the custom op as given; the launchers make it contiguous at run time.
+    max_seqlen, scale, _ = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale,

@@ -19,6 +19,10 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 @torch.library.custom_op("embedkit::masked_mean_fwd", mutates_args=())
 def _fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor | None,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Contiguity is made here, on the real tensors: copies made outside the custom op changed what
+    # torch.compile's graph computed.
+    cu_seqlens = cu_seqlens.contiguous()
+    pool_mask = None if pool_mask is None else pool_mask.contiguous()
     if backend == "native":
         mask = None if pool_mask is None else pool_mask.view(torch.uint8)
         return _native.masked_mean(hidden, cu_seqlens, mask)
@@ -66,8 +70,8 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     hidden = _checks.check_float(hidden, "hidden", ndim=2, allowed=_FLOATS + (torch.float64,))
     dev = hidden.device
     total = hidden.shape[0]
-    cu = _checks.check_cu_seqlens(cu_seqlens, total, dev).contiguous()
-    pool_mask = _checks.check_pool_mask(pool_mask, cu, total, dev)
+    cu = _checks.check_cu_seqlens(cu_seqlens, total, dev)
+    _checks.check_pool_mask(pool_mask, cu, total, dev)
     backend = _dispatch.resolve(OP, dev)
     if backend == "reference":
         return reference.masked_mean(hidden, cu, pool_mask)
@@ -76,5 +80,4 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                         "got float64 (use backend 'reference' for float64)")
     if (hidden.shape[1] > 1 and hidden.stride(1) != 1) or (total > 1 and hidden.stride(0) < hidden.shape[1]):
         hidden = hidden.contiguous()  # the kernels take strided rows, not strided or overlapping columns
-    mask = None if pool_mask is None else pool_mask.contiguous()
-    return _fwd(hidden, cu, mask, backend)[0]
+    return _fwd(hidden, cu_seqlens, pool_mask, backend)[0]

@@ -116,7 +116,9 @@ def pool_project(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.T
     pool_mask [T] bool (True = pooled); out_dim <= D_out. Returns [B, out_dim] in hidden's dtype,
     L2-normalized when `normalize`. Differentiable in hidden, weight and bias.
     """
-    out_dim, cu_seqlens, pool_mask = _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim)
+    # The caller's tensors go to the custom op as they are (the launchers make them contiguous at run
+    # time): passing validation's .contiguous() results changes what torch.compile's graph computes.
+    out_dim = _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim)[0]
     backend = _dispatch.resolve(OP, hidden.device)
     if backend == "reference":
         return reference.pool_project(hidden, cu_seqlens, weight, bias, pool_mask=pool_mask,
