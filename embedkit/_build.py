@@ -1,20 +1,32 @@
-"""Builds the csrc libraries with CMake (`embedkit build`, and the tests' fixture).
+"""Builds the csrc libraries in place with CMake (`embedkit build`, and the tests' fixture).
 
-The CMake build tree goes to build/native/ (build/native-cpu/ for a CPU-only build) in the source
-checkout; the libraries go to the folder the loader reads (embedkit/_lib/, or $EMBEDKIT_NATIVE_DIR).
+`pip install .` / a wheel build runs the same CMakeLists.txt through scikit-build-core; this module is
+for rebuilding in a source checkout (after editing csrc/, or to pick other CUDA architectures). The
+CMake build tree goes to build/native/ (build/native-cpu/ for a CPU-only build); the libraries go to
+the folder the loader reads (embedkit/_lib/, or $EMBEDKIT_NATIVE_DIR).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
-DEFAULT_CUDA_ARCHITECTURES = "80;90a"
+ENV_DIR = "EMBEDKIT_NATIVE_DIR"  # the library folder; CMake's variable has the same name
 
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def default_cuda_architectures() -> str:
+    """The default CUDA architectures, as CMakeLists.txt defines them (the one place they live)."""
+    text = (repo_root() / "CMakeLists.txt").read_text()
+    found = re.search(r'set\(EMBEDKIT_DEFAULT_CUDA_ARCHITECTURES\s+"([^"]+)"\)', text)
+    if found is None:
+        raise RuntimeError("CMakeLists.txt does not set EMBEDKIT_DEFAULT_CUDA_ARCHITECTURES")
+    return found.group(1)
 
 
 def find_nvcc() -> str | None:
@@ -62,10 +74,10 @@ def build(*, cuda: bool | None = None, arch: str | None = None, build_dir: str |
     build_dir = Path(build_dir) if build_dir else root / "build" / ("native" if use_cuda else "native-cpu")
     lib_dir = Path(lib_dir) if lib_dir else _native.lib_dir()
     configure = [cmake, "-S", str(root), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={build_type}",
-                 f"-DEMBEDKIT_LIB_DIR={lib_dir.resolve()}", f"-DEMBEDKIT_CUDA={'ON' if use_cuda else 'OFF'}"]
+                 f"-D{ENV_DIR}={lib_dir.resolve()}", f"-DEMBEDKIT_CUDA={'ON' if use_cuda else 'OFF'}"]
     if use_cuda:
         configure += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
-                      f"-DCMAKE_CUDA_ARCHITECTURES={arch or DEFAULT_CUDA_ARCHITECTURES}"]
+                      f"-DCMAKE_CUDA_ARCHITECTURES={arch or default_cuda_architectures()}"]
     targets = ["embedkit_cpu"] + (["embedkit_cuda"] if use_cuda else [])
     compile_ = [cmake, "--build", str(build_dir), "--parallel", str(jobs or os.cpu_count() or 1),
                 "--target", *targets]
