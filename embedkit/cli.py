@@ -162,7 +162,7 @@ def _cmd_build(args) -> int:
     from ._build import build
 
     if args.arch is not None and not _ARCH.match(args.arch):
-        raise UsageError(f'--arch {args.arch!r}: expected CUDA architectures in CMake syntax, e.g. "80;90a"')
+        raise UsageError(f'--arch {args.arch!r}: expected CUDA architectures in CMake syntax, e.g. "90a" or "86;90a"')
     try:
         libs = build(cuda=args.cuda, arch=args.arch, build_dir=args.build_dir, lib_dir=args.lib_dir,
                      jobs=args.jobs, verbose=args.verbose)
