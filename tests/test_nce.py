@@ -346,7 +346,19 @@ def _good():
     (dict(mrl_dims=[0, 8]), ValueError, "mrl_dims"),
     (dict(mrl_dims=8), TypeError, "mrl_dims"),
     (dict(mrl_dims=[4, 8], mrl_weights=[1.0]), ValueError, "mrl_weights"),
-    (dict(query_ids=torch.zeros(4, dtype=torch.int32)), TypeError, "query_ids"),
+    (dict(temperature=torch.tensor(float("inf"))), ValueError, "temperature"),
+    (dict(temperature=torch.tensor(float("nan"))), ValueError, "temperature"),
+    (dict(temperature=torch.tensor(float("inf"), dtype=torch.float16)), ValueError, "temperature"),
+    (dict(mrl_dims=[4, 8], mrl_weights=[1.0, float("nan")]), ValueError, "mrl_weights"),
+    (dict(mrl_dims=[4, 8], mrl_weights=[float("inf"), 1.0]), ValueError, "mrl_weights"),
+    (dict(mrl_weights=[float("-inf")]), ValueError, "mrl_weights"),
+    (dict(mrl_dims=[4, 8], mrl_weights=[1.0, "2"]), TypeError, "mrl_weights"),
+    (dict(mrl_dims=[4.0, 8]), TypeError, "mrl_dims"),
+    (dict(mrl_dims=[True, 8]), TypeError, "mrl_dims"),
+    (dict(mrl_dims="48"), TypeError, "mrl_dims"),
+    (dict(query_ids=torch.zeros(4)), TypeError, "query_ids"),
+    (dict(query_ids=torch.zeros(4, dtype=torch.bool)), TypeError, "query_ids"),
+    (dict(target_ids=torch.zeros(3, dtype=torch.int32)), ValueError, "target_ids"),
     (dict(query_ids=torch.zeros(5, dtype=torch.int64)), ValueError, "query_ids"),
     (dict(target_ids=torch.zeros(4, 1, dtype=torch.int64)), ValueError, "target_ids"),
     (dict(target_ids=[0, 1, 2, 3]), TypeError, "target_ids"),
@@ -359,6 +371,82 @@ def test_bad_inputs(backend, kwargs, exc, words):
     args.update(kwargs)
     with embedkit.use_backend(backend), pytest.raises(exc, match=words):
         embedkit.nce_loss(args.pop("query"), args.pop("target"), **args)
+
+
+# ---- precision and input forms (issue 13, part 4) --------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_fp16_zero_rows_give_a_finite_loss_equal_across_backends(backend):
+    """An all-zero fp16 query and target row: F.normalize's eps (1e-12) underflows to 0 in fp16, so a
+    normalization in fp16 gives 0 / 0 = NaN for the whole loss. Normalized in fp32 (as the kernels do),
+    the zero row has cosine 0 with everything: a finite loss, equal on every backend, and finite
+    gradients for every other row. Held against the fp32 loss of the same (fp16-valued) inputs."""
+    g = torch.Generator().manual_seed(4)
+    q, t = torch.randn(6, 16, generator=g).half(), torch.randn(6, 16, generator=g).half()
+    q[2] = 0
+    t[4] = 0
+    q, t = q.to(DEVICE), t.to(DEVICE)
+    x16 = [q.clone().requires_grad_(), t.clone().requires_grad_()]
+    x32 = [q.float().requires_grad_(), t.float().requires_grad_()]
+    with embedkit.use_backend(backend):
+        loss = embedkit.nce_loss(*x16, symmetric=True, reduction="none")
+    with embedkit.use_backend("reference"):
+        want = embedkit.nce_loss(*x32, symmetric=True, reduction="none")
+    assert torch.isfinite(loss).all(), loss
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    go = torch.randn(6, generator=g).to(DEVICE)
+    got_g, want_g = torch.autograd.grad(loss, x16, go), torch.autograd.grad(want, x32, go)
+    for name, a, w, zero in (("d_query", got_g[0], want_g[0], 2), ("d_target", got_g[1], want_g[1], 4)):
+        keep = torch.arange(6, device=DEVICE) != zero  # the zero row's gradient is x / eps: huge by definition
+        assert torch.isfinite(a[keep]).all(), name
+        torch.testing.assert_close(a[keep].float(), w[keep], rtol=2e-3, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_fp16_tensor_temperature_is_inverted_in_fp32(backend):
+    """A 0-dim fp16 temperature: 1/tau is taken in fp32 (in fp16, 1 / 0.0123 is off by up to 2^-11
+    relative, and the loss with it). Same loss as the fp32 tensor of the same value; the gradient
+    arrives in fp16."""
+    g = torch.Generator().manual_seed(6)
+    q, t = torch.randn(9, 16, generator=g).to(DEVICE), torch.randn(9, 16, generator=g).to(DEVICE)
+    t16 = torch.tensor(0.0123, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    t32 = t16.detach().float().requires_grad_()
+    with embedkit.use_backend(backend):
+        a = embedkit.nce_loss(q, t, temperature=t16, reduction="sum")
+        b = embedkit.nce_loss(q, t, temperature=t32, reduction="sum")
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
+    a.backward()
+    b.backward()
+    assert t16.grad.dtype == torch.float16
+    torch.testing.assert_close(t16.grad.float(), t32.grad.half().float(), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_ids_of_any_integer_dtype_and_numpy_mrl_dims(backend):
+    """ids as int32 / int16 / int8 / uint8 mean what their int64 values mean; mrl_dims / mrl_weights as
+    NumPy numbers (or an array) mean what the Python numbers mean."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(8)
+    q, t = torch.randn(10, 16, generator=g).to(DEVICE), torch.randn(10, 16, generator=g).to(DEVICE)
+    qid = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 200], device=DEVICE)
+    tid = torch.tensor([9, 8, 8, 7, 6, 5, 4, 3, 2, 1], device=DEVICE)
+    with embedkit.use_backend(backend):
+        want = embedkit.nce_loss(q, t, query_ids=qid, target_ids=tid, mrl_dims=[8, 16], mrl_weights=[0.5, 1.0],
+                                 reduction="none")
+        for dt in (torch.int32, torch.int16, torch.uint8):
+            got = embedkit.nce_loss(q, t, query_ids=qid.to(dt), target_ids=tid.to(dt), mrl_dims=[8, 16],
+                                    mrl_weights=[0.5, 1.0], reduction="none")
+            assert torch.equal(got, want), dt
+        got = embedkit.nce_loss(q, t, query_ids=qid.clamp(max=100).to(torch.int8),
+                                target_ids=tid, mrl_dims=[8, 16], mrl_weights=[0.5, 1.0], reduction="none")
+        torch.testing.assert_close(got, want)  # 200 -> 100 is still a unique id
+        for dims, weights in (((np.int64(8), np.int32(16)), (np.float32(0.5), np.float64(1.0))),
+                              (np.array([8, 16]), np.array([0.5, 1.0])),
+                              (torch.tensor([8, 16]), [0.5, torch.tensor(1.0)])):
+            got = embedkit.nce_loss(q, t, query_ids=qid, target_ids=tid, mrl_dims=dims, mrl_weights=weights,
+                                    reduction="none")
+            assert torch.equal(got, want), (dims, weights)
 
 
 def test_float64_on_kernel_backend_is_a_clear_error():
