@@ -216,79 +216,205 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int,
 
 
 # ---- nce_loss -----------------------------------------------------------------------------------
-# Tiled: rows are processed in chunks, each under activation checkpointing, so forward AND backward
-# hold one [chunk, candidates] logit block at a time (memory O(B * chunk), never [B, B]).
+# Tiled: rows are processed in chunks of at most _NCE_CHUNK_ELEMENTS logits; forward and backward walk
+# the same chunks and hold one [chunk, candidates] logit block at a time (memory O(B * chunk), never
+# [B, B]). The block lives in buffers allocated once per (direction, level) and rewritten in place, so
+# the process's peak RSS stays O(B) under any allocator (thousands of short-lived chunk temporaries,
+# as activation checkpointing makes, fragment glibc's heap into an O(B^2) resident set).
 
 _NCE_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32)
 
 
+def _nce_rank_offsets(sizes):
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+def _gather_rows(x: torch.Tensor, group, sizes) -> torch.Tensor:
+    """Every rank's x concatenated along dim 0; rank r holds sizes[r] rows. Unequal sizes are padded to
+    the largest for the collective (all_gather needs equal shapes) and trimmed after."""
+    import torch.distributed as dist
+
+    n = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] < n:
+        x = torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    if all(s == n for s in sizes):
+        return torch.cat(parts, dim=0)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
 class _AllGather(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient of this rank's rows
-    (so gradients return to the rank that owns the rows)."""
+    """all_gather along dim 0 (rank r contributes sizes[r] rows) whose backward sums every rank's
+    gradient of this rank's rows (so gradients return to the rank that owns the rows)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        import torch.distributed as dist
-
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, tuple(sizes)
+        return _gather_rows(x, group, sizes)
 
     @staticmethod
     def backward(ctx, grad):
         import torch.distributed as dist
 
-        group = ctx.group
+        group, sizes = ctx.group, ctx.sizes
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         grad = grad.contiguous()
-        n = grad.shape[0] // world
+        n = max(sizes)
+        if all(s == n for s in sizes):
+            padded = grad
+        else:  # rank r's rows at [r * n, r * n + sizes[r]): the layout reduce_scatter / slicing expects
+            padded = grad.new_zeros(world, n, *grad.shape[1:])
+            for r, (o, s) in enumerate(zip(_nce_rank_offsets(sizes), sizes)):
+                padded[r, :s] = grad[o:o + s]
+            padded = padded.reshape(world * n, *grad.shape[1:])
         if dist.get_backend(group) == "nccl":
             out = torch.empty(n, *grad.shape[1:], dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad, group=group)
-            return out, None
-        dist.all_reduce(grad, group=group)  # gloo has no reduce_scatter
-        return grad[rank * n:(rank + 1) * n].clone(), None
+            dist.reduce_scatter_tensor(out, padded, group=group)
+            return out[:sizes[rank]], None, None
+        dist.all_reduce(padded, group=group)  # gloo has no reduce_scatter
+        return padded[rank * n:rank * n + sizes[rank]].clone(), None, None
 
 
-def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenation of every rank's x (equal shapes) along dim 0, differentiable."""
-    if x.requires_grad:
-        return _AllGather.apply(x, group)
+def all_gather_with_grad(x: torch.Tensor, group, sizes=None) -> torch.Tensor:
+    """Concatenation of every rank's x along dim 0, differentiable. sizes[r]: rank r's number of rows
+    (None: every rank has x.shape[0])."""
     import torch.distributed as dist
 
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    if sizes is None:
+        sizes = [x.shape[0]] * dist.get_world_size(group)
+    if x.requires_grad:
+        return _AllGather.apply(x, group, sizes)
+    return _gather_rows(x, group, sizes)
 
 
-def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, diag_offset):
-    """[r1 - r0, N] bool: candidate j dropped from row i (ids match and j is not i's positive)."""
+def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, diag_offset, out=None, scratch=None):
+    """[r1 - r0, N] bool: candidate j dropped from row i (ids match and j is not i's positive), or None
+    without ids. Written into `out` (and `scratch`) when given."""
     drop = None
-    if ids_a_r is not None:
-        drop = ids_a_r[r0:r1, None] == ids_a_c[None, :]
-    if ids_b_r is not None:
-        same_b = ids_b_r[r0:r1, None] == ids_b_c[None, :]
-        drop = same_b if drop is None else drop | same_b
+    for ids_r, ids_c in ((ids_a_r, ids_a_c), (ids_b_r, ids_b_c)):
+        if ids_r is None:
+            continue
+        if drop is None:
+            drop = torch.eq(ids_r[r0:r1, None], ids_c[None, :], **({} if out is None else {"out": out}))
+        elif scratch is None:
+            drop = drop | (ids_r[r0:r1, None] == ids_c[None, :])
+        else:
+            drop.logical_or_(torch.eq(ids_r[r0:r1, None], ids_c[None, :], out=scratch))
     if drop is not None:
         drop.diagonal(r0 + diag_offset).fill_(False)
     return drop
 
 
-def _nce_chunk(r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n):
-    """Per-row loss of rows [r0, r1) at one level (normalized inputs), in the accumulation dtype."""
-    acc = _acc_dtype(cands_n.dtype)
-    rn = rows_n[r0:r1] * inv_temp  # scaling the [chunk, d] rows is cheaper than the [chunk, N] logits
-    logits = (rn @ cands_n.t()).to(acc)
-    pos = logits.diagonal(r0 + diag_offset)
-    drop = _nce_pair_mask(*ids, r0, r1, diag_offset)
-    parts = [logits if drop is None else logits.masked_fill(drop, float("-inf"))]
+def _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n):
+    """The logits of rows [r0, r1) (normalized inputs, accumulation dtype), masked: written into the
+    chunk buffers `bufs` and returned as [candidates (masked), shared negatives, own negatives] blocks
+    (absent ones omitted). s = cos / temperature; target j != i is -inf when ids match. Forward and
+    backward call this same function, so the backward's scores are bit-identical to the forward's."""
+    c = r1 - r0
+    rows_c = rows_n[r0:r1]
+    logits = torch.mm(rows_c, cands_n.t(), out=bufs["cands"][:c]).mul_(inv_temp)
+    drop = _nce_pair_mask(*ids, r0, r1, diag_offset, out=bufs["drop"][:c] if "drop" in bufs else None,
+                          scratch=bufs["scratch"][:c] if "scratch" in bufs else None)
+    parts = [logits if drop is None else logits.masked_fill_(drop, float("-inf"))]
     if shared_n is not None:
-        parts.append((rn @ shared_n.t()).to(acc))
+        parts.append(torch.mm(rows_c, shared_n.t(), out=bufs["shared"][:c]).mul_(inv_temp))
     if row_neg_n is not None:
-        parts.append(torch.einsum("md,mkd->mk", rn, row_neg_n[r0:r1]).to(acc))
-    return torch.logsumexp(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), dim=1) - pos
+        parts.append(torch.bmm(row_neg_n[r0:r1], rows_c[:, :, None], out=bufs["own"][:c, :, None])[:, :, 0]
+                     .mul_(inv_temp))
+    return parts
+
+
+def _nce_buffers(rows_n, cands_n, shared_n, row_neg_n, ids, chunk):
+    new = dict(dtype=rows_n.dtype, device=rows_n.device)
+    n_ids = sum(i is not None for i in ids[:2])
+    bufs = {"cands": torch.empty(chunk, cands_n.shape[0], **new)}
+    if n_ids:
+        bufs["drop"] = torch.empty(chunk, cands_n.shape[0], dtype=torch.bool, device=rows_n.device)
+    if n_ids == 2:
+        bufs["scratch"] = torch.empty_like(bufs["drop"])
+    if shared_n is not None:
+        bufs["shared"] = torch.empty(chunk, shared_n.shape[0], **new)
+    if row_neg_n is not None:
+        bufs["own"] = torch.empty(chunk, row_neg_n.shape[1], **new)
+    return bufs
+
+
+class _NCELevel(torch.autograd.Function):
+    """Per-row loss [M] of one direction at one MRL level, on normalized inputs (accumulation dtype):
+    loss_i = logsumexp_j s_ij - s_i,pos over the unmasked candidates (see _nce_chunk).
+
+    The backward is the exact derivative, chunk by chunk over the same blocks: with
+    P = softmax(s) (masked entries 0) and dS = g (P - onehot(pos)),
+      d rows = (1/tau) dS [C; S; own],   d cands = (1/tau) dS^T rows,   d (1/tau) = sum(dS * cos),
+    where the last uses sum_ij dS_ij cos_ij = sum_i <rows_i, (dS [C; S; own])_i> (no [B, B] product).
+    A row whose only candidate is its positive has P = onehot exactly, hence dS = 0 exactly."""
+
+    @staticmethod
+    def forward(ctx, rows_n, cands_n, shared_n, row_neg_n, inv_temp, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                diag_offset, chunk):
+        ids = (ids_a_r, ids_b_r, ids_a_c, ids_b_c)
+        M = rows_n.shape[0]
+        bufs = _nce_buffers(rows_n, cands_n, shared_n, row_neg_n, ids, chunk)
+        lse = rows_n.new_empty(M)
+        pos = rows_n.new_empty(M)
+        for r0 in range(0, M, chunk):
+            r1 = min(M, r0 + chunk)
+            parts = _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n)
+            pos[r0:r1] = parts[0].diagonal(r0 + diag_offset)
+            # logsumexp over the blocks without concatenating them: max, then exp in place.
+            top = parts[0].amax(dim=1)
+            for p in parts[1:]:
+                top = torch.maximum(top, p.amax(dim=1))
+            total = sum(p.sub_(top[:, None]).exp_().sum(dim=1) for p in parts)
+            lse[r0:r1] = top + total.log()
+        temp_t = inv_temp if isinstance(inv_temp, torch.Tensor) else None
+        ctx.save_for_backward(rows_n, cands_n, shared_n, row_neg_n, temp_t, *ids, lse)
+        ctx.args = (diag_offset, chunk, inv_temp if temp_t is None else None)
+        return lse - pos
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows_n, cands_n, shared_n, row_neg_n, temp_t, *ids, lse = ctx.saved_tensors
+        diag_offset, chunk, inv_temp = ctx.args
+        inv_temp = temp_t.detach() if temp_t is not None else inv_temp
+        ids = tuple(ids)
+        M = rows_n.shape[0]
+        g = grad.to(rows_n.dtype)
+        bufs = _nce_buffers(rows_n, cands_n, shared_n, row_neg_n, ids, chunk)
+        d_rows = torch.empty_like(rows_n)           # (dS [C; S; own]) per row, scaled by 1/tau at the end
+        d_cands = torch.zeros_like(cands_n)
+        d_shared = torch.zeros_like(shared_n) if shared_n is not None else None
+        d_own = torch.empty_like(row_neg_n) if row_neg_n is not None else None
+        for r0 in range(0, M, chunk):
+            r1 = min(M, r0 + chunk)
+            rows_c = rows_n[r0:r1]
+            parts = _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n)
+            for p in parts:  # dS = g * P, in place
+                p.sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+            parts[0].diagonal(r0 + diag_offset).sub_(g[r0:r1])  # minus g at the positive
+            out = torch.mm(parts[0], cands_n, out=d_rows[r0:r1])
+            d_cands.addmm_(parts[0].t(), rows_c)
+            k = 1
+            if shared_n is not None:
+                out.addmm_(parts[k], shared_n)
+                d_shared.addmm_(parts[k].t(), rows_c)
+                k += 1
+            if row_neg_n is not None:
+                out += torch.bmm(parts[k][:, None, :], row_neg_n[r0:r1])[:, 0]
+                torch.mul(parts[k][:, :, None], rows_c[:, None, :], out=d_own[r0:r1])
+        d_temp = (d_rows * rows_n).sum().reshape(temp_t.shape) if (
+            temp_t is not None and ctx.needs_input_grad[4]) else None
+        grads = [d_rows, d_cands, d_shared, d_own]
+        grads = [x.mul_(inv_temp) if x is not None else None for x in grads]
+        return (*grads, d_temp, None, None, None, None, None, None)
+
+
+def _nce_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12) along the last dim, in the accumulation dtype (fp32 for fp16 / bf16,
+    whose eps would underflow to 0 and turn a zero row into NaN)."""
+    return F.normalize(x.to(_acc_dtype(x.dtype)), dim=-1)
 
 
 def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None,
@@ -298,42 +424,42 @@ def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Ten
 
     rows [M, D] against candidates cands [N, D] (row i's positive is cands[i + diag_offset]),
     shared_neg [S, D] (extra candidates of every row, never masked), row_neg [M, K, D] (row i's own
-    negatives). ids_*: int64 query ids (a) / target ids (b) of rows (r) and candidates (c), or None.
+    negatives). ids_*: integer query ids (a) / target ids (b) of rows (r) and candidates (c), or None.
+    temperature: a float or a 0-dim tensor; 1/temperature is taken in the accumulation dtype (fp32,
+    fp64 for fp64 inputs), where all the arithmetic runs.
     """
-    from torch.utils.checkpoint import checkpoint
-
     M = rows.shape[0]
-    N = cands.shape[0] + (shared_neg.shape[0] if shared_neg is not None else 0) + \
-        (row_neg.shape[1] if row_neg is not None else 0)
+    N = cands.shape[0] + (shared_neg.shape[0] if shared_neg is not None else 0)
     chunk = chunk_rows or max(1, min(M, _NCE_CHUNK_ELEMENTS // max(1, N)))
-    ids = (ids_a_r, ids_b_r, ids_a_c, ids_b_c)
-    inv_temp = 1.0 / temperature
+    chunk = min(chunk, M)
+    acc = _acc_dtype(rows.dtype)
+    if isinstance(temperature, torch.Tensor):
+        inv_temp = 1.0 / temperature.to(acc)
+    else:
+        inv_temp = 1.0 / float(temperature)
     total = None
     for d, w in zip(dims, weights):
-        rows_n = F.normalize(rows[:, :d], dim=-1)
-        cands_n = F.normalize(cands[:, :d], dim=-1)
-        shared_n = F.normalize(shared_neg[:, :d], dim=-1) if shared_neg is not None else None
-        row_neg_n = F.normalize(row_neg[..., :d], dim=-1) if row_neg is not None else None
-        per_row = []
-        for r0 in range(0, M, chunk):
-            r1 = min(M, r0 + chunk)
-            if torch.is_grad_enabled():
-                per_row.append(checkpoint(_nce_chunk, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n,
-                                          shared_n, row_neg_n, use_reentrant=False))
-            else:
-                per_row.append(_nce_chunk(r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n,
-                                          row_neg_n))
-        level = torch.cat(per_row) * w
+        rows_n = _nce_normalize(rows[:, :d])
+        cands_n = _nce_normalize(cands[:, :d])
+        shared_n = _nce_normalize(shared_neg[:, :d]) if shared_neg is not None else None
+        row_neg_n = _nce_normalize(row_neg[..., :d]) if row_neg is not None else None
+        level = _NCELevel.apply(rows_n, cands_n, shared_n, row_neg_n, inv_temp, ids_a_r, ids_b_r, ids_a_c,
+                                ids_b_c, int(diag_offset), chunk) * w
         total = level if total is None else total + level
     return total
 
 
 def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, query_ids=None,
                 target_ids=None, symmetric=False, shared_negatives=False, mrl_dims=None, mrl_weights=None,
-                reduction="mean", group=None):
+                reduction="mean", group=None, rank_sizes=None):
     """The NCE loss from a one-direction implementation `direction` (same signature as
     nce_direction minus chunk_rows): gathers candidates across `group`, adds the symmetric
-    direction, reduces. Shared by every backend."""
+    direction, reduces. Shared by every backend.
+
+    rank_sizes[r]: rank r's number of rows B_r (None: every rank has this rank's B). Rank r's rows
+    are rows [sum(B_<r), sum(B_<=r)) of the global batch of N = sum(B_r) rows. With a group,
+    "mean" is sum(this rank's row losses) * world / N: the ranks' losses average to the global mean
+    (for equal B, each rank's own mean), so DDP's gradient averaging gives the global-batch gradient."""
     B, D = query.shape
     dims = tuple(mrl_dims) if mrl_dims is not None else (D,)
     weights = tuple(float(w) for w in mrl_weights) if mrl_weights is not None else (1.0,) * len(dims)
@@ -344,16 +470,21 @@ def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, q
     if group is not None:
         import torch.distributed as dist
 
-        offset = dist.get_rank(group) * B
-        all_t = all_gather_with_grad(target, group)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = list(rank_sizes) if rank_sizes is not None else [B] * world
+        if len(sizes) != world or sizes[rank] != B:
+            raise ValueError(f"rank_sizes must list every rank's B ({world} entries, this rank's = {B}), "
+                             f"got {sizes}")
+        offset = sum(sizes[:rank])
+        all_t = all_gather_with_grad(target, group, sizes)
         if symmetric:
-            all_q = all_gather_with_grad(query, group)
+            all_q = all_gather_with_grad(query, group, sizes)
         if query_ids is not None:
-            all_qid = all_gather_with_grad(query_ids, group)
+            all_qid = all_gather_with_grad(query_ids, group, sizes)
         if target_ids is not None:
-            all_tid = all_gather_with_grad(target_ids, group)
+            all_tid = all_gather_with_grad(target_ids, group, sizes)
         if shared is not None:
-            shared = all_gather_with_grad(shared, group)
+            shared = all_gather_with_grad(shared, group, [s * K for s in sizes])
     row_neg = negatives if (negatives is not None and not shared_negatives and K > 0) else None
     if shared is not None and shared.shape[0] == 0:
         shared = None
@@ -364,6 +495,8 @@ def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, q
                          temperature, dims, weights)
         loss = (loss + back) * 0.5
     if reduction == "mean":
+        if group is not None:
+            return loss.sum() * (len(sizes) / sum(sizes))
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
@@ -373,10 +506,10 @@ def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, q
 def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
              temperature=0.05, query_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
              symmetric: bool = False, shared_negatives: bool = False, mrl_dims=None, mrl_weights=None,
-             reduction: str = "mean", group=None) -> torch.Tensor:
+             reduction: str = "mean", group=None, rank_sizes=None) -> torch.Tensor:
     """Tiled pure-torch NCE loss (embedkit.ops.nce_loss's semantics); the loss is in fp32 (fp64
-    for fp64 inputs), the matmuls in the inputs' dtype."""
+    for fp64 inputs), as is all the arithmetic (inputs are normalized in fp32)."""
     return nce_combine(nce_direction, query, target, negatives=negatives, temperature=temperature,
                        query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
                        shared_negatives=shared_negatives, mrl_dims=mrl_dims, mrl_weights=mrl_weights,
-                       reduction=reduction, group=group)
+                       reduction=reduction, group=group, rank_sizes=rank_sizes)
