@@ -64,8 +64,8 @@ def _load_rows(base, stride_t, offs_t, t_ok, offs_d, D, COS, SIN, HALF, ROTARY: 
         partner = tl.where(first, offs_d + HALF, offs_d - HALF)
         xp = tl.load(base + row + partner[None, :], mask=rot, other=0.0).to(tl.float32)
         tab = offs_t[:, None].to(tl.int64) * HALF + tl.where(first, offs_d, offs_d - HALF)[None, :]
-        c = tl.load(COS + tab, mask=rot, other=1.0)
-        s = tl.load(SIN + tab, mask=rot, other=0.0)
+        c = tl.load(COS + tab, mask=rot, other=1.0).to(tl.float32)
+        s = tl.load(SIN + tab, mask=rot, other=0.0).to(tl.float32)
         x = x * c + tl.where(first, -1.0, 1.0)[None, :] * xp * s
     return x
 
@@ -91,8 +91,8 @@ def _unrotate(acc, offs_t, t_ok, offs_d, COS, SIN, HALF, BLOCK: tl.constexpr, HE
     first = offs_d < HALF
     rot = t_ok[:, None] & (offs_d < 2 * HALF)[None, :]
     tab = offs_t[:, None].to(tl.int64) * HALF + tl.where(first, offs_d, offs_d - HALF)[None, :]
-    c = tl.load(COS + tab, mask=rot, other=1.0)
-    s = tl.load(SIN + tab, mask=rot, other=0.0)
+    c = tl.load(COS + tab, mask=rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + tab, mask=rot, other=0.0).to(tl.float32)
     return acc * c + tl.where(first, 1.0, -1.0)[None, :] * swapped * s
 
 
@@ -477,7 +477,11 @@ def _rotary_args(rotary, q):
     if rotary is None:
         return q, q, 0, False
     cos, sin = rotary
-    return cos.float().contiguous(), sin.float().contiguous(), cos.shape[-1], True
+    # Tables of any float dtype are read as given and widened in registers: half-precision tables
+    # (e.g. built once per batch in the activations' dtype) halve the table bytes; no per-call cast.
+    if cos.dtype == torch.float64:
+        cos, sin = cos.float(), sin.float()
+    return cos.contiguous(), sin.contiguous(), cos.shape[-1], True
 
 
 def _grid_seqlen(max_seqlen: int, T: int) -> int:
@@ -489,15 +493,20 @@ def _grid_seqlen(max_seqlen: int, T: int) -> int:
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_seqlen: int, causal: bool, softmax_scale: float,
-                  rotary: tuple[torch.Tensor, torch.Tensor] | None):
-    """Returns (out [T, Hq, D] in q's dtype, lse fp32 [Hq, T])."""
+                  rotary: tuple[torch.Tensor, torch.Tensor] | None, *, out: torch.Tensor | None = None,
+                  lse: torch.Tensor | None = None):
+    """Returns (out [T, Hq, D] in q's dtype, lse fp32 [Hq, T]). `out` / `lse` may be given
+    (contiguous in the last dim), e.g. views into a larger buffer whose bounds a test watches."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     cu_seqlens = cu_seqlens.contiguous()  # the kernels index it with stride 1
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1
-    out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
+    assert out.shape == (T, Hq, D) and out.stride(-1) == 1 and lse.shape == (Hq, T) and lse.is_contiguous()
     if T == 0 or B == 0:  # no sequence covers any row (B == 0 < T only with validation off)
         return out.zero_(), lse.zero_()
     max_seqlen = _grid_seqlen(max_seqlen, T)
@@ -518,16 +527,19 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
                   cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, softmax_scale: float,
-                  rotary: tuple[torch.Tensor, torch.Tensor] | None):
-    """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. Deterministic (no atomics)."""
+                  rotary: tuple[torch.Tensor, torch.Tensor] | None, *, dq: torch.Tensor | None = None,
+                  dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
+    """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. Deterministic (no atomics).
+    dq / dk / dv may be given (contiguous in the last dim; see attention_fwd)."""
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    assert all(g.shape == x.shape and g.stride(-1) == 1 for g, x in ((dq, q), (dk, k), (dv, v)))
     if T == 0 or B == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     max_seqlen = _grid_seqlen(max_seqlen, T)
