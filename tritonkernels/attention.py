@@ -64,8 +64,8 @@ def _load_rows(base, stride_t, offs_t, t_ok, offs_d, D, COS, SIN, HALF, ROTARY: 
         partner = tl.where(first, offs_d + HALF, offs_d - HALF)
         xp = tl.load(base + row + partner[None, :], mask=rot, other=0.0).to(tl.float32)
         tab = offs_t[:, None].to(tl.int64) * HALF + tl.where(first, offs_d, offs_d - HALF)[None, :]
-        c = tl.load(COS + tab, mask=rot, other=1.0)
-        s = tl.load(SIN + tab, mask=rot, other=0.0)
+        c = tl.load(COS + tab, mask=rot, other=1.0).to(tl.float32)
+        s = tl.load(SIN + tab, mask=rot, other=0.0).to(tl.float32)
         x = x * c + tl.where(first, -1.0, 1.0)[None, :] * xp * s
     return x
 
@@ -91,71 +91,119 @@ def _unrotate(acc, offs_t, t_ok, offs_d, COS, SIN, HALF, BLOCK: tl.constexpr, HE
     first = offs_d < HALF
     rot = t_ok[:, None] & (offs_d < 2 * HALF)[None, :]
     tab = offs_t[:, None].to(tl.int64) * HALF + tl.where(first, offs_d, offs_d - HALF)[None, :]
-    c = tl.load(COS + tab, mask=rot, other=1.0)
-    s = tl.load(SIN + tab, mask=rot, other=0.0)
+    c = tl.load(COS + tab, mask=rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + tab, mask=rot, other=0.0).to(tl.float32)
     return acc * c + tl.where(first, 1.0, -1.0)[None, :] * swapped * s
+
+
+@triton.jit
+def _attn_seq_bounds(cu_seqlens, seq, T):
+    """[start, end) of sequence `seq`, clamped into [0, T] with end >= start: with validation off a
+    bad cu_seqlens (negative, decreasing, last > T) gives wrong numbers, never an access outside
+    the tensors (the loads are scalar, the clamps free)."""
+    start = tl.load(cu_seqlens + seq)
+    end = tl.load(cu_seqlens + seq + 1)
+    start = tl.minimum(tl.maximum(start, 0), T)
+    end = tl.minimum(tl.maximum(end, start), T)
+    return start, end
+
+
+@triton.jit
+def _attn_zero_rows(base, stride_t, lo, hi, first, step, offs_d, D, BLOCK: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+    """Zero rows [lo, hi) of a [T, D] slice, tiles lo + first, lo + first + step, ...: the rows no
+    sequence covers (before cu_seqlens[0], after cu_seqlens[-1]; only with validation off) never
+    return uninitialised memory. No work when the range is empty (valid input)."""
+    zero = tl.zeros([BLOCK, HEAD_DIM], dtype=base.dtype.element_ty)
+    for r in range(lo + first, hi, step):
+        offs = r + tl.arange(0, BLOCK)
+        tl.store(base + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :], zero,
+                 mask=(offs < hi)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _attn_zero_vec(base, lo, hi, first, step, BLOCK: tl.constexpr):
+    zero = tl.zeros([BLOCK], dtype=base.dtype.element_ty)
+    for r in range(lo + first, hi, step):
+        offs = r + tl.arange(0, BLOCK)
+        tl.store(base + offs, zero, mask=offs < hi)
 
 
 # ---- forward ----------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                T, D, HALF, qk_scale, max_seqlen, LEN_BUCKET,
-                GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     T, D, HALF, qk_scale, max_seqlen, LEN_BUCKET, N_SEQ, HQ,
+                     GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile of one sequence, query head), on a 1-D grid with the query head
+    fastest: the GROUP heads sharing one kv head run as neighbouring programs, so a tile's K / V
+    come from DRAM once per group and from L2 for the rest of the group."""
     n_mtiles = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = pid // n_mtiles
-    start = tl.load(cu_seqlens + seq)
-    end = tl.load(cu_seqlens + seq + 1)
-    q_lo = start + (pid % n_mtiles) * BLOCK_M
-    if q_lo >= end:  # tile past this sequence's end: no work
-        return
+    head = pid % HQ
+    rest = pid // HQ
+    seq = rest // n_mtiles
+    tile = rest % n_mtiles
+    start, end = _attn_seq_bounds(cu_seqlens, seq, T)
     kv_head = head // GROUP
-    offs_m = q_lo + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < end
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q + head.to(tl.int64) * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF, ROTARY)
-    q = q.to(DOT_DTYPE)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    hi = end
-    if CAUSAL:
-        hi = tl.minimum(end, q_lo + BLOCK_M)
+    o_base = O + head.to(tl.int64) * stride_oh
+    lse_base = LSE + head.to(tl.int64) * T
+    step = n_mtiles * BLOCK_M
+    if seq == 0:
+        _attn_zero_rows(o_base, stride_ot, 0, start, tile * BLOCK_M, step, offs_d, D, BLOCK_M, HEAD_DIM)
+        _attn_zero_vec(lse_base, 0, start, tile * BLOCK_M, step, BLOCK_M)
+    if seq == N_SEQ - 1:
+        _attn_zero_rows(o_base, stride_ot, end, T, tile * BLOCK_M, step, offs_d, D, BLOCK_M, HEAD_DIM)
+        _attn_zero_vec(lse_base, end, T, tile * BLOCK_M, step, BLOCK_M)
     k_base = K + kv_head.to(tl.int64) * stride_kh
     v_base = V + kv_head.to(tl.int64) * stride_vh
-    for k_lo in range(start, hi, BLOCK_N):
-        offs_n = k_lo + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = _load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        valid = n_ok[None, :]
+    # One iteration for valid input (max_seqlen >= every length); more only when max_seqlen is too
+    # small (validation off), so that every row is still computed.
+    for q_lo in range(start + tile * BLOCK_M, end, step):
+        offs_m = q_lo + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        q = _load_rows(Q + head.to(tl.int64) * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF,
+                       ROTARY)
+        q = q.to(DOT_DTYPE)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        hi = end
         if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        # Every row sees its sequence's first key in the first block, so m_new is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PREC)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(O + head.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
-    tl.store(LSE + head.to(tl.int64) * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+            hi = tl.minimum(end, q_lo + BLOCK_M)
+        for k_lo in range(start, hi, BLOCK_N):
+            offs_n = k_lo + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            k = _load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                        mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            # qk_scale = softmax_scale * log2(e): the scale is folded into the exp2.
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+            # Every row sees its sequence's first key in the first block, so m_new is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PREC)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
+        tl.store(lse_base + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
 
 # ---- backward ---------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, T, D,
+def _attn_bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, T, D,
                            HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """delta[h, t] = sum_d dO * O - dlse[h, t]: the row term of dS = P * (dP - delta)."""
     offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -172,131 +220,172 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, SIN,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-                     T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
-                     GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                     FUSED_DQ: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key tile, kv head): dk, dv accumulated over the group's heads x query blocks.
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, SIN,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                          stride_dqt, stride_dqh,
+                          T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET, N_SEQ, HKV,
+                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
+                          HAS_DLSE: tl.constexpr, HALF_SWAP: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """One program per (key tile, kv head), kv head fastest: dk, dv accumulated over the group's
+    heads x query blocks.
 
     FUSED_DQ (every sequence fits in one query block and one key tile): the program sees all of its
     sequence's scores, so it also writes the complete dq of each head of its group -- each element
     once, no atomics -- and the separate dq kernel is skipped (q, k, v, dO read once in all)."""
     n_ntiles = tl.cdiv(max_seqlen, BLOCK_N)
     pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = pid // n_ntiles
-    start = tl.load(cu_seqlens + seq)
-    end = tl.load(cu_seqlens + seq + 1)
-    k_lo = start + (pid % n_ntiles) * BLOCK_N
-    if k_lo >= end:
-        return
-    offs_n = k_lo + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < end
+    kv_head = pid % HKV
+    rest = pid // HKV
+    seq = rest // n_ntiles
+    tile = rest % n_ntiles
+    start, end = _attn_seq_bounds(cu_seqlens, seq, T)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    k = _load_rows(K + kv_head.to(tl.int64) * stride_kh, stride_kt, offs_n, n_ok, offs_d, D,
-                         COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
-    v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
-                      + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    lo = start
-    if CAUSAL:  # query blocks (aligned to the sequence start) wholly before this key tile see none of it
-        lo = start + ((k_lo - start) // BLOCK_M) * BLOCK_M
-    for g in range(GROUP):
-        head = (kv_head * GROUP + g).to(tl.int64)
-        for q_lo in range(lo, end, BLOCK_M):
-            offs_m = q_lo + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < end
-            q = _load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D,
-                                 COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
-            do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = do.to(DOT_DTYPE)
-            lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
-            # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            valid = n_ok[:, None] & m_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=DOT_PREC)
-            if FUSED_DQ:
-                dq = tl.dot(tl.trans(ds_t.to(DOT_DTYPE)), k, input_precision=DOT_PREC) * sm_scale
-                if ROTARY:
-                    dq = _unrotate(dq, offs_m, m_ok, offs_d, COS, SIN, HALF, BLOCK_M, HEAD_DIM, HALF_SWAP)
-                tl.store(DQ + head * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :],
-                         dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    dk = dk * sm_scale
-    if ROTARY:
-        dk = _unrotate(dk, offs_n, n_ok, offs_d, COS, SIN, HALF, BLOCK_N, HEAD_DIM, HALF_SWAP)
-    out_ok = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + kv_head.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(DV + kv_head.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=out_ok)
+    dk_base = DK + kv_head.to(tl.int64) * stride_dkh
+    dv_base = DV + kv_head.to(tl.int64) * stride_dvh
+    step = n_ntiles * BLOCK_N
+    if seq == 0:
+        _attn_zero_rows(dk_base, stride_dkt, 0, start, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+        _attn_zero_rows(dv_base, stride_dvt, 0, start, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+        if FUSED_DQ:
+            for g in range(GROUP):
+                _attn_zero_rows(DQ + (kv_head * GROUP + g).to(tl.int64) * stride_dqh, stride_dqt, 0, start,
+                                tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+    if seq == N_SEQ - 1:
+        _attn_zero_rows(dk_base, stride_dkt, end, T, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+        _attn_zero_rows(dv_base, stride_dvt, end, T, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+        if FUSED_DQ:
+            for g in range(GROUP):
+                _attn_zero_rows(DQ + (kv_head * GROUP + g).to(tl.int64) * stride_dqh, stride_dqt, end, T,
+                                tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+    for k_lo in range(start + tile * BLOCK_N, end, step):  # one iteration for valid input
+        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        k = _load_rows(K + kv_head.to(tl.int64) * stride_kh, stride_kt, offs_n, n_ok, offs_d, D,
+                       COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+        v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
+                     + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        lo = start
+        if CAUSAL:  # query blocks (aligned to the sequence start) wholly before this key tile see none of it
+            lo = start + ((k_lo - start) // BLOCK_M) * BLOCK_M
+        for g in range(GROUP):
+            head = (kv_head * GROUP + g).to(tl.int64)
+            for q_lo in range(lo, end, BLOCK_M):
+                offs_m = q_lo + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < end
+                # A query row with a single key (a 1-token sequence; the first token when causal) has
+                # softmax == 1 whatever its score: its dS is exactly 0 (dP - delta would leave ~1e-6)
+                # unless the lse itself has a gradient (then dS = dlse, kept in delta).
+                if HAS_DLSE:
+                    multi = offs_m >= 0
+                elif CAUSAL:
+                    multi = offs_m > start
+                else:
+                    multi = (offs_m >= 0) & (end - start > 1)
+                q = _load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D,
+                               COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+                do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                do = do.to(DOT_DTYPE)
+                lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
+                # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+                valid = n_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_m[None, :] >= offs_n[:, None])
+                p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
+                dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                ds_t = tl.where(multi[None, :], p_t * (dp_t - delta[None, :]), 0.0)
+                dk += tl.dot(ds_t.to(DOT_DTYPE), q, input_precision=DOT_PREC)
+                if FUSED_DQ:
+                    dq = tl.dot(tl.trans(ds_t.to(DOT_DTYPE)), k, input_precision=DOT_PREC) * sm_scale
+                    if ROTARY:
+                        dq = _unrotate(dq, offs_m, m_ok, offs_d, COS, SIN, HALF, BLOCK_M, HEAD_DIM, HALF_SWAP)
+                    tl.store(DQ + head * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :],
+                             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        dk = dk * sm_scale
+        if ROTARY:
+            dk = _unrotate(dk, offs_n, n_ok, offs_d, COS, SIN, HALF, BLOCK_N, HEAD_DIM, HALF_SWAP)
+        out_ok = n_ok[:, None] & d_ok[None, :]
+        tl.store(dk_base + offs_n[:, None].to(tl.int64) * stride_dkt + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=out_ok)
+        tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_dot, stride_doh, stride_dqt, stride_dqh,
-                   T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET,
-                   GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF_SWAP: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query tile, query head): dq accumulated over the key blocks of its sequence."""
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        stride_dot, stride_doh, stride_dqt, stride_dqh,
+                        T, D, HALF, qk_scale, sm_scale, max_seqlen, LEN_BUCKET, N_SEQ, HQ,
+                        GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
+                        HAS_DLSE: tl.constexpr, HALF_SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, query head), query head fastest (see _attn_fwd_kernel): dq
+    accumulated over the key blocks of its sequence."""
     n_mtiles = tl.cdiv(max_seqlen, BLOCK_M)
     pid = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    seq = pid // n_mtiles
-    start = tl.load(cu_seqlens + seq)
-    end = tl.load(cu_seqlens + seq + 1)
-    q_lo = start + (pid % n_mtiles) * BLOCK_M
-    if q_lo >= end:
-        return
+    head = (pid % HQ).to(tl.int64)
+    rest = pid // HQ
+    seq = rest // n_mtiles
+    tile = rest % n_mtiles
+    start, end = _attn_seq_bounds(cu_seqlens, seq, T)
     kv_head = head // GROUP
-    offs_m = q_lo + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < end
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    q = _load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
-    do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
-    lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    hi = end
-    if CAUSAL:
-        hi = tl.minimum(end, q_lo + BLOCK_M)
+    dq_base = DQ + head * stride_dqh
+    step = n_mtiles * BLOCK_M
+    if seq == 0:
+        _attn_zero_rows(dq_base, stride_dqt, 0, start, tile * BLOCK_M, step, offs_d, D, BLOCK_M, HEAD_DIM)
+    if seq == N_SEQ - 1:
+        _attn_zero_rows(dq_base, stride_dqt, end, T, tile * BLOCK_M, step, offs_d, D, BLOCK_M, HEAD_DIM)
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
-    for k_lo in range(start, hi, BLOCK_N):
-        offs_n = k_lo + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = _load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
-        v = (tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        valid = m_ok[:, None] & n_ok[None, :]
+    for q_lo in range(start + tile * BLOCK_M, end, step):  # one iteration for valid input
+        offs_m = q_lo + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        if HAS_DLSE:  # rows with a single key get dS == 0 exactly (see _attn_bwd_dkdv_kernel)
+            multi = offs_m >= 0
+        elif CAUSAL:
+            multi = offs_m > start
+        else:
+            multi = (offs_m >= 0) & (end - start > 1)
+        q = _load_rows(Q + head * stride_qh, stride_qt, offs_m, m_ok, offs_d, D, COS, SIN, HALF,
+                       ROTARY).to(DOT_DTYPE)
+        do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+        lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        hi = end
         if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=DOT_PREC)
-    dq = dq * sm_scale
-    if ROTARY:
-        dq = _unrotate(dq, offs_m, m_ok, offs_d, COS, SIN, HALF, BLOCK_M, HEAD_DIM, HALF_SWAP)
-    tl.store(DQ + head * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+            hi = tl.minimum(end, q_lo + BLOCK_M)
+        for k_lo in range(start, hi, BLOCK_N):
+            offs_n = k_lo + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            k = _load_rows(k_base, stride_kt, offs_n, n_ok, offs_d, D, COS, SIN, HALF, ROTARY).to(DOT_DTYPE)
+            v = (tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            valid = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = tl.where(multi[:, None], p * (dp - delta[:, None]), 0.0)
+            dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=DOT_PREC)
+        dq = dq * sm_scale
+        if ROTARY:
+            dq = _unrotate(dq, offs_m, m_ok, offs_d, COS, SIN, HALF, BLOCK_M, HEAD_DIM, HALF_SWAP)
+        tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -322,7 +411,7 @@ def length_bucket(max_seqlen: int) -> int:
     return min(4096, max(16, next_pow2(max_seqlen)))
 
 
-# Backward of short sequences (max_seqlen <= this): one kernel for dq, dk and dv (see _bwd_dkdv_kernel).
+# Backward of short sequences (max_seqlen <= this): one kernel for dq, dk and dv (see _attn_bwd_dkdv_kernel).
 FUSED_DQ_MAX_SEQLEN = 64
 
 
@@ -353,17 +442,17 @@ def _prune(configs, named_args, **kwargs):
 
 
 if INTERPRET:
-    _fwd_launch = _fwd_kernel
-    _dkdv_launch = _bwd_dkdv_kernel
-    _dq_launch = _bwd_dq_kernel
+    _fwd_launch = _attn_fwd_kernel
+    _dkdv_launch = _attn_bwd_dkdv_kernel
+    _dq_launch = _attn_bwd_dq_kernel
 else:  # keyed on head dim and length bucket (plus the flags that change the kernel's work)
     _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "DOT_DTYPE"]
     _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _fwd_kernel)
+        _attn_fwd_kernel)
     _dkdv_launch = triton.autotune(_BWD_CONFIGS, key=_KEY + ["FUSED_DQ"],
-                                   prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv_kernel)
+                                   prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
     _dq_launch = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _bwd_dq_kernel)
+        _attn_bwd_dq_kernel)
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -388,31 +477,48 @@ def _rotary_args(rotary, q):
     if rotary is None:
         return q, q, 0, False
     cos, sin = rotary
-    return cos.float().contiguous(), sin.float().contiguous(), cos.shape[-1], True
+    # Tables of any float dtype are read as given and widened in registers: half-precision tables
+    # (e.g. built once per batch in the activations' dtype) halve the table bytes; no per-call cast.
+    if cos.dtype == torch.float64:
+        cos, sin = cos.float(), sin.float()
+    return cos.contiguous(), sin.contiguous(), cos.shape[-1], True
+
+
+def _grid_seqlen(max_seqlen: int, T: int) -> int:
+    """max_seqlen as the grid sees it: no sequence is longer than T once the kernels clamp
+    cu_seqlens into [0, T], and at least 1 (the kernels loop over a sequence's tiles when
+    max_seqlen is too small, so with validation off every row is still written)."""
+    return min(max(int(max_seqlen), 1), T)
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_seqlen: int, causal: bool, softmax_scale: float,
-                  rotary: tuple[torch.Tensor, torch.Tensor] | None):
-    """Returns (out [T, Hq, D] in q's dtype, lse fp32 [Hq, T])."""
+                  rotary: tuple[torch.Tensor, torch.Tensor] | None, *, out: torch.Tensor | None = None,
+                  lse: torch.Tensor | None = None):
+    """Returns (out [T, Hq, D] in q's dtype, lse fp32 [Hq, T]). `out` / `lse` may be given
+    (contiguous in the last dim), e.g. views into a larger buffer whose bounds a test watches."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     cu_seqlens = cu_seqlens.contiguous()  # the kernels index it with stride 1
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1
-    out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
-    if T == 0 or max_seqlen == 0 or B == 0:
-        return out, lse
+    if out is None:
+        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
+    assert out.shape == (T, Hq, D) and out.stride(-1) == 1 and lse.shape == (Hq, T) and lse.is_contiguous()
+    if T == 0 or B == 0:  # no sequence covers any row (B == 0 < T only with validation off)
+        return out.zero_(), lse.zero_()
+    max_seqlen = _grid_seqlen(max_seqlen, T)
     cos, sin, half, has_rot = _rotary_args(rotary, q)
 
-    def grid(meta):
-        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B, Hq)
+    def grid(meta):  # 1-D: query head fastest, then query tile, then sequence
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B * Hq,)
 
     _fwd_launch[grid](
         q, k, v, out, lse, cu_seqlens, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        T, D, half, softmax_scale * LOG2E, max_seqlen, length_bucket(max_seqlen),
+        T, D, half, softmax_scale * LOG2E, max_seqlen, length_bucket(max_seqlen), B, Hq,
         GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, **_dot_args(q.dtype),
         HEAD_DIM=max(16, next_pow2(D)), **_meta())
     return out, lse
@@ -421,52 +527,57 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
                   cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, softmax_scale: float,
-                  rotary: tuple[torch.Tensor, torch.Tensor] | None):
-    """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. Deterministic (no atomics)."""
+                  rotary: tuple[torch.Tensor, torch.Tensor] | None, *, dq: torch.Tensor | None = None,
+                  dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
+    """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. Deterministic (no atomics).
+    dq / dk / dv may be given (contiguous in the last dim; see attention_fwd)."""
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if T == 0 or max_seqlen == 0 or B == 0:
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    assert all(g.shape == x.shape and g.stride(-1) == 1 for g, x in ((dq, q), (dk, k), (dv, v)))
+    if T == 0 or B == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    max_seqlen = _grid_seqlen(max_seqlen, T)
     head_dim = max(16, next_pow2(D))
     delta = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
     block_t = 64 if head_dim <= 128 else 32
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
-    _bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_t), Hq)](
         out, grad_out, grad_lse if grad_lse is not None else delta, delta,
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), T, D,
         HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK=block_t)
     cos, sin, half, has_rot = _rotary_args(rotary, q)
     fused_dq = fuse_dq(max_seqlen)
-    common = dict(GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, HALF_SWAP=2 * half == head_dim,
+    common = dict(GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, HAS_DLSE=grad_lse is not None,
+                  HALF_SWAP=2 * half == head_dim,
                   **_dot_args(q.dtype), HEAD_DIM=head_dim, **_meta())
-    scalars = (T, D, half, softmax_scale * LOG2E, softmax_scale, max_seqlen, length_bucket(max_seqlen))
+    scalars = (T, D, half, softmax_scale * LOG2E, softmax_scale, max_seqlen, length_bucket(max_seqlen), B)
 
-    def grid_kv(meta):
-        return (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * B, Hkv)
+    def grid_kv(meta):  # kv head fastest
+        return (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * B * Hkv,)
 
     _dkdv_launch[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, dq, cu_seqlens, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        dq.stride(0), dq.stride(1), *scalars, FUSED_DQ=fused_dq, **common)
+        dq.stride(0), dq.stride(1), *scalars, Hkv, FUSED_DQ=fused_dq, **common)
     if fused_dq:
         return dq, dk, dv
 
-    def grid_q(meta):
-        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B, Hq)
+    def grid_q(meta):  # query head fastest
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B * Hq,)
 
     _dq_launch[grid_q](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
-        *scalars, **common)
+        *scalars, Hq, **common)
     return dq, dk, dv
 
 

@@ -6,6 +6,7 @@ registration -> the public functions, which validate inputs and pick the backend
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -25,6 +26,22 @@ def _kernels(backend: str):
 
         return kernels
     raise AssertionError(f"no {backend} kernels for {OP}")
+
+
+def _as_bool(value, name: str) -> bool:
+    """A Python bool or a NumPy bool_ (what a config read through NumPy hands over) -> bool."""
+    if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    kind = type(value)
+    raise TypeError(f"{name} must be a bool, got {kind.__module__}.{kind.__qualname__}"
+                    if kind.__module__ != "builtins" else f"{name} must be a bool, got {kind.__name__}")
+
+
+def _as_int(value):
+    """NumPy integers (not bools) become Python ints; anything else is left for the checks."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__module__ == "numpy":
+        return int(value)
+    return value
 
 
 def _rotary(cos, sin):
@@ -72,6 +89,9 @@ def _setup_context(ctx, inputs, output):
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
     ctx.backend = backend
+    # An unused lse gets grad None (not materialized zeros): the kernels then skip the dlse term
+    # and keep single-key rows' dS exactly 0.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -111,12 +131,12 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary):
     if Hq % Hkv:
         raise ValueError(f"the number of query heads Hq = {Hq} (q.shape[1]) must be a multiple of the "
                          f"number of kv heads Hkv = {Hkv} (k.shape[1]) for GQA / MQA")
-    if D % 8 or D == 0 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim D = q.shape[2] must be a multiple of 8 between 8 and {MAX_HEAD_DIM}, got {D}")
+    if D == 0 or D > MAX_HEAD_DIM:
+        # Any D in [1, 256] runs: the kernels pad the head dim to a power-of-two tile with masks.
+        raise ValueError(f"head dim D = q.shape[2] must be between 1 and {MAX_HEAD_DIM} (up to 256), got {D}")
     cu = _checks.check_cu_seqlens(cu_seqlens, T, dev)
-    max_seqlen = _checks.check_max_seqlen(max_seqlen, cu)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    max_seqlen = _checks.check_max_seqlen(_as_int(max_seqlen), cu)
+    _as_bool(causal, "causal")
     if softmax_scale is None:
         softmax_scale = D ** -0.5
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
@@ -148,8 +168,10 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
     _checks.check_int(rotary_dim, "rotary_dim", low=2)
     if rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
-    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 0:
-        raise ValueError(f"theta must be a number > 0, got {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real):
+        raise TypeError(f"theta must be a finite number > 0, got {type(theta).__name__}")
+    if not (theta > 0 and math.isfinite(theta)):
+        raise ValueError(f"theta must be a finite number > 0, got {theta!r}")
     if position_ids.dim() == 2 and position_ids.shape[0] == 3:
         if (sections is None or len(sections) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                                            for s in sections)
@@ -173,6 +195,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     lse).
     """
     # cu_seqlens goes to the custom op as given; the launchers make it contiguous at run time.
+    causal = _as_bool(causal, "causal")
     max_seqlen, scale, _ = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
     if backend == "reference":
@@ -188,6 +211,18 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
 
 # ---- flash-attn drop-in -----------------------------------------------------------------------
 
+def _same_view(a, b) -> bool:
+    """a and b are two views of the same memory with the same layout: equal without reading them
+    (torch.equal would sync the device on every layer)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
+            and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()):
+        return False
+    try:
+        return a.data_ptr() == b.data_ptr()
+    except RuntimeError:  # fake / functional tensors under tracing have no storage to compare
+        return False
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
@@ -195,7 +230,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Supported: cu_seqlens_q equal to cu_seqlens_k (self-attention), softmax_scale, causal, GQA / MQA,
     deterministic (the backward is always deterministic). return_attn_probs=True returns
-    (out, softmax_lse [Hq, T], None) like flash-attn without dropout. Anything else raises
+    (out, softmax_lse [Hq, T], an empty tensor) like flash-attn 2 without dropout. Anything else raises
     NotImplementedError.
     """
     def unsupported(what):
@@ -204,7 +239,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     if dropout_p != 0.0:
         unsupported(f"dropout_p > 0 (got {dropout_p}): attention dropout is not implemented")
-    if tuple(window_size) != (-1, -1):
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), (-1, -1) for no window, "
+                        f"got {window_size!r}")
+    if tuple(int(w) for w in window_size) != (-1, -1):
         unsupported(f"window_size={tuple(window_size)} (sliding-window / local attention)")
     if softcap != 0.0:
         unsupported(f"softcap={softcap} (logit soft-capping)")
@@ -212,9 +251,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         unsupported("alibi_slopes (ALiBi biases)")
     if block_table is not None:
         unsupported("block_table (paged KV cache)")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if cu_seqlens_k is not cu_seqlens_q:
+    _as_bool(deterministic, "deterministic")
+    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
+    if cu_seqlens_k is not cu_seqlens_q and not _same_view(cu_seqlens_k, cu_seqlens_q):
         _checks.check_tensor(cu_seqlens_k, "cu_seqlens_k", ndim=1, dtypes=(torch.int32,))
         if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_k.shape != cu_seqlens_q.shape:
             unsupported("cu_seqlens_k different from cu_seqlens_q (cross-attention)")
@@ -227,5 +266,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if return_attn_probs:
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal,
                                     softmax_scale=softmax_scale, return_lse=True)
-        return out, lse, None
+        # flash-attn 2 without dropout returns an empty S_dmask in the third slot.
+        return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
     return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal, softmax_scale=softmax_scale)
