@@ -8,7 +8,10 @@ all-gathers of `group`) through `reference.nce_combine`, shared by every backend
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+import operator
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -131,16 +134,88 @@ def _kernel_direction(backend: str, temp_tensor: torch.Tensor):
 
 
 def _check_ids(ids, name, B, dev):
+    """None, or a 1-D tensor of any integer dtype with B entries, returned as int64 (no copy if it is)."""
     if ids is None:
         return None
-    _checks.check_tensor(ids, name, ndim=1, dtypes=(torch.int64,), device=dev)
+    _checks.check_tensor(ids, name, ndim=1, device=dev)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must have an integer dtype (int64, int32, int16, uint8, ...), "
+                        f"got {str(ids.dtype).replace('torch.', '')}")
     if ids.shape[0] != B:
         raise ValueError(f"{name} must have B = {B} entries (query's rows), got {ids.shape[0]}")
-    return ids
+    return ids.to(torch.int64)
+
+
+def _as_list(value, name, what):
+    """A sequence-like argument (list, tuple, NumPy array, 1-D tensor, ...) as a list."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a non-empty sequence of {what}, got {value!r}")
+    items = list(value)
+    if not items:
+        raise TypeError(f"{name} must be a non-empty sequence of {what}, got {value!r}")
+    return items
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool) or type(x).__name__ == "bool_"  # NumPy's bool is no Python bool
+
+
+def _check_temperature(temperature, dev):
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got a tensor of "
+                             f"shape {tuple(temperature.shape)} and dtype {temperature.dtype}")
+        if temperature.device != dev:
+            raise ValueError(f"temperature is on {temperature.device} but query is on {dev} (mixed devices)")
+        if _checks.sync_checks_enabled():
+            value = float(temperature.detach())  # one host read
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"temperature must be finite and > 0, got {value}")
+        return
+    if _is_bool(temperature) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+
+
+def _check_levels(mrl_dims, mrl_weights, D):
+    """(dims, weights) as Python ints / floats; any integral numbers (NumPy ints, int tensors) and real
+    numbers are accepted."""
+    if mrl_dims is None:
+        dims = (D,)
+    else:
+        dims = []
+        for d in _as_list(mrl_dims, "mrl_dims", "ints"):
+            try:
+                if _is_bool(d):
+                    raise TypeError
+                d = operator.index(d)
+            except TypeError:
+                raise TypeError(f"mrl_dims must be integers, got {d!r} in {mrl_dims!r}") from None
+            dims.append(_checks.check_int(d, "mrl_dims", low=1, high=D))
+        dims = tuple(dims)
+        if any(b <= a for a, b in zip(dims, dims[1:])):
+            raise ValueError(f"mrl_dims must be strictly increasing, got {list(dims)}")
+    if mrl_weights is None:
+        return dims, (1.0,) * len(dims)
+    items = _as_list(mrl_weights, "mrl_weights", "floats")
+    if len(items) != len(dims):
+        raise ValueError(f"mrl_weights must have one weight per MRL level ({len(dims)}), got {mrl_weights!r}")
+    weights = []
+    for w in items:
+        if isinstance(w, torch.Tensor) and w.dim() == 0 and w.dtype != torch.bool:
+            w = w.item()  # a host read: weights are Python floats from here on
+        if _is_bool(w) or not isinstance(w, numbers.Real):
+            raise TypeError(f"mrl_weights must be floats, got {w!r}")
+        if not math.isfinite(float(w)):
+            raise ValueError(f"mrl_weights must be finite, got {w!r} in {list(items)!r}")
+        weights.append(float(w))
+    return dims, tuple(weights)
 
 
 def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims, mrl_weights, reduction,
               symmetric, shared_negatives):
+    """Checks every argument; returns (dims, weights, query_ids, target_ids) normalized (ids int64)."""
     query = _checks.check_float(query, "query", ndim=2, allowed=_FLOATS + (torch.float64,))
     dev = query.device
     B, D = query.shape
@@ -156,44 +231,16 @@ def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_
         if negatives.shape[0] != B or negatives.shape[2] != D:
             raise ValueError(f"negatives must have shape [B, K, D] with B = {B}, D = {D}, "
                              f"got {list(negatives.shape)}")
-    if isinstance(temperature, torch.Tensor):
-        if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got a tensor of "
-                             f"shape {tuple(temperature.shape)} and dtype {temperature.dtype}")
-        if temperature.device != dev:
-            raise ValueError(f"temperature is on {temperature.device} but query is on {dev} (mixed devices)")
-        if _checks.sync_checks_enabled() and not bool(temperature.detach() > 0):
-            raise ValueError(f"temperature must be > 0, got {float(temperature)}")
-    else:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
-        if not temperature > 0 or temperature != temperature or temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-    _check_ids(query_ids, "query_ids", B, dev)
-    _check_ids(target_ids, "target_ids", B, dev)
-    if mrl_dims is None:
-        dims = (D,)
-    else:
-        if isinstance(mrl_dims, int) or not isinstance(mrl_dims, Sequence) or len(mrl_dims) == 0:
-            raise TypeError(f"mrl_dims must be a non-empty sequence of ints, got {mrl_dims!r}")
-        dims = tuple(_checks.check_int(d, "mrl_dims", low=1, high=D) for d in mrl_dims)
-        if any(b <= a for a, b in zip(dims, dims[1:])):
-            raise ValueError(f"mrl_dims must be strictly increasing, got {list(dims)}")
-    if mrl_weights is None:
-        weights = (1.0,) * len(dims)
-    else:
-        if not isinstance(mrl_weights, Sequence) or len(mrl_weights) != len(dims):
-            raise ValueError(f"mrl_weights must have one weight per MRL level ({len(dims)}), got {mrl_weights!r}")
-        for w in mrl_weights:
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
-                raise TypeError(f"mrl_weights must be floats, got {w!r}")
-        weights = tuple(float(w) for w in mrl_weights)
+    _check_temperature(temperature, dev)
+    query_ids = _check_ids(query_ids, "query_ids", B, dev)
+    target_ids = _check_ids(target_ids, "target_ids", B, dev)
+    dims, weights = _check_levels(mrl_dims, mrl_weights, D)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     for flag, name in ((symmetric, "symmetric"), (shared_negatives, "shared_negatives")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    return dims, weights
+    return dims, weights, query_ids, target_ids
 
 
 def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
@@ -216,8 +263,8 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     The loss is fp32 (fp64 for fp64 inputs on the reference backend). Never materializes [B, B]:
     the Triton kernels stream tiles with an online logsumexp, the reference processes row chunks.
     """
-    dims, weights = _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims,
-                              mrl_weights, reduction, symmetric, shared_negatives)
+    dims, weights, query_ids, target_ids = _validate(query, target, negatives, temperature, query_ids, target_ids,
+                                                     mrl_dims, mrl_weights, reduction, symmetric, shared_negatives)
     backend = _dispatch.resolve(OP, query.device)
     kwargs = dict(negatives=negatives, query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
                   shared_negatives=shared_negatives, mrl_dims=dims, mrl_weights=weights, reduction=reduction,
