@@ -8,9 +8,11 @@ all-gathers of `group`) through `reference.nce_combine`, shared by every backend
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import operator
+import struct
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -243,11 +245,107 @@ def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_
     return dims, weights, query_ids, target_ids
 
 
+# ---- ranks that must agree (group=) ---------------------------------------------------------------
+# One all_gather of a small int64 vector before any gather of rows: every rank then holds the same
+# table, so every rank raises the same ValueError (never a peer crash, a hang, or a silently wrong loss),
+# and the table's B column sizes the pad-gather-trim of unequal batches.
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAGIC = 0x4E4345_0001  # "NCE", layout version 1
+_FIELDS = ("magic", "failed", "B", "D", "dtype", "symmetric", "shared_negatives", "negatives", "K", "query_ids",
+           "target_ids", "temperature is a tensor", "temperature", "reduction", "mrl_dims", "mrl_weights")
+
+
+def _digest(value) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _rank_metadata(query, negatives, temperature, query_ids, target_ids, symmetric, shared_negatives, dims,
+                   weights, reduction, device):
+    temp_bits = 0
+    if not isinstance(temperature, torch.Tensor):
+        temp_bits = struct.unpack("<q", struct.pack("<d", float(temperature)))[0]
+    meta = torch.tensor([_MAGIC, 0, query.shape[0], query.shape[1], _DTYPES.index(query.dtype), symmetric,
+                         shared_negatives, negatives is not None, negatives.shape[1] if negatives is not None else 0,
+                         query_ids is not None, target_ids is not None, isinstance(temperature, torch.Tensor),
+                         temp_bits, _REDUCTIONS.index(reduction), _digest(tuple(dims)), _digest(tuple(weights))],
+                        dtype=torch.int64, device=device)
+    if isinstance(temperature, torch.Tensor):  # its value, without a host read
+        meta[12] = temperature.detach().to(device=device, dtype=torch.float64).view(torch.int64)
+    return meta
+
+
+def _exchange(group, meta):
+    """All ranks' metadata rows (one collective); `meta` None: this rank failed its own checks."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+        torch.device("cpu")
+    if meta is None:
+        meta = torch.zeros(len(_FIELDS), dtype=torch.int64, device=dev)
+        meta[0], meta[1] = _MAGIC, 1
+    meta = meta.to(dev)
+    parts = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, meta, group=group)
+    return torch.stack(parts).tolist()
+
+
+def _show(field, v):
+    if field == "dtype":
+        return str(_DTYPES[v]).replace("torch.", "") if 0 <= v < len(_DTYPES) else str(v)
+    if field == "reduction":
+        return repr(_REDUCTIONS[v]) if 0 <= v < len(_REDUCTIONS) else str(v)
+    if field == "temperature":
+        return repr(struct.unpack("<d", struct.pack("<q", v))[0])
+    if field in ("mrl_dims", "mrl_weights"):
+        return f"#{v & 0xFFFF:04x}"  # a digest: equal values, equal digests
+    if field in ("symmetric", "shared_negatives", "negatives", "query_ids", "target_ids",
+                 "temperature is a tensor"):
+        return ("no", "yes")[v] if field in ("negatives", "query_ids", "target_ids") else str(bool(v))
+    return str(v)
+
+
+def _agree(group, table, dims, weights):
+    """Raises (the same error on every rank) unless the ranks agree on everything but B; returns the
+    ranks' B."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    failed = [r for r, row in enumerate(table) if row[1]]
+    if failed:
+        raise ValueError(f"nce_loss(group=...): rank(s) {failed} rejected their inputs (see the error there); "
+                         "no rank computed the loss")
+    bad = []
+    for k, field in enumerate(_FIELDS):
+        if field in ("B", "failed"):
+            continue
+        values = [row[k] for row in table]
+        if len(set(values)) > 1:
+            if field == "magic":
+                raise ValueError("nce_loss(group=...): the ranks run different embedkit versions (metadata layout)")
+            shown = ", ".join(f"rank {r}: {_show(field, v)}" for r, v in enumerate(values))
+            if field == "mrl_dims":
+                shown += f"; this rank ({rank}) has mrl_dims={list(dims)}"
+            if field == "mrl_weights":
+                shown += f"; this rank ({rank}) has mrl_weights={list(weights)}"
+            bad.append(f"{field} ({shown})")
+    if bad:
+        raise ValueError("nce_loss(group=...): the ranks disagree on " + "; ".join(bad) +
+                         ". Every rank must pass the same D, dtype, K and options (only B may differ).")
+    return [row[2] for row in table]
+
+
+def _rank_check_on(check_ranks) -> bool:
+    if check_ranks is None:
+        return _checks.sync_checks_enabled()
+    return check_ranks
+
+
 def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
              temperature: float | torch.Tensor = 0.05, query_ids: torch.Tensor | None = None,
              target_ids: torch.Tensor | None = None, symmetric: bool = False, shared_negatives: bool = False,
              mrl_dims: Sequence[int] | None = None, mrl_weights: Sequence[float] | None = None,
-             reduction: str = "mean", group=None) -> torch.Tensor:
+             reduction: str = "mean", group=None, check_ranks: bool | None = None) -> torch.Tensor:
     """InfoNCE with in-batch negatives on cosine similarity (see DESIGN.md, nce_loss).
 
     query, target [B, D]; negatives [B, K, D] (row i's own hard negatives, or with
@@ -256,24 +354,52 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     but its positive is masked has loss exactly 0. temperature: float > 0, or a 0-dim tensor (then it
     gets a gradient). mrl_dims: increasing prefix widths, each re-normalized, the levels summed with
     mrl_weights. reduction "mean" | "sum" | "none" ([B], summed over levels, averaged over the two
-    directions when symmetric). group: a torch.distributed process group; every rank passes the same
-    B, candidates are gathered from all ranks (the mean of the ranks' losses equals the loss of the
-    concatenated batch; each rank's input gradient is world_size x that loss's gradient of its rows).
+    directions when symmetric).
+
+    group: a torch.distributed process group; candidates (targets, shared negatives, ids) are gathered
+    from all ranks. B may differ between ranks (the last batch of an epoch): with N = sum of the ranks'
+    B and W ranks, "mean" returns W / N x the sum of this rank's row losses, so the mean of the ranks'
+    losses is the mean over the N global rows, each rank's input gradient is W x that global mean's
+    gradient of its rows, and DDP's gradient averaging gives exactly the global-batch gradient (for
+    equal B this is each rank's own mean). "sum" / "none": this rank's rows' sum / losses.
+    check_ranks: before any gather, the ranks all-gather one small metadata vector (B, D, dtype, K,
+    symmetric, shared_negatives, which of negatives / ids are given, mrl_dims, mrl_weights, temperature
+    and whether it is a tensor, reduction) and every rank raises the same ValueError naming what differs
+    (also when a rank rejected its own inputs). It costs one collective and a host read; None (default)
+    follows embedkit.set_validation (and is off under torch.compile); False skips it, and then every rank
+    must pass the same B and options (unchecked: a mismatch can hang or crash the collectives).
 
     The loss is fp32 (fp64 for fp64 inputs on the reference backend). Never materializes [B, B]:
     the Triton kernels stream tiles with an online logsumexp, the reference processes row chunks.
     """
-    dims, weights, query_ids, target_ids = _validate(query, target, negatives, temperature, query_ids, target_ids,
-                                                     mrl_dims, mrl_weights, reduction, symmetric, shared_negatives)
-    backend = _dispatch.resolve(OP, query.device)
+    if check_ranks is not None and not isinstance(check_ranks, bool):
+        raise TypeError(f"check_ranks must be None or a bool, got {type(check_ranks).__name__}")
+    checking = group is not None and _rank_check_on(check_ranks)
+    try:
+        dims, weights, query_ids, target_ids = _validate(query, target, negatives, temperature, query_ids,
+                                                         target_ids, mrl_dims, mrl_weights, reduction, symmetric,
+                                                         shared_negatives)
+        backend = _dispatch.resolve(OP, query.device)
+        if backend != "reference" and query.dtype == torch.float64:
+            raise TypeError(f"query: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
+                            "got float64 (use backend 'reference' for float64)")
+    except Exception:
+        if checking:  # the peers are waiting in the metadata collective: tell them, then raise here
+            try:
+                _exchange(group, None)
+            except Exception:
+                pass
+        raise
+    sizes = None
+    if checking:
+        meta = _rank_metadata(query, negatives, temperature, query_ids, target_ids, symmetric, shared_negatives,
+                              dims, weights, reduction, query.device)
+        sizes = _agree(group, _exchange(group, meta), dims, weights)
     kwargs = dict(negatives=negatives, query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
                   shared_negatives=shared_negatives, mrl_dims=dims, mrl_weights=weights, reduction=reduction,
-                  group=group)
+                  group=group, rank_sizes=sizes)
     if backend == "reference":
         return reference.nce_loss(query, target, temperature=temperature, **kwargs)
-    if query.dtype == torch.float64:
-        raise TypeError(f"query: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
-                        "got float64 (use backend 'reference' for float64)")
     if isinstance(temperature, torch.Tensor):
         temp = temperature if temperature.dtype == torch.float32 else temperature.float()
     else:
