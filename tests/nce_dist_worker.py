@@ -113,7 +113,7 @@ def _mismatch_call(rank, world, over):
     t = torch.randn(B + kw["bad_target"], D, generator=g, dtype=dt).requires_grad_()
     neg = torch.randn(B, kw["K"], D, generator=g, dtype=dt) if kw["K"] else None
     temp = torch.tensor(kw["temperature"], requires_grad=True) if kw["tensor_temp"] else kw["temperature"]
-    ids = torch.arange(B, dtype=torch.int32) + 100 * rank
+    ids = torch.arange(B) + 100 * rank
     with embedkit.use_backend("reference"):
         return embedkit.nce_loss(q, t, negatives=neg, temperature=temp, query_ids=ids if kw["query_ids"] else None,
                                  target_ids=ids if kw["target_ids"] else None, symmetric=kw["symmetric"],
