@@ -349,7 +349,7 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     """InfoNCE with in-batch negatives on cosine similarity (see DESIGN.md, nce_loss).
 
     query, target [B, D]; negatives [B, K, D] (row i's own hard negatives, or with
-    shared_negatives=True every row's candidates); query_ids / target_ids int64 [B]: target j != i is
+    shared_negatives=True every row's candidates); query_ids / target_ids [B], any integer dtype: target j != i is
     masked out of row i when either id matches (duplicates, same label). A row whose every candidate
     but its positive is masked has loss exactly 0. temperature: float > 0, or a 0-dim tensor (then it
     gets a gradient). mrl_dims: increasing prefix widths, each re-normalized, the levels summed with
