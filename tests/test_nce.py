@@ -514,11 +514,15 @@ def _dist_cases(world):
     B = 5  # rows per rank
     g = torch.Generator().manual_seed(world)
     cases = []
-    for i, (K, shared, sym, ids, levels, red, ttemp) in enumerate([
-            (2, False, False, "dups", [8, 16, 24], "mean", True),
-            (2, True, True, "dups", [24], "sum", True),
-            (0, False, True, "one_label", [12, 24], "none", False)]):
-        n = world * B
+    # Unequal B on the ranks (the last batch of an epoch): rank r holds sizes[r] rows.
+    unequal = [5, 2] if world == 2 else [5, 2, 1, 4]
+    for i, (K, shared, sym, ids, levels, red, ttemp, sizes) in enumerate([
+            (2, False, False, "dups", [8, 16, 24], "mean", True, None),
+            (2, True, True, "dups", [24], "sum", True, None),
+            (0, False, True, "one_label", [12, 24], "none", False, None),
+            (2, True, True, "dups", [12, 24], "mean", True, unequal),
+            (1, False, False, "dups", [24], "none", False, unequal)]):
+        n = sum(sizes) if sizes else world * B
         q = torch.randn(n, 24, generator=g, dtype=torch.float64)
         t = q + torch.randn(n, 24, generator=g, dtype=torch.float64)
         neg = torch.randn(n, K, 24, generator=g, dtype=torch.float64) if K else None
@@ -529,7 +533,8 @@ def _dist_cases(world):
         elif ids == "one_label":
             tid = torch.zeros(n, dtype=torch.int64)
         cases.append(dict(q=q, t=t, neg=neg, qid=qid, tid=tid, shared=shared, symmetric=sym, dims=levels,
-                          reduction=red, tensor_temp=ttemp, go=torch.randn(n, generator=g, dtype=torch.float64)))
+                          reduction=red, tensor_temp=ttemp, go=torch.randn(n, generator=g, dtype=torch.float64),
+                          sizes=sizes))
     return cases
 
 
@@ -565,11 +570,15 @@ def test_distributed_matches_single_process_on_concatenated_batch(world, tmp_pat
 
 
 def _compare_distributed(world, backend, cases, tmp_path):
+    """Mean: the ranks' losses average to the global-batch mean (also for unequal B: each rank returns
+    world / N x its rows' sum), each rank's input gradient is world x the global mean's gradient of its
+    rows, the temperature gradients average to the global one (what DDP computes)."""
+    from nce_dist_worker import rows_of
+
     results = [torch.load(tmp_path / f"{backend}-rank{r}.pt", weights_only=True) for r in range(world)]
     tol = dict(rtol=1e-4, atol=1e-5) if backend == "reference" else dict(rtol=2e-4, atol=2e-5)
     for ci, c in enumerate(cases):
         loss, grads = _single_process(c)
-        B = c["q"].shape[0] // world
         losses = [res[ci]["loss"].double() for res in results]
         if c["reduction"] == "mean":
             torch.testing.assert_close(torch.stack(losses).mean(), loss, **tol)
@@ -581,7 +590,7 @@ def _compare_distributed(world, backend, cases, tmp_path):
             torch.testing.assert_close(torch.cat(losses), loss, **tol)
             scale = 1
         for r, res in enumerate(results):
-            rows = slice(r * B, (r + 1) * B)
+            rows = rows_of(c, r, world)
             for name, gi in (("q", 0), ("t", 1)) + ((("neg", 2),) if c["neg"] is not None else ()):
                 torch.testing.assert_close(res[ci]["d_" + name].double(), scale * grads[gi][rows], **tol,
                                            msg=lambda m: f"{backend} case {ci} rank {r} d_{name}: {m}")

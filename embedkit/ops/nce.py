@@ -8,7 +8,12 @@ all-gathers of `group`) through `reference.nce_combine`, shared by every backend
 """
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import math
+import numbers
+import operator
+import struct
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -131,16 +136,88 @@ def _kernel_direction(backend: str, temp_tensor: torch.Tensor):
 
 
 def _check_ids(ids, name, B, dev):
+    """None, or a 1-D tensor of any integer dtype with B entries, returned as int64 (no copy if it is)."""
     if ids is None:
         return None
-    _checks.check_tensor(ids, name, ndim=1, dtypes=(torch.int64,), device=dev)
+    _checks.check_tensor(ids, name, ndim=1, device=dev)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must have an integer dtype (int64, int32, int16, uint8, ...), "
+                        f"got {str(ids.dtype).replace('torch.', '')}")
     if ids.shape[0] != B:
         raise ValueError(f"{name} must have B = {B} entries (query's rows), got {ids.shape[0]}")
-    return ids
+    return ids.to(torch.int64)
+
+
+def _as_list(value, name, what):
+    """A sequence-like argument (list, tuple, NumPy array, 1-D tensor, ...) as a list."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a non-empty sequence of {what}, got {value!r}")
+    items = list(value)
+    if not items:
+        raise TypeError(f"{name} must be a non-empty sequence of {what}, got {value!r}")
+    return items
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool) or type(x).__name__ == "bool_"  # NumPy's bool is no Python bool
+
+
+def _check_temperature(temperature, dev):
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got a tensor of "
+                             f"shape {tuple(temperature.shape)} and dtype {temperature.dtype}")
+        if temperature.device != dev:
+            raise ValueError(f"temperature is on {temperature.device} but query is on {dev} (mixed devices)")
+        if _checks.sync_checks_enabled():
+            value = float(temperature.detach())  # one host read
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"temperature must be finite and > 0, got {value}")
+        return
+    if _is_bool(temperature) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+
+
+def _check_levels(mrl_dims, mrl_weights, D):
+    """(dims, weights) as Python ints / floats; any integral numbers (NumPy ints, int tensors) and real
+    numbers are accepted."""
+    if mrl_dims is None:
+        dims = (D,)
+    else:
+        dims = []
+        for d in _as_list(mrl_dims, "mrl_dims", "ints"):
+            try:
+                if _is_bool(d):
+                    raise TypeError
+                d = operator.index(d)
+            except TypeError:
+                raise TypeError(f"mrl_dims must be integers, got {d!r} in {mrl_dims!r}") from None
+            dims.append(_checks.check_int(d, "mrl_dims", low=1, high=D))
+        dims = tuple(dims)
+        if any(b <= a for a, b in zip(dims, dims[1:])):
+            raise ValueError(f"mrl_dims must be strictly increasing, got {list(dims)}")
+    if mrl_weights is None:
+        return dims, (1.0,) * len(dims)
+    items = _as_list(mrl_weights, "mrl_weights", "floats")
+    if len(items) != len(dims):
+        raise ValueError(f"mrl_weights must have one weight per MRL level ({len(dims)}), got {mrl_weights!r}")
+    weights = []
+    for w in items:
+        if isinstance(w, torch.Tensor) and w.dim() == 0 and w.dtype != torch.bool:
+            w = w.item()  # a host read: weights are Python floats from here on
+        if _is_bool(w) or not isinstance(w, numbers.Real):
+            raise TypeError(f"mrl_weights must be floats, got {w!r}")
+        if not math.isfinite(float(w)):
+            raise ValueError(f"mrl_weights must be finite, got {w!r} in {list(items)!r}")
+        weights.append(float(w))
+    return dims, tuple(weights)
 
 
 def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims, mrl_weights, reduction,
               symmetric, shared_negatives):
+    """Checks every argument; returns (dims, weights, query_ids, target_ids) normalized (ids int64)."""
     query = _checks.check_float(query, "query", ndim=2, allowed=_FLOATS + (torch.float64,))
     dev = query.device
     B, D = query.shape
@@ -156,77 +233,173 @@ def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_
         if negatives.shape[0] != B or negatives.shape[2] != D:
             raise ValueError(f"negatives must have shape [B, K, D] with B = {B}, D = {D}, "
                              f"got {list(negatives.shape)}")
-    if isinstance(temperature, torch.Tensor):
-        if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got a tensor of "
-                             f"shape {tuple(temperature.shape)} and dtype {temperature.dtype}")
-        if temperature.device != dev:
-            raise ValueError(f"temperature is on {temperature.device} but query is on {dev} (mixed devices)")
-        if _checks.sync_checks_enabled() and not bool(temperature.detach() > 0):
-            raise ValueError(f"temperature must be > 0, got {float(temperature)}")
-    else:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
-        if not temperature > 0 or temperature != temperature or temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-    _check_ids(query_ids, "query_ids", B, dev)
-    _check_ids(target_ids, "target_ids", B, dev)
-    if mrl_dims is None:
-        dims = (D,)
-    else:
-        if isinstance(mrl_dims, int) or not isinstance(mrl_dims, Sequence) or len(mrl_dims) == 0:
-            raise TypeError(f"mrl_dims must be a non-empty sequence of ints, got {mrl_dims!r}")
-        dims = tuple(_checks.check_int(d, "mrl_dims", low=1, high=D) for d in mrl_dims)
-        if any(b <= a for a, b in zip(dims, dims[1:])):
-            raise ValueError(f"mrl_dims must be strictly increasing, got {list(dims)}")
-    if mrl_weights is None:
-        weights = (1.0,) * len(dims)
-    else:
-        if not isinstance(mrl_weights, Sequence) or len(mrl_weights) != len(dims):
-            raise ValueError(f"mrl_weights must have one weight per MRL level ({len(dims)}), got {mrl_weights!r}")
-        for w in mrl_weights:
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
-                raise TypeError(f"mrl_weights must be floats, got {w!r}")
-        weights = tuple(float(w) for w in mrl_weights)
+    _check_temperature(temperature, dev)
+    query_ids = _check_ids(query_ids, "query_ids", B, dev)
+    target_ids = _check_ids(target_ids, "target_ids", B, dev)
+    dims, weights = _check_levels(mrl_dims, mrl_weights, D)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     for flag, name in ((symmetric, "symmetric"), (shared_negatives, "shared_negatives")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    return dims, weights
+    return dims, weights, query_ids, target_ids
+
+
+# ---- ranks that must agree (group=) ---------------------------------------------------------------
+# One all_gather of a small int64 vector before any gather of rows: every rank then holds the same
+# table, so every rank raises the same ValueError (never a peer crash, a hang, or a silently wrong loss),
+# and the table's B column sizes the pad-gather-trim of unequal batches.
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAGIC = 0x4E4345_0001  # "NCE", layout version 1
+_FIELDS = ("magic", "failed", "B", "D", "dtype", "symmetric", "shared_negatives", "negatives", "K", "query_ids",
+           "target_ids", "temperature is a tensor", "temperature", "reduction", "mrl_dims", "mrl_weights")
+
+
+def _digest(value) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _rank_metadata(query, negatives, temperature, query_ids, target_ids, symmetric, shared_negatives, dims,
+                   weights, reduction, device):
+    temp_bits = 0
+    if not isinstance(temperature, torch.Tensor):
+        temp_bits = struct.unpack("<q", struct.pack("<d", float(temperature)))[0]
+    meta = torch.tensor([_MAGIC, 0, query.shape[0], query.shape[1], _DTYPES.index(query.dtype), symmetric,
+                         shared_negatives, negatives is not None, negatives.shape[1] if negatives is not None else 0,
+                         query_ids is not None, target_ids is not None, isinstance(temperature, torch.Tensor),
+                         temp_bits, _REDUCTIONS.index(reduction), _digest(tuple(dims)), _digest(tuple(weights))],
+                        dtype=torch.int64, device=device)
+    if isinstance(temperature, torch.Tensor):  # its value, without a host read
+        meta[12] = temperature.detach().to(device=device, dtype=torch.float64).view(torch.int64)
+    return meta
+
+
+def _exchange(group, meta):
+    """All ranks' metadata rows (one collective); `meta` None: this rank failed its own checks."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+        torch.device("cpu")
+    if meta is None:
+        meta = torch.zeros(len(_FIELDS), dtype=torch.int64, device=dev)
+        meta[0], meta[1] = _MAGIC, 1
+    meta = meta.to(dev)
+    parts = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, meta, group=group)
+    return torch.stack(parts).tolist()
+
+
+def _show(field, v):
+    if field == "dtype":
+        return str(_DTYPES[v]).replace("torch.", "") if 0 <= v < len(_DTYPES) else str(v)
+    if field == "reduction":
+        return repr(_REDUCTIONS[v]) if 0 <= v < len(_REDUCTIONS) else str(v)
+    if field == "temperature":
+        return repr(struct.unpack("<d", struct.pack("<q", v))[0])
+    if field in ("mrl_dims", "mrl_weights"):
+        return f"#{v & 0xFFFF:04x}"  # a digest: equal values, equal digests
+    if field in ("symmetric", "shared_negatives", "negatives", "query_ids", "target_ids",
+                 "temperature is a tensor"):
+        return ("no", "yes")[v] if field in ("negatives", "query_ids", "target_ids") else str(bool(v))
+    return str(v)
+
+
+def _agree(group, table, dims, weights):
+    """Raises (the same error on every rank) unless the ranks agree on everything but B; returns the
+    ranks' B."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    failed = [r for r, row in enumerate(table) if row[1]]
+    if failed:
+        raise ValueError(f"nce_loss(group=...): rank(s) {failed} rejected their inputs (see the error there); "
+                         "no rank computed the loss")
+    bad = []
+    for k, field in enumerate(_FIELDS):
+        if field in ("B", "failed"):
+            continue
+        values = [row[k] for row in table]
+        if len(set(values)) > 1:
+            if field == "magic":
+                raise ValueError("nce_loss(group=...): the ranks run different embedkit versions (metadata layout)")
+            shown = ", ".join(f"rank {r}: {_show(field, v)}" for r, v in enumerate(values))
+            if field == "mrl_dims":
+                shown += f"; this rank ({rank}) has mrl_dims={list(dims)}"
+            if field == "mrl_weights":
+                shown += f"; this rank ({rank}) has mrl_weights={list(weights)}"
+            bad.append(f"{field} ({shown})")
+    if bad:
+        raise ValueError("nce_loss(group=...): the ranks disagree on " + "; ".join(bad) +
+                         ". Every rank must pass the same D, dtype, K and options (only B may differ).")
+    return [row[2] for row in table]
+
+
+def _rank_check_on(check_ranks) -> bool:
+    if check_ranks is None:
+        return _checks.sync_checks_enabled()
+    return check_ranks
 
 
 def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
              temperature: float | torch.Tensor = 0.05, query_ids: torch.Tensor | None = None,
              target_ids: torch.Tensor | None = None, symmetric: bool = False, shared_negatives: bool = False,
              mrl_dims: Sequence[int] | None = None, mrl_weights: Sequence[float] | None = None,
-             reduction: str = "mean", group=None) -> torch.Tensor:
+             reduction: str = "mean", group=None, check_ranks: bool | None = None) -> torch.Tensor:
     """InfoNCE with in-batch negatives on cosine similarity (see DESIGN.md, nce_loss).
 
     query, target [B, D]; negatives [B, K, D] (row i's own hard negatives, or with
-    shared_negatives=True every row's candidates); query_ids / target_ids int64 [B]: target j != i is
+    shared_negatives=True every row's candidates); query_ids / target_ids [B], any integer dtype: target j != i is
     masked out of row i when either id matches (duplicates, same label). A row whose every candidate
     but its positive is masked has loss exactly 0. temperature: float > 0, or a 0-dim tensor (then it
     gets a gradient). mrl_dims: increasing prefix widths, each re-normalized, the levels summed with
     mrl_weights. reduction "mean" | "sum" | "none" ([B], summed over levels, averaged over the two
-    directions when symmetric). group: a torch.distributed process group; every rank passes the same
-    B, candidates are gathered from all ranks (the mean of the ranks' losses equals the loss of the
-    concatenated batch; each rank's input gradient is world_size x that loss's gradient of its rows).
+    directions when symmetric).
+
+    group: a torch.distributed process group; candidates (targets, shared negatives, ids) are gathered
+    from all ranks. B may differ between ranks (the last batch of an epoch): with N = sum of the ranks'
+    B and W ranks, "mean" returns W / N x the sum of this rank's row losses, so the mean of the ranks'
+    losses is the mean over the N global rows, each rank's input gradient is W x that global mean's
+    gradient of its rows, and DDP's gradient averaging gives exactly the global-batch gradient (for
+    equal B this is each rank's own mean). "sum" / "none": this rank's rows' sum / losses.
+    check_ranks: before any gather, the ranks all-gather one small metadata vector (B, D, dtype, K,
+    symmetric, shared_negatives, which of negatives / ids are given, mrl_dims, mrl_weights, temperature
+    and whether it is a tensor, reduction) and every rank raises the same ValueError naming what differs
+    (also when a rank rejected its own inputs). It costs one collective and a host read; None (default)
+    follows embedkit.set_validation (and is off under torch.compile); False skips it, and then every rank
+    must pass the same B and options (unchecked: a mismatch can hang or crash the collectives).
 
     The loss is fp32 (fp64 for fp64 inputs on the reference backend). Never materializes [B, B]:
     the Triton kernels stream tiles with an online logsumexp, the reference processes row chunks.
     """
-    dims, weights = _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims,
-                              mrl_weights, reduction, symmetric, shared_negatives)
-    backend = _dispatch.resolve(OP, query.device)
+    if check_ranks is not None and not isinstance(check_ranks, bool):
+        raise TypeError(f"check_ranks must be None or a bool, got {type(check_ranks).__name__}")
+    checking = group is not None and _rank_check_on(check_ranks)
+    try:
+        dims, weights, query_ids, target_ids = _validate(query, target, negatives, temperature, query_ids,
+                                                         target_ids, mrl_dims, mrl_weights, reduction, symmetric,
+                                                         shared_negatives)
+        backend = _dispatch.resolve(OP, query.device)
+        if backend != "reference" and query.dtype == torch.float64:
+            raise TypeError(f"query: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
+                            "got float64 (use backend 'reference' for float64)")
+    except Exception:
+        if checking:  # the peers are waiting in the metadata collective: tell them, then raise here
+            try:
+                _exchange(group, None)
+            except Exception:
+                pass
+        raise
+    sizes = None
+    if checking:
+        meta = _rank_metadata(query, negatives, temperature, query_ids, target_ids, symmetric, shared_negatives,
+                              dims, weights, reduction, query.device)
+        sizes = _agree(group, _exchange(group, meta), dims, weights)
     kwargs = dict(negatives=negatives, query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
                   shared_negatives=shared_negatives, mrl_dims=dims, mrl_weights=weights, reduction=reduction,
-                  group=group)
+                  group=group, rank_sizes=sizes)
     if backend == "reference":
         return reference.nce_loss(query, target, temperature=temperature, **kwargs)
-    if query.dtype == torch.float64:
-        raise TypeError(f"query: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
-                        "got float64 (use backend 'reference' for float64)")
     if isinstance(temperature, torch.Tensor):
         temp = temperature if temperature.dtype == torch.float32 else temperature.float()
     else:
