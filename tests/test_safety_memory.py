@@ -139,6 +139,10 @@ def _assert_guards(buf: torch.Tensor, rows: int, value: float, what: str) -> Non
     assert bool((outside == value).all()), f"{what}: a write landed outside the output tensor"
 
 
+# Empty sequences (bad cu_seqlens) give 0/0 = NaN under the interpreter, with NumPy's warning.
+_NAN_OK = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
 @pytest.fixture
 def validation_off():
     embedkit.set_validation(False)
@@ -146,6 +150,7 @@ def validation_off():
     embedkit.set_validation(True)
 
 
+@_NAN_OK
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("case", list(BAD_CU))
 @pytest.mark.parametrize("masked", [False, True])
@@ -193,6 +198,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@_NAN_OK
 @pytest.mark.parametrize("backend", ["triton", "reference", "native"])
 @pytest.mark.parametrize("case", list(BAD_CU))
 def test_pool_ops_with_validation_off_touch_only_their_tensors(backend, case, validation_off):
