@@ -67,6 +67,8 @@ inline const char *error_string(int code) {
     case EK_ERR_UNSUPPORTED_DTYPE: return "unsupported dtype";
     case EK_ERR_BAD_CU_SEQLENS: return "invalid cu_seqlens";
     case EK_ERR_CUDA: return "CUDA error";
+    case EK_ERR_OUT_OF_MEMORY: return "out of host memory";
+    case EK_ERR_INTERNAL: return "internal error (C++ exception)";
     default: return "unknown embedkit error code";
   }
 }

@@ -35,16 +35,22 @@ class PackedBatch:
     source_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        cu = _checks.check_cu_seqlens(self.cu_seqlens, None, None)
+        cu = self.cu_seqlens
+        if isinstance(cu, torch.Tensor) and cu.is_inference():
+            # An inference tensor has no version counter, so its validation could not be
+            # remembered: keep a normal copy ([B+1] ints), checked once for every layer.
+            with torch.inference_mode(False):
+                cu = cu.clone()
+        cu = _checks.check_cu_seqlens(cu, None, None)
         self.cu_seqlens = cu
         device = cu.device
-        # T (and the longest length) are read from the device once, here, never per access.
+        # T and the longest length: read from the device once, here (the same read that validates
+        # cu_seqlens, in int64), and never per access; later op checks of this tensor are free.
+        total, longest = _checks.seqlens_summary(cu)
         if self.max_seqlen is None:
-            longest, total = torch.stack([(cu[1:] - cu[:-1]).max(), cu[-1]]).tolist()
             self.max_seqlen = int(longest)
         else:
             self.max_seqlen = _checks.check_max_seqlen(self.max_seqlen, cu)
-            total = int(cu[-1])
         self._total_tokens = int(total)
         if self.position_ids is not None:
             pos = _checks.check_tensor(self.position_ids, "position_ids",
@@ -78,17 +84,29 @@ class PackedBatch:
     @classmethod
     def from_lengths(cls, lengths: Sequence[int] | torch.Tensor, *, device: torch.device | str | None = None,
                      **fields) -> "PackedBatch":
-        """Sequences of the given lengths, packed back to back."""
-        lens = torch.as_tensor(lengths, device=device)
+        """Sequences of the given lengths, packed back to back (at most 2^31 - 1 tokens in all:
+        cu_seqlens is int32)."""
+        try:
+            lens = torch.as_tensor(lengths, device=device)
+        except (OverflowError, RuntimeError) as err:  # e.g. a Python int beyond int64
+            raise ValueError(f"lengths must be a 1-D sequence of ints that fit in int64: {err}") from None
         if lens.dim() != 1 or lens.numel() == 0:
             raise ValueError(f"lengths must be a non-empty 1-D sequence of ints, got shape {tuple(lens.shape)}")
-        if lens.is_floating_point() or lens.dtype == torch.bool:
+        if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool:
             raise TypeError(f"lengths must be integers, got dtype {lens.dtype}")
-        if bool((lens < 0).any()):
+        lens = lens.long()
+        # Summed in int64 (int32 wraps: [2^31 - 1, 10] gave a negative total, [2^32] gave 0), one
+        # host read. An int64 partial sum that wraps turns negative, so cum.min() catches that too.
+        cum = torch.cumsum(lens, 0)
+        low, longest, total, cum_low = torch.stack([lens.min(), lens.max(), cum[-1], cum.min()]).tolist()
+        if low < 0:
             raise ValueError("lengths must be >= 0")
+        if total > _checks.INT32_MAX or total < 0 or cum_low < 0:
+            raise ValueError(f"lengths sum to {total} tokens, more than int32 cu_seqlens can index "
+                             f"(at most 2^31 - 1 = {_checks.INT32_MAX} tokens per batch)")
         cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=lens.device)
-        cu[1:] = torch.cumsum(lens, 0)
-        return cls(cu, int(lens.max()), **fields)
+        cu[1:] = cum
+        return cls(cu, int(longest), **fields)
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor, **fields) -> "PackedBatch":
@@ -97,6 +115,11 @@ class PackedBatch:
         if mask.is_floating_point():
             raise TypeError(f"attention_mask must be bool or integer (1 = token, 0 = padding), got {mask.dtype}")
         mask = mask.bool()
+        if mask.numel() > _checks.INT32_MAX:  # only then can the token count pass int32
+            total = int(mask.sum(dtype=torch.int64))
+            if total > _checks.INT32_MAX:
+                raise ValueError(f"attention_mask holds {total} tokens, more than int32 cu_seqlens can "
+                                 f"index (at most 2^31 - 1 = {_checks.INT32_MAX})")
         lengths = mask.sum(dim=1, dtype=torch.int32)
         cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = torch.cumsum(lengths, 0)

@@ -212,11 +212,15 @@ def _good():
     (dict(pool_mask=torch.ones(5, dtype=torch.bool)), ValueError, "pool_mask must have T = 6"),
     (dict(cu_seqlens=torch.tensor([0, 2, 6], dtype=torch.int32, device="meta")), ValueError, "mixed devices"),
     (dict(weight=torch.randn(5, 4, device="meta")), ValueError, "mixed devices"),
+    (dict(normalize="no"), TypeError, "normalize must be a bool"),  # a truthy string normalized before
+    (dict(normalize=1), TypeError, "normalize must be a bool"),
+    (dict(cu_seqlens=torch.tensor([0, 2 ** 31 - 1, -2 ** 31, 6], dtype=torch.int32)), ValueError,
+     "non-decreasing"),  # int32 steps wrap to non-negative ones: checked in int64
 ])
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
 def test_bad_inputs_raise_clear_errors(change, error, match, backend):
     args = {**_good(), **change}
-    kw = {k: args.pop(k) for k in ("pool_mask", "out_dim") if k in args}
+    kw = {k: args.pop(k) for k in ("pool_mask", "out_dim", "normalize") if k in args}
     with embedkit.use_backend(backend), pytest.raises(error, match=match):
         embedkit.pool_project(args["hidden"], args["cu_seqlens"], args["weight"], args["bias"], **kw)
 

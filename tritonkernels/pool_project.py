@@ -28,10 +28,21 @@ def _gpu_autotune(configs, key):
 
 
 @triton.jit
-def _chunk_of_sequence(cu_seqlens, seq, split, SPLIT):
-    """[start, end) of chunk `split` when sequence `seq` is cut into SPLIT equal chunks."""
-    seq_start = tl.load(cu_seqlens + seq)
-    seq_end = tl.load(cu_seqlens + seq + 1)
+def _chunk_of_sequence(cu_seqlens, seq, T, split, SPLIT):
+    """[start, end) of chunk `split` when sequence `seq` is cut into SPLIT equal chunks.
+
+    What is read from cu_seqlens is made safe (free: two scalar loads): entries clamped into
+    [0, T], the first sequence starting at 0 and the last ending at T, a decreasing step read as
+    an empty sequence. A valid cu_seqlens is unchanged; with validation off a bad one gives wrong
+    numbers but no access outside [0, T), and the sequences' ranges [x_b, x_b+1) still cover every
+    row of [0, T) (so the backward writes every row of d_hidden).
+    """
+    n_seq = tl.num_programs(0)
+    seq_start = tl.minimum(tl.maximum(tl.load(cu_seqlens + seq), 0), T)
+    seq_end = tl.minimum(tl.maximum(tl.load(cu_seqlens + seq + 1), 0), T)
+    seq_start = tl.where(seq == 0, 0, seq_start)
+    seq_end = tl.where(seq == n_seq - 1, T, seq_end)
+    seq_end = tl.maximum(seq_end, seq_start)
     chunk = tl.cdiv(seq_end - seq_start, SPLIT)
     start = seq_start + split * chunk
     return start, tl.minimum(start + chunk, seq_end)
@@ -51,25 +62,26 @@ _MEAN_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
 
 @_gpu_autotune(_MEAN_CONFIGS, key=["H", "SPLIT", "HAS_MASK"])
 @triton.jit
-def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, out, counts, H, SPLIT,
+def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, out, counts, T, H, SPLIT,
                         HAS_MASK: tl.constexpr, FINAL: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_H: tl.constexpr):
     """Program (seq, hblock, split) sums the pooled tokens of chunk `split` of sequence `seq`.
 
-    FINAL (SPLIT == 1): writes the mean to out [B, H] and the count to counts [B]. Otherwise writes
-    fp32 partial sums to out [SPLIT, B, H] and counts [SPLIT, B], reduced in a fixed order by
-    _reduce_partials_kernel (deterministic, no atomics).
+    FINAL (SPLIT == 1): writes the mean to out [B, H] and the count to counts [B] (fp32). Otherwise
+    writes fp32 partial sums to out [SPLIT, B, H] and int32 partial counts to counts [SPLIT, B],
+    reduced in a fixed order by _reduce_partials_kernel (deterministic, no atomics). Token counts
+    are integers (an fp32 count saturates at 2^24).
     """
     seq = tl.program_id(0)
     hblock = tl.program_id(1)
     split = tl.program_id(2)
     n_seq = tl.num_programs(0)
-    start, end = _chunk_of_sequence(cu_seqlens, seq, split, SPLIT)
+    start, end = _chunk_of_sequence(cu_seqlens, seq, T, split, SPLIT)
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     # A 2-D accumulator keeps BLOCK_T independent fp32 sums in flight; reduced once at the end.
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    n = tl.zeros([BLOCK_T], dtype=tl.float32)
+    n = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < end
@@ -77,15 +89,15 @@ def _masked_mean_kernel(hidden, stride_ht, cu_seqlens, pool_mask, out, counts, H
         x = tl.load(hidden + offs_t[:, None].to(tl.int64) * stride_ht + offs_h[None, :],
                     mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
         acc += x * w[:, None]
-        n += w
+        n += w.to(tl.int32)
     total = tl.sum(acc, axis=0)
     count = tl.sum(n, axis=0)
     row = split.to(tl.int64) * n_seq + seq
     if FINAL:
-        total = total / count
+        total = total / count.to(tl.float32)
     tl.store(out + row * H + offs_h, total, mask=h_ok)
     if hblock == 0:
-        tl.store(counts + row, count)
+        tl.store(counts + row, count.to(counts.dtype.element_ty))
 
 
 @triton.jit
@@ -99,10 +111,10 @@ def _reduce_partials_kernel(partial, partial_counts, out, counts, B, H, SPLIT, B
     for s in range(1, SPLIT):
         row = s * B + seq
         total += tl.load(partial + row.to(tl.int64) * H + offs_h, mask=h_ok, other=0.0)
-        count += tl.load(partial_counts + row)
-    tl.store(out + seq.to(tl.int64) * H + offs_h, total / count, mask=h_ok)
+        count += tl.load(partial_counts + row)  # int32 partial counts: exact
+    tl.store(out + seq.to(tl.int64) * H + offs_h, total / count.to(tl.float32), mask=h_ok)
     if tl.program_id(1) == 0:
-        tl.store(counts + seq, count)
+        tl.store(counts + seq, count.to(tl.float32))
 
 
 _MATMUL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -115,7 +127,10 @@ _MATMUL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num
 def _matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """c[M, N] = a[M, K] @ b[K, N] (+ bias[N]); operands cast to the DOT dtype, fp32 accumulation."""
+    """c[M, N] = a[M, K] @ b[K, N] (+ bias[N]); operands cast to the DOT dtype, fp32 accumulation.
+
+    Every offset is int64: for d_weight, a = dy.t() has stride_ak = out_dim, and offs_k * out_dim
+    passes 2^31 at B >= 699,051 rows of out_dim 3,072."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,9 +141,9 @@ def _matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, stri
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        a_tile = tl.load(a + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+        a_tile = tl.load(a + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak,
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b_tile = tl.load(b + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn,
+        b_tile = tl.load(b + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn,
                          mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT == 1:
             acc += tl.dot(a_tile.to(tl.float16), b_tile.to(tl.float16))
@@ -138,7 +153,7 @@ def _matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, stri
             acc += tl.dot(a_tile.to(tl.float32), b_tile.to(tl.float32), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
+    tl.store(c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn,
              acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -186,13 +201,14 @@ def _column_sum_kernel(x, stride_x, out, M, N, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 @_gpu_autotune(_MEAN_CONFIGS, key=["H", "SPLIT", "HAS_MASK"])
 @triton.jit
-def _masked_mean_bwd_kernel(d_pooled, counts, cu_seqlens, pool_mask, d_hidden, stride_dt, H, SPLIT,
+def _masked_mean_bwd_kernel(d_pooled, counts, cu_seqlens, pool_mask, d_hidden, stride_dt, T, H, SPLIT,
                             HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """d_hidden[t] = mask[t] * d_pooled[seq] / count[seq] over chunk `split` of sequence `seq`."""
+    """d_hidden[t] = mask[t] * d_pooled[seq] / count[seq] over chunk `split` of sequence `seq`.
+    Every row of d_hidden [T, H] is written, whatever cu_seqlens holds (see _chunk_of_sequence)."""
     seq = tl.program_id(0)
     hblock = tl.program_id(1)
     split = tl.program_id(2)
-    start, end = _chunk_of_sequence(cu_seqlens, seq, split, SPLIT)
+    start, end = _chunk_of_sequence(cu_seqlens, seq, T, split, SPLIT)
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     g = tl.load(d_pooled + seq.to(tl.int64) * H + offs_h, mask=h_ok, other=0.0) / tl.load(counts + seq)
@@ -265,9 +281,9 @@ def masked_mean_fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: t
         out, out_counts = pooled, counts
     else:
         out = torch.empty(splits, B, H, dtype=torch.float32, device=dev)
-        out_counts = torch.empty(splits, B, dtype=torch.float32, device=dev)
+        out_counts = torch.empty(splits, B, dtype=torch.int32, device=dev)
     _mean_launch(_masked_mean_kernel, lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]), splits),
-                 hidden, hidden.stride(0), cu_seqlens, mask_arg, out, out_counts, H, splits,
+                 hidden, hidden.stride(0), cu_seqlens, mask_arg, out, out_counts, T, H, splits,
                  HAS_MASK=pool_mask is not None, FINAL=splits == 1)
     if splits > 1:
         block_h = min(1024, max(16, next_pow2(H)))
@@ -334,6 +350,6 @@ def pool_project_bwd(grad_out: torch.Tensor, pooled: torch.Tensor, counts: torch
     pool_mask = None if pool_mask is None else pool_mask.contiguous()
     mask_arg = pool_mask.view(torch.uint8) if pool_mask is not None else cu_seqlens
     _mean_launch(_masked_mean_bwd_kernel, lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]), splits),
-                 d_pooled, counts, cu_seqlens, mask_arg, d_hidden, d_hidden.stride(0), H, splits,
+                 d_pooled, counts, cu_seqlens, mask_arg, d_hidden, d_hidden.stride(0), T, H, splits,
                  HAS_MASK=pool_mask is not None)
     return d_hidden, d_weight, d_bias

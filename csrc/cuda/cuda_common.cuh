@@ -3,6 +3,9 @@
 
 #include <cuda_runtime.h>
 
+#include <exception>
+#include <new>
+
 #include "../common.h"
 
 namespace embedkit {
@@ -18,6 +21,21 @@ inline int launch_status(const char *what) {
   if (err != cudaSuccess)
     return fail(g_cuda_error, EK_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
   return EK_OK;
+}
+
+// f() with every C++ exception turned into a status code: none may cross the extern "C" ABI (the
+// host code here allocates nothing today; this keeps it so whatever it grows into).
+template <class F>
+int guarded(const char *what, F &&f) noexcept {
+  try {
+    return f();
+  } catch (const std::bad_alloc &) {
+    return fail(g_cuda_error, EK_ERR_OUT_OF_MEMORY, "%s: out of host memory (std::bad_alloc)", what);
+  } catch (const std::exception &e) {
+    return fail(g_cuda_error, EK_ERR_INTERNAL, "%s: C++ exception: %s", what, e.what());
+  } catch (...) {
+    return fail(g_cuda_error, EK_ERR_INTERNAL, "%s: unknown C++ exception", what);
+  }
 }
 
 // Sum over the block, returned to every thread. `scratch` holds kWarps values; the trailing

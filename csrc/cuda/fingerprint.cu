@@ -58,14 +58,16 @@ const char *ek_cuda_last_error(void) { return embedkit::g_cuda_error.text; }
 int ek_sequence_fingerprint_cuda(const void *values, int64_t total_rows, int64_t row_bytes,
                                  const int32_t *cu_seqlens, int64_t batch, int64_t *out, cudaStream_t stream) {
   using namespace embedkit;
-  EK_REQUIRE(g_cuda_error, batch >= 0 && total_rows >= 0 && row_bytes >= 0, "negative size");
-  EK_REQUIRE(g_cuda_error, batch <= INT32_MAX, "batch %lld exceeds the grid limit", (long long)batch);
-  EK_REQUIRE(g_cuda_error, cu_seqlens && (out || batch == 0), "null cu_seqlens or out");
-  EK_REQUIRE(g_cuda_error, values || total_rows * row_bytes == 0, "null values");
-  if (batch == 0) return EK_OK;
-  fingerprint_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      static_cast<const uint8_t *>(values), total_rows, row_bytes, cu_seqlens, out);
-  return launch_status("sequence_fingerprint kernel launch");
+  return guarded("ek_sequence_fingerprint_cuda", [&]() -> int {
+    EK_REQUIRE(g_cuda_error, batch >= 0 && total_rows >= 0 && row_bytes >= 0, "negative size");
+    EK_REQUIRE(g_cuda_error, batch <= INT32_MAX, "batch %lld exceeds the grid limit", (long long)batch);
+    EK_REQUIRE(g_cuda_error, cu_seqlens && (out || batch == 0), "null cu_seqlens or out");
+    EK_REQUIRE(g_cuda_error, values || total_rows * row_bytes == 0, "null values");
+    if (batch == 0) return EK_OK;
+    fingerprint_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+        static_cast<const uint8_t *>(values), total_rows, row_bytes, cu_seqlens, out);
+    return launch_status("sequence_fingerprint kernel launch");
+  });
 }
 
 }  // extern "C"

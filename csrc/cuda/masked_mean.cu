@@ -3,7 +3,9 @@
 // Block = 32 column lanes x 8 row slots; each lane owns VEC adjacent columns (one 16-byte load
 // per row when the layout allows it, else one element), each row slot walks every 8th row of
 // the sequence, and the 8 partial sums are added in a fixed order (deterministic). Grid: one
-// block per (sequence, 32 * VEC columns).
+// block per (sequence, 32 * VEC columns). Token counts are integers (an fp32 count stalls at 2^24);
+// each slot sums its rows in fp32 in two levels (kFlush steps into `part`, then into `acc`), so a
+// long sequence's sum does not stall either.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -15,6 +17,7 @@ namespace embedkit {
 namespace {
 
 constexpr int kLanes = 32, kSlots = kThreads / kLanes, kUnroll = 4;
+constexpr int kFlush = 512;  // steps (kUnroll rows each) per first-level partial sum of a slot
 
 template <typename T> struct Conv;
 template <> struct Conv<float> {
@@ -36,17 +39,18 @@ masked_mean_kernel(const T *__restrict__ hidden, int64_t total_rows, int64_t wid
                    const int32_t *__restrict__ cu_seqlens, const uint8_t *__restrict__ pool_mask,
                    int64_t col_blocks, T *__restrict__ out, float *__restrict__ counts) {
   __shared__ float partial[kSlots][kLanes * VEC];
-  __shared__ float partial_count[kSlots];
+  __shared__ int64_t partial_count[kSlots];
   const int lane = threadIdx.x % kLanes, slot = threadIdx.x / kLanes;
   const int64_t b = blockIdx.x / col_blocks;
   const int64_t col = ((blockIdx.x % col_blocks) * kLanes + lane) * VEC;
   const int64_t start = clamp_row(cu_seqlens[b], 0, total_rows);
   const int64_t end = clamp_row(cu_seqlens[b + 1], start, total_rows);
   const bool active = col < width;  // VEC divides width whenever VEC > 1
-  float acc[VEC];
+  float acc[VEC], part[VEC];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-  float count = 0.0f;
+  for (int i = 0; i < VEC; ++i) acc[i] = part[i] = 0.0f;
+  int64_t count = 0;
+  int steps = 0;
   // kUnroll rows per slot per step: their loads are issued together (memory-level parallelism).
   for (int64_t t0 = start + slot; t0 < end; t0 += kSlots * kUnroll) {
     union { uint4 raw; T v[VEC]; } u[kUnroll];
@@ -55,7 +59,7 @@ masked_mean_kernel(const T *__restrict__ hidden, int64_t total_rows, int64_t wid
     for (int r = 0; r < kUnroll; ++r) {
       const int64_t t = t0 + r * kSlots;
       take[r] = t < end && (pool_mask == nullptr || pool_mask[t] != 0);
-      count += take[r] ? 1.0f : 0.0f;
+      count += take[r] ? 1 : 0;
       if (take[r] && active) {
         const T *row = hidden + t * stride_rows + col;
         if (VEC > 1)
@@ -68,17 +72,26 @@ masked_mean_kernel(const T *__restrict__ hidden, int64_t total_rows, int64_t wid
     for (int r = 0; r < kUnroll; ++r) {
       if (!(take[r] && active)) continue;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += Conv<T>::load(u[r].v[i]);
+      for (int i = 0; i < VEC; ++i) part[i] += Conv<T>::load(u[r].v[i]);
+    }
+    if (++steps == kFlush) {
+      steps = 0;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        acc[i] += part[i];
+        part[i] = 0.0f;
+      }
     }
   }
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) partial[slot][lane * VEC + i] = acc[i];
+  for (int i = 0; i < VEC; ++i) partial[slot][lane * VEC + i] = acc[i] + part[i];
   if (lane == 0) partial_count[slot] = count;
   __syncthreads();
   if (slot != 0) return;
-  float n = 0.0f;
+  int64_t total = 0;
 #pragma unroll
-  for (int s = 0; s < kSlots; ++s) n += partial_count[s];
+  for (int s = 0; s < kSlots; ++s) total += partial_count[s];
+  const float n = static_cast<float>(total);
   if (active) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -120,22 +133,24 @@ extern "C" int ek_masked_mean_cuda(const void *hidden, int32_t dtype, int64_t to
                                    int64_t stride_rows, const int32_t *cu_seqlens, const uint8_t *pool_mask,
                                    int64_t batch, void *out, float *counts, cudaStream_t stream) {
   using namespace embedkit;
-  EK_REQUIRE(g_cuda_error, batch >= 0 && total_rows >= 0 && width >= 0, "negative size");
-  EK_REQUIRE(g_cuda_error, stride_rows >= width || total_rows <= 1, "stride_rows (%lld) < width (%lld)",
-             (long long)stride_rows, (long long)width);
-  EK_REQUIRE(g_cuda_error, cu_seqlens && (counts || batch == 0), "null cu_seqlens or counts");
-  EK_REQUIRE(g_cuda_error, out || batch * width == 0, "null out");
-  EK_REQUIRE(g_cuda_error, hidden || total_rows * width == 0, "null hidden");
-  if (batch == 0) return EK_OK;
-  switch (dtype) {
-    case EK_DTYPE_FLOAT32:
-      return launch<float>(hidden, total_rows, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts, stream);
-    case EK_DTYPE_FLOAT16:
-      return launch<__half>(hidden, total_rows, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts, stream);
-    case EK_DTYPE_BFLOAT16:
-      return launch<__nv_bfloat16>(hidden, total_rows, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts,
-                                   stream);
-    default:
-      return fail(g_cuda_error, EK_ERR_UNSUPPORTED_DTYPE, "dtype code %d is not one of EK_DTYPE_*", dtype);
-  }
+  return guarded("ek_masked_mean_cuda", [&]() -> int {
+    EK_REQUIRE(g_cuda_error, batch >= 0 && total_rows >= 0 && width >= 0, "negative size");
+    EK_REQUIRE(g_cuda_error, stride_rows >= width || total_rows <= 1, "stride_rows (%lld) < width (%lld)",
+               (long long)stride_rows, (long long)width);
+    EK_REQUIRE(g_cuda_error, cu_seqlens && (counts || batch == 0), "null cu_seqlens or counts");
+    EK_REQUIRE(g_cuda_error, out || batch * width == 0, "null out");
+    EK_REQUIRE(g_cuda_error, hidden || total_rows * width == 0, "null hidden");
+    if (batch == 0) return EK_OK;
+    switch (dtype) {
+      case EK_DTYPE_FLOAT32:
+        return launch<float>(hidden, total_rows, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts, stream);
+      case EK_DTYPE_FLOAT16:
+        return launch<__half>(hidden, total_rows, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts, stream);
+      case EK_DTYPE_BFLOAT16:
+        return launch<__nv_bfloat16>(hidden, total_rows, width, stride_rows, cu_seqlens, pool_mask, batch, out, counts,
+                                     stream);
+      default:
+        return fail(g_cuda_error, EK_ERR_UNSUPPORTED_DTYPE, "dtype code %d is not one of EK_DTYPE_*", dtype);
+    }
+  });
 }

@@ -114,15 +114,19 @@ extern "C" {
 
 int ek_pack_cuda(const void *padded, const uint8_t *mask, const int32_t *cu_seqlens, int64_t batch,
                  int64_t padded_len, int64_t row_bytes, int64_t total_rows, void *packed, cudaStream_t stream) {
-  return embedkit::launch<false>(padded, mask, cu_seqlens, batch, padded_len, row_bytes, total_rows, nullptr,
-                                 packed, stream);
+  return embedkit::guarded("ek_pack_cuda", [&] {
+    return embedkit::launch<false>(padded, mask, cu_seqlens, batch, padded_len, row_bytes, total_rows, nullptr,
+                                   packed, stream);
+  });
 }
 
 int ek_unpack_cuda(const void *packed, const uint8_t *mask, const int32_t *cu_seqlens, int64_t batch,
                    int64_t padded_len, int64_t row_bytes, int64_t total_rows, const void *fill, void *padded,
                    cudaStream_t stream) {
-  return embedkit::launch<true>(packed, mask, cu_seqlens, batch, padded_len, row_bytes, total_rows, fill, padded,
-                                stream);
+  return embedkit::guarded("ek_unpack_cuda", [&] {
+    return embedkit::launch<true>(packed, mask, cu_seqlens, batch, padded_len, row_bytes, total_rows, fill, padded,
+                                  stream);
+  });
 }
 
 }  // extern "C"

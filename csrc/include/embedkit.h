@@ -12,7 +12,8 @@
  *   - A "row" is one token: row_bytes bytes (the raw bytes of a [T, ...] tensor's row).
  *   - Every pointer is a host pointer (CPU library) or a device pointer (CUDA library); tensors
  *     are contiguous unless a stride argument says otherwise.
- *   - Functions return an EK_* status code (0 = success). The CPU functions are synchronous and
+ *   - Functions return an EK_* status code (0 = success); no C++ exception ever crosses this ABI
+ *     (each is caught and returned as EK_ERR_OUT_OF_MEMORY / EK_ERR_INTERNAL). The CPU functions are synchronous and
  *     check cu_seqlens contents; the CUDA functions are asynchronous on `stream`, check only what
  *     needs no device sync, and report launch errors (later execution errors surface at the next
  *     synchronizing CUDA call). The CUDA kernels clamp out-of-range cu_seqlens instead of reading
@@ -41,7 +42,7 @@ typedef struct CUstream_st *cudaStream_t;
 
 /* Bumped whenever a signature below changes; the Python loader refuses a library built from
  * another version of this header (a stale build would otherwise be called with wrong arguments). */
-#define EK_ABI_VERSION 1
+#define EK_ABI_VERSION 2
 
 /* Status codes. */
 #define EK_OK 0
@@ -49,6 +50,8 @@ typedef struct CUstream_st *cudaStream_t;
 #define EK_ERR_UNSUPPORTED_DTYPE 2 /* a dtype code outside EK_DTYPE_*                          */
 #define EK_ERR_BAD_CU_SEQLENS 3    /* cu_seqlens not 0-based, decreasing or past total_rows      */
 #define EK_ERR_CUDA 4              /* a CUDA runtime error (launch failure, no kernel image, ...) */
+#define EK_ERR_OUT_OF_MEMORY 5     /* host memory exhausted (std::bad_alloc inside the library)   */
+#define EK_ERR_INTERNAL 6          /* any other C++ exception, caught at the C boundary           */
 
 /* Floating dtypes of masked_mean. */
 #define EK_DTYPE_FLOAT32 0
@@ -102,8 +105,8 @@ EK_API int ek_unpack_cuda(const void *packed, const uint8_t *mask, const int32_t
  * hidden [total_rows, width] of `dtype` (row stride stride_rows elements, unit column stride);
  * pool_mask uint8/bool [total_rows] or NULL (= every token pooled).
  * out[b, :] = sum of the pooled rows of sequence b / their count, accumulated in fp32, written in
- * `dtype` ([batch, width], contiguous); counts[b] = that count (fp32). A sequence with no pooled
- * row gives 0/0 = NaN (the Python layer rejects it first). */
+ * `dtype` ([batch, width], contiguous); counts[b] = that count, counted in integers and written
+ * as fp32. A sequence with no pooled row gives 0/0 = NaN (the Python layer rejects it first). */
 EK_API int ek_masked_mean_cpu(const void *hidden, int32_t dtype, int64_t total_rows, int64_t width,
                               int64_t stride_rows, const int32_t *cu_seqlens, const uint8_t *pool_mask,
                               int64_t batch, void *out, float *counts);

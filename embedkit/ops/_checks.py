@@ -2,12 +2,16 @@
 
 Checks on shapes, dtypes and devices are free and always run. Checks on tensor *contents*
 (cu_seqlens values, empty pools) need a device sync: they run when validation is enabled and
-the code is not being traced by torch.compile.
+the code is not being traced by torch.compile. cu_seqlens contents are checked once per tensor
+(and version): every later check of the same unchanged tensor, e.g. in each layer of a model, is
+free (see `_validated` below).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .. import _config
@@ -51,22 +55,91 @@ def check_same_dtype(x: torch.Tensor, name: str, dtype: torch.dtype, other: str)
         raise TypeError(f"{name} has dtype {x.dtype} but {other} has {dtype}; they must match")
 
 
+INT32_MAX = 2 ** 31 - 1
+
+# ---- cu_seqlens facts, validated once per tensor ------------------------------------------------
+# A model forward checks the same cu_seqlens in every layer. Its contents are read from the device
+# once (one host sync) and remembered here, keyed by the tensor's identity and its version counter
+# (bumped by every in-place write, through any view), so later checks of the unchanged tensor need
+# no sync. A weak reference drops the entry with the tensor. Inference tensors have no version
+# counter and are never remembered (PackedBatch keeps a normal tensor for this reason). Writes that
+# bypass the version counter (through .numpy(), .data, DLPack or a raw kernel) are not seen.
+_validated: dict[int, tuple[weakref.ref, int, int, int]] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _validated.get(key)
+    if entry is not None and entry[0] is ref:
+        del _validated[key]
+
+
+def _recall(cu: torch.Tensor) -> tuple[int, int] | None:
+    entry = _validated.get(id(cu))
+    if entry is None or entry[0]() is not cu or entry[1] != _version(cu):
+        return None
+    return entry[2], entry[3]
+
+
+def _remember(cu: torch.Tensor, last: int, longest: int) -> None:
+    version = _version(cu)
+    if version is None:
+        return
+    key = id(cu)
+    ref = weakref.ref(cu, lambda r, key=key: _forget(key, r))
+    _validated[key] = (ref, version, last, longest)
+
+
+def _read_facts(cu: torch.Tensor) -> tuple[int, int, int, int]:
+    """(cu[0], smallest step, largest step, cu[-1]) in int64 (no wrap-around), one host read."""
+    c = cu.long()
+    steps = c[1:] - c[:-1]
+    first, low, high, last = torch.stack([c[0], steps.min(), steps.max(), c[-1]]).tolist()
+    return first, low, high, last
+
+
+def _validated_facts(cu: torch.Tensor, name: str) -> tuple[int, int]:
+    """(cu[-1], longest length) of a cu_seqlens that starts at 0 and never decreases (so every entry
+    lies in [0, cu[-1]]); raises naming `name` otherwise. Remembered per tensor version."""
+    facts = _recall(cu)
+    if facts is not None:
+        return facts
+    first, low, high, last = _read_facts(cu)
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if low < 0:
+        c = cu.long()
+        i = int(torch.nonzero(c[1:] < c[:-1])[0, 0])
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = {int(c[i + 1])} "
+                         f"< {name}[{i}] = {int(c[i])}")
+    _remember(cu, last, high)
+    return last, high
+
+
+def seqlens_summary(cu_seqlens: torch.Tensor, name: str = "cu_seqlens") -> tuple[int, int]:
+    """(total tokens cu[-1], longest sequence) of an int32 [B+1] cu_seqlens: checked (and then
+    remembered, see above) when sync checks are on, else read as is in one host read."""
+    if sync_checks_enabled():
+        return _validated_facts(cu_seqlens, name)
+    facts = _recall(cu_seqlens)
+    if facts is not None:
+        return facts
+    _, _, high, last = _read_facts(cu_seqlens)
+    return last, high
+
+
 def check_cu_seqlens(cu_seqlens: object, total_tokens: int | None, device: torch.device | None,
                      name: str = "cu_seqlens") -> torch.Tensor:
-    """int32 [B+1] on `device`, starting at 0, non-decreasing, ending at total_tokens."""
+    """int32 [B+1] on `device`: cu[0] == 0, non-decreasing, cu[-1] == total_tokens (so every entry
+    lies in [0, T]); checked in int64 arithmetic. The content check syncs once per tensor version."""
     cu = check_tensor(cu_seqlens, name, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 2:
         raise ValueError(f"{name} must have at least 2 entries ([B+1] with B >= 1), got {cu.numel()}")
     if sync_checks_enabled():
-        steps = cu[1:] - cu[:-1]
-        # One host read for the three facts (each a sync on a GPU); details only on failure.
-        first, n_decreasing, last = torch.stack([cu[0], (steps < 0).sum(dtype=cu.dtype), cu[-1]]).tolist()
-        if first != 0:
-            raise ValueError(f"{name}[0] must be 0, got {first}")
-        if n_decreasing:
-            i = int(torch.nonzero(steps < 0)[0, 0])
-            raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = {int(cu[i + 1])} "
-                             f"< {name}[{i}] = {int(cu[i])}")
+        last, _ = _validated_facts(cu, name)
         if total_tokens is not None and last != total_tokens:
             raise ValueError(f"{name}[-1] must equal the number of tokens T = {total_tokens}, got {last}")
     # Kernels index cu_seqlens with stride 1: a strided view is copied (free when contiguous).
@@ -74,12 +147,17 @@ def check_cu_seqlens(cu_seqlens: object, total_tokens: int | None, device: torch
 
 
 def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor, name: str = "max_seqlen") -> int:
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+    """A Python int >= 0 (numpy ints accepted) and, with sync checks, >= the longest sequence of
+    cu_seqlens (no extra sync after check_cu_seqlens of the same tensor)."""
+    if isinstance(max_seqlen, (bool, np.bool_)) or not isinstance(max_seqlen, (int, np.integer)):
         raise TypeError(f"{name} must be a Python int, got {type(max_seqlen).__name__}")
+    max_seqlen = int(max_seqlen)
     if max_seqlen < 0:
         raise ValueError(f"{name} must be >= 0, got {max_seqlen}")
+    if max_seqlen > INT32_MAX:
+        raise ValueError(f"{name} must be <= 2^31 - 1 (int32 token offsets), got {max_seqlen}")
     if sync_checks_enabled():
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        _, longest = _validated_facts(cu_seqlens, "cu_seqlens")
         if max_seqlen < longest:
             raise ValueError(f"{name} = {max_seqlen} is below the longest sequence ({longest} tokens)")
     return max_seqlen

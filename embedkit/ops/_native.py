@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1  # must equal EK_ABI_VERSION in csrc/include/embedkit.h
+ABI_VERSION = 2  # must equal EK_ABI_VERSION in csrc/include/embedkit.h
 OPS = frozenset({"sequence_fingerprint", "pack", "unpack", "masked_mean"})
 ENV_DIR = "EMBEDKIT_NATIVE_DIR"
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 
 # Status codes (embedkit.h).
-EK_OK, EK_ERR_INVALID_ARGUMENT, EK_ERR_UNSUPPORTED_DTYPE, EK_ERR_BAD_CU_SEQLENS, EK_ERR_CUDA = range(5)
+(EK_OK, EK_ERR_INVALID_ARGUMENT, EK_ERR_UNSUPPORTED_DTYPE, EK_ERR_BAD_CU_SEQLENS, EK_ERR_CUDA,
+ EK_ERR_OUT_OF_MEMORY, EK_ERR_INTERNAL) = range(7)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_ROW_BYTES_LIMIT = 1 << 23  # pack / unpack rows of the CUDA library (8 MiB)
 
@@ -192,6 +193,8 @@ def _call(lib: ctypes.CDLL, kind: str, name: str, device: torch.device, *args) -
             raise ValueError(message)
         if rc == EK_ERR_UNSUPPORTED_DTYPE:
             raise TypeError(message)
+        if rc == EK_ERR_OUT_OF_MEMORY:
+            raise MemoryError(message)
         raise RuntimeError(message)
 
 

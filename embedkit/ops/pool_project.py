@@ -7,6 +7,7 @@ registration -> the public function, which validates inputs and picks the backen
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _checks, _dispatch, reference
@@ -119,6 +120,9 @@ def pool_project(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.T
     # The caller's tensors go to the custom op as they are (the launchers make them contiguous at run
     # time): passing validation's .contiguous() results changes what torch.compile's graph computes.
     out_dim = _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim)[0]
+    if not isinstance(normalize, (bool, np.bool_)):  # "no" / "false" strings would be truthy
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+    normalize = bool(normalize)
     backend = _dispatch.resolve(OP, hidden.device)
     if backend == "reference":
         return reference.pool_project(hidden, cu_seqlens, weight, bias, pool_mask=pool_mask,

@@ -14,26 +14,58 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _bounds(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """int64 [B+1] sequence boundaries that are safe whatever cu_seqlens holds: entries clamped into
+    [0, T], the first pinned to 0 and the last to T, made non-decreasing. Equal to cu_seqlens when it
+    is valid; with validation off, a bad one gives wrong numbers but no index outside [0, T)."""
+    x = cu_seqlens.long().clamp(0, total_tokens)
+    x[0] = 0
+    x[-1] = total_tokens
+    return torch.cummax(x, 0).values
+
+
 def segment_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
     """int64 [T]: the index of the sequence each packed token belongs to (no host sync)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    lengths = _bounds(cu_seqlens, total_tokens).diff()
     batch = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    # The lengths sum to T exactly (see _bounds): output_size never under- or over-runs.
     return torch.repeat_interleave(batch, lengths, output_size=total_tokens)
+
+
+# Rows summed per first-level partial in masked_mean: two-level fp32 sums keep the rounding error
+# near (chunk + length / chunk) ulps instead of length ulps (a 20M-token sequence of 1s and 2s
+# accumulated row by row in fp32 stalls at 2^25).
+_SUM_CHUNK = 4096
 
 
 def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                 pool_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, H] mean of the pooled tokens of each sequence, accumulated in fp32, in hidden's dtype."""
+    """[B, H] mean of the pooled tokens of each sequence, accumulated in fp32, in hidden's dtype.
+
+    Token counts are integers (int64; an fp32 count saturates at 2^24 tokens); sums are fp32 in
+    two levels (chunks of _SUM_CHUNK rows, then the chunks), fp64 for fp64 inputs."""
     total, width = hidden.shape
     batch = cu_seqlens.numel() - 1
     acc = _acc_dtype(hidden.dtype)
-    seg = segment_ids(cu_seqlens, total)
-    weight = (torch.ones(total, dtype=acc, device=hidden.device) if pool_mask is None
-              else pool_mask.to(acc))
-    sums = torch.zeros(batch, width, dtype=acc, device=hidden.device)
-    sums = sums.index_add(0, seg, hidden.to(acc) * weight[:, None])
-    counts = torch.zeros(batch, dtype=acc, device=hidden.device).index_add(0, seg, weight)
-    return (sums / counts[:, None]).to(hidden.dtype)
+    dev = hidden.device
+    bounds = _bounds(cu_seqlens, total)
+    seg = torch.repeat_interleave(torch.arange(batch, device=dev), bounds.diff(), output_size=total)
+    if pool_mask is None:
+        counts = bounds.diff()
+        rows = hidden.to(acc)
+    else:
+        # Exact integer counts from a prefix sum of the mask, read at the boundaries.
+        prefix = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), torch.cumsum(pool_mask.long(), 0)])
+        counts = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        rows = hidden.to(acc) * pool_mask.to(acc)[:, None]
+    # key = sequence + global chunk index: non-decreasing over the packed tokens and one value per
+    # (sequence, chunk) pair; the partials of a key are then summed into their sequence.
+    keys = torch.arange(total, device=dev).div_(_SUM_CHUNK, rounding_mode="floor").add_(seg)
+    n_keys = batch + max(total - 1, 0) // _SUM_CHUNK
+    partial = torch.zeros(n_keys, width, dtype=acc, device=dev).index_add_(0, keys, rows)
+    key_seq = torch.zeros(n_keys, dtype=torch.int64, device=dev).scatter_(0, keys, seg)
+    sums = torch.zeros(batch, width, dtype=acc, device=dev).index_add_(0, key_seq, partial)
+    return (sums / counts.to(acc)[:, None]).to(hidden.dtype)
 
 
 def pool_project(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
