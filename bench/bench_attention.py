@@ -18,6 +18,8 @@ Competitors, each in try/except with a note when unavailable:
   - FlexAttention with a document mask, compiled (BlockMask build time recorded separately);
   - flash-attn's flash_attn_varlen_func, when installed.
 CPU: a tiny case with the reference and padded SDPA only (the interpreter is never timed).
+Floors per pass: the FLOPs above, and the bytes that must move -- forward reads q, k, v and writes o;
+backward reads q, k, v, o, do and writes dq, dk, dv (lse / delta rows are negligible).
 A competitor's row carries "speedup" = its time / embedkit-triton's time in the same pass (> 1: embedkit
 is faster).
 """
@@ -93,9 +95,18 @@ def _time_passes(bench: BenchRun, fwd, inputs, grad_fn):
     return ms_f, ms_b, ms_fb
 
 
+def _floor_bytes(T: int, Hq: int, Hkv: int, D: int, elem: int) -> dict:
+    fwd = T * D * elem * (2 * Hq + 2 * Hkv)
+    bwd = T * D * elem * (4 * Hq + 4 * Hkv)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
 def _record_all(bench, case_dict, impl, flops, times, **extra):
+    elem = torch.empty(0, dtype=getattr(torch, case_dict["dtype"])).element_size()
+    floor = _floor_bytes(case_dict["T"], case_dict["Hq"], case_dict["Hkv"], case_dict["D"], elem)
     for name, ms in zip(("fwd", "bwd", "fwd+bwd"), times):
-        bench.record(OP, {**case_dict, "pass": name}, impl, ms=ms, flops=flops[name], **extra)
+        bench.record(OP, {**case_dict, "pass": name}, impl, ms=ms, flops=flops[name], floor_bytes=floor[name],
+                     **extra)
 
 
 def _embedkit_impl(c: _Case, backend: str):
@@ -207,7 +218,8 @@ def _pad_copies(bench, c: _Case, case_dict):
     bench.record(OP, {**case_dict, "pass": "fwd"}, "pad+unpad copies", ms=bench.time_ms(copies))
 
 
-def run(bench: BenchRun) -> None:
+def run(bench: BenchRun, *, mixes: list[str] | None = None, head_dims: list[int] | None = None) -> None:
+    """mixes / head_dims narrow the GPU cases (bench/gpu_check.py runs the headline ones)."""
     dev = bench.device
     gen = torch.Generator().manual_seed(0)
     if not bench.on_gpu:
@@ -221,9 +233,9 @@ def run(bench: BenchRun) -> None:
                    "timed under the interpreter")
         return
     dtype = torch.bfloat16
-    head_dims = [128] if bench.quick else [64, 128]
+    head_dims = head_dims or ([128] if bench.quick else [64, 128])
     kv_heads = [16, 4]
-    mixes = ["a", "b", "c"]
+    mixes = mixes or ["a", "b", "c"]
     try:
         import flash_attn  # noqa: F401
         has_flash_attn = True
@@ -241,6 +253,8 @@ def run(bench: BenchRun) -> None:
         for D in head_dims:
             for Hkv in kv_heads:
                 Hq = 16
+                if bench.out_of_time(f"attention mix={mix} D={D} Hkv={Hkv}"):
+                    return
                 c = _Case(lens, Hq, Hkv, D, dtype, dev)
                 case = {"mix": mix, "B": len(lens), "T": c.T, "max_len": c.max_len, "D": D, "Hq": Hq,
                         "Hkv": Hkv, "dtype": "bfloat16"}

@@ -108,6 +108,16 @@ def _seconds(fn, device, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def _floors(st_model, tokens: int) -> dict:
+    """Encode floors: the matmul FLOPs of the transformer's dense layers over the real tokens
+    (2 x non-embedding parameters x tokens; attention scores left out, so this is a lower bound) and the
+    bytes of the weights, read at least once."""
+    params = list(st_model.named_parameters())
+    dense = sum(p.numel() for n, p in params if "embeddings" not in n and p.dim() >= 2)
+    return {"floor_flops": 2.0 * dense * tokens,
+            "floor_bytes": float(sum(p.numel() * p.element_size() for _, p in params))}
+
+
 def _compare(bench: BenchRun, name: str, load, sentences: list[str], dtype: str, reps: int,
              st_batch_sizes: list[int], max_tokens: int) -> None:
     from embedkit.integrations.sentence_transformers import accelerate
@@ -117,6 +127,7 @@ def _compare(bench: BenchRun, name: str, load, sentences: list[str], dtype: str,
     tokens = sum(min(len(ids), st_model.max_seq_length)
                  for ids in st_model.tokenizer(sentences, truncation=False)["input_ids"])
     case = {"model": name, "sentences": len(sentences), "tokens": tokens, "dtype": dtype}
+    floors = _floors(st_model, tokens)
     results = {}
     for bs in st_batch_sizes:
         s, emb = _seconds(lambda: st_model.encode(sentences, batch_size=bs, convert_to_tensor=True), dev, reps)
@@ -132,13 +143,14 @@ def _compare(bench: BenchRun, name: str, load, sentences: list[str], dtype: str,
         cos = torch.nn.functional.cosine_similarity(emb.double(), reference.double(), dim=-1)
         extra = {"embedkit_backends": backends} if impl.startswith("embedkit") else {}
         bench.record(OP, case, impl, ms=s * 1e3, sentences_per_s=len(sentences) / s, tokens_per_s=tokens / s,
-                     speedup_vs_st_default=base / s, min_cosine_vs_st=float(cos.min()), **extra)
+                     speedup_vs_st_default=base / s, min_cosine_vs_st=float(cos.min()), **floors, **extra)
     del fast
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def run(bench: BenchRun) -> None:
+def run(bench: BenchRun, *, qwen: bool = True) -> None:
+    """qwen=False measures MiniLM only (bench/gpu_check.py's headline case)."""
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:
@@ -156,6 +168,8 @@ def run(bench: BenchRun) -> None:
         corpus = lognormal_corpus(n)
         _compare(bench, "all-MiniLM-L6-v2", lambda attn: _load_minilm(dev, attn), corpus, "float32", reps,
                  batch_sizes, max_tokens=65536)
+        if not qwen or bench.out_of_time("encode Qwen2-0.5B-shape"):
+            return
         with tempfile.TemporaryDirectory() as directory:
             _save_qwen(directory)
             corpus = lognormal_corpus(n // 4, seed=1)

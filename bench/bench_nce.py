@@ -6,8 +6,14 @@ Reported per case: forward+backward time, FLOP rate of the 8 * B^2 * D conventio
 backward recompute 2 B^2 D + two gradient matmuls 4 B^2 D) and its fraction of the matmul rate measured
 in the same run, peak memory above the inputs (and the "extra" memory beyond the inputs' gradients),
 the speedup over the naive loss, and the cost of 3 MRL levels over 1 level for every implementation.
+
+Floors: FLOPs 8 B^2 D (whatever the number of MRL levels: nested prefixes cost one full-width product);
+bytes: q and t read in the forward, read again and their gradients written in the backward
+(6 B D elements). At these sizes the FLOP floor dominates.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +62,10 @@ def _naive_bytes(B: int, D: int, levels: int, elem: int) -> int:
     return levels * B * B * (elem + 4 + 4) + 4 * B * D * elem
 
 
-def run(bench: BenchRun) -> None:
+def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | None = None) -> None:
+    """batches / dims narrow the GPU cases (bench/gpu_check.py runs the headline ones)."""
     dev = bench.device
+    gpu_batches, gpu_dims = batches, dims
     if bench.on_gpu:
         dtype = torch.bfloat16
         batches = [4096, 16384] if bench.quick else [4096, 16384, 65536, 262144]
@@ -72,6 +80,8 @@ def run(bench: BenchRun) -> None:
         free = None
         bench.note("nce_loss on CPU: the tiled reference (chunked torch) and the naive loss only; the Triton "
                    "kernel's time and memory, and the H100 targets, need a GPU")
+    if bench.on_gpu:
+        batches, dims = gpu_batches or batches, gpu_dims or dims
     inf_fn, inf_err = _inf_cl() if "inf-cl" in impls else (None, None)
     if "inf-cl" in impls and inf_fn is None:
         bench.note(f"inf-cl is not installed or does not import ({inf_err}): not measured")
@@ -79,6 +89,8 @@ def run(bench: BenchRun) -> None:
     elem = torch.empty(0, dtype=dtype).element_size()
     for D in dims:
         for B in batches:
+            if bench.out_of_time(f"nce_loss B={B} D={D}"):
+                return
             q0 = torch.randn(B, D, generator=gen).to(dev, dtype)
             t0 = (q0.float() + torch.randn(B, D, generator=gen).to(dev)).to(dtype)
             q = q0.requires_grad_()
@@ -130,7 +142,7 @@ def run(bench: BenchRun) -> None:
                     if impl == "torch-naive":
                         naive_ms = ms
                     per_impl.setdefault(impl, {})[levels] = ms
-                    bench.record(OP, case, impl, ms=ms, flops=8.0 * B * B * D, **extra)
+                    bench.record(OP, case, impl, ms=ms, flops=8.0 * B * B * D, floor_bytes=6.0 * B * D * elem, **extra)
                 # Speedups over the naive loss, same case, same run.
                 if naive_ms is not None:
                     for rec in bench.records:
@@ -151,3 +163,43 @@ def run(bench: BenchRun) -> None:
         bench.note("targets (H100, B=65536, D=3072, bf16, fwd+bwd): extra_mb <= 256; frac_matmul >= 1/1.4 = 0.71 "
                    "of the 8 B^2 D convention; speedup >= 2 over torch-naive at B=16384; levels3_over_1 <= 1.15 "
                    "for triton (>= 1.75 for the separate per-level losses)")
+
+
+def largest_batch(bench: BenchRun, D: int = 3072, start: int = 65536, limit: int = 1 << 22) -> int | None:
+    """The largest B (doubling from `start`) whose fwd+bwd runs on this device, one call each; the goal
+    is >= 1M rows at D=3072. Recorded as one row with the time of the largest call that ran."""
+    dev = bench.device
+    dtype = torch.bfloat16 if bench.on_gpu else torch.float32
+    backend = "triton" if bench.on_gpu else "reference"
+    if not bench.on_gpu:
+        start, limit = min(start, 256), min(limit, 1024)
+    best = None
+    B = start
+    while B <= limit and not bench.out_of_time(f"nce_loss largest batch B={B} D={D}"):
+        try:
+            q = torch.randn(B, D, device=dev, dtype=dtype, requires_grad=True)
+            t = torch.randn(B, D, device=dev, dtype=dtype, requires_grad=True)
+            if bench.on_gpu:
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            with embedkit.use_backend(backend):
+                embedkit.nce_loss(q, t, temperature=TEMPERATURE).backward()
+            if bench.on_gpu:
+                torch.cuda.synchronize(dev)
+            best = (B, (time.perf_counter() - t0) * 1e3)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            bench.note(f"nce_loss largest batch: B={B} D={D} failed ({type(exc).__name__}); stopping")
+            break
+        finally:
+            q = t = None
+            if bench.on_gpu:
+                torch.cuda.empty_cache()
+        B *= 2
+    if best is None:
+        return None
+    B, ms = best
+    elem = torch.empty(0, dtype=dtype).element_size()
+    bench.record(OP, {"B": B, "D": D, "levels": 1, "dtype": str(dtype)[6:], "pass": "largest batch"},
+                 backend,
+                 ms=ms, flops=8.0 * B * B * D, floor_bytes=6.0 * B * D * elem, largest_batch=B)
+    return B

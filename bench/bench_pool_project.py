@@ -3,6 +3,11 @@
 
 Reported: forward and forward+backward time, and the GB/s of the hidden-state read (T * H * bytes
 per element / time) with its fraction of the copy bandwidth measured in the same run.
+
+Floors (`_floors`): the forward must read the hidden states once and the first out_dim rows of the
+weight; forward+backward also writes d_hidden (T x H: the hidden states move twice) and reads the
+weight again and writes its gradient. FLOPs (2 B H out_dim per matmul, plus the T H sums) are far
+below the bytes at these shapes, so the floor is the byte floor.
 """
 from __future__ import annotations
 
@@ -53,8 +58,19 @@ def _st_modules(H, weight, bias, out_dim):
     return Pooling(H, pooling_mode="mean").to(weight.device), dense.to(weight.device, weight.dtype), Normalize()
 
 
-def run(bench: BenchRun) -> None:
+def _floors(T: int, H: int, B: int, out_dim: int, elem: int, backward: bool) -> dict:
+    """The case's minimum bytes and FLOPs (see the module docstring)."""
+    if not backward:
+        return {"floor_bytes": (T * H + out_dim * H + B * out_dim) * elem,
+                "floor_flops": 2.0 * B * H * out_dim + T * H}
+    return {"floor_bytes": (2 * T * H + 3 * out_dim * H + 2 * B * out_dim) * elem,
+            "floor_flops": 6.0 * B * H * out_dim + 2 * T * H}
+
+
+def run(bench: BenchRun, *, sizes: list[tuple[int, int]] | None = None) -> None:
+    """sizes = [(T, H), ...] narrows the GPU cases (bench/gpu_check.py runs the headline one)."""
     dev = bench.device
+    gpu_sizes = sizes
     if bench.on_gpu:
         dtype = torch.bfloat16
         sizes = [(16384, 1024), (262144, 4096)] if bench.quick else \
@@ -70,7 +86,11 @@ def run(bench: BenchRun) -> None:
             impls.insert(0, "native")
     gen = torch.Generator().manual_seed(0)
     d_out = 3072
+    if bench.on_gpu and gpu_sizes:
+        sizes = gpu_sizes
     for T, H in sizes:
+        if bench.out_of_time(f"pool_project T={T} H={H}"):
+            return
         cu_list = [0]
         for n in _lengths(T, 128, gen):
             cu_list.append(cu_list[-1] + n)
@@ -111,8 +131,11 @@ def run(bench: BenchRun) -> None:
                 ms_fb = bench.time_ms(fwd_bwd)
                 base.setdefault("fwd", ms_f)
                 base.setdefault("fwd_bwd", ms_fb)
-                bench.record(OP, {**case, "pass": "fwd"}, impl, ms=ms_f, bytes_moved=read)
-                bench.record(OP, {**case, "pass": "fwd+bwd"}, impl, ms=ms_fb, bytes_moved=read)
+                elem, B = hidden.element_size(), case["B"]
+                bench.record(OP, {**case, "pass": "fwd"}, impl, ms=ms_f, bytes_moved=read,
+                             **_floors(T, H, B, out_dim, elem, False))
+                bench.record(OP, {**case, "pass": "fwd+bwd"}, impl, ms=ms_fb, bytes_moved=read,
+                             **_floors(T, H, B, out_dim, elem, True))
             # Ratios against the first implementation (the embedkit kernel), same run.
             for rec in bench.records:
                 if rec["op"] == OP and {k: rec["case"][k] for k in case} == case:

@@ -22,6 +22,13 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s). Used for the floors of a run that has no
+# GPU, and labelled "datasheet" wherever they appear: they are not measurements.
+DATASHEET = {
+    "H100-SXM": {"matmul_tflops": 989.4, "copy_gbps": 3350.0},
+    "H200": {"matmul_tflops": 989.4, "copy_gbps": 4800.0},
+}
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "unknown"
@@ -145,6 +152,8 @@ class BenchRun:
         self.rooflines = measure_rooflines(self.device, quick)
         self.records: list[dict] = []
         self.notes: list[str] = []
+        self.deadline: float | None = None  # time.monotonic() by which the run should stop (gpu_check)
+        self.skipped: list[str] = []
 
     @property
     def on_gpu(self) -> bool:
@@ -156,13 +165,28 @@ class BenchRun:
     def peak_memory_bytes(self, fn: Callable[[], object]) -> int | None:
         return peak_memory_bytes(fn, self.device)
 
+    def out_of_time(self, what: str) -> bool:
+        """True (and `what` is recorded as skipped) once the run's deadline has passed."""
+        if self.deadline is None or time.monotonic() < self.deadline:
+            return False
+        self.skipped.append(what)
+        self.note(f"skipped for the time budget: {what}")
+        return True
+
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"note: {text}")
 
     def record(self, op: str, case: dict, impl: str, *, ms: float, bytes_moved: float | None = None,
-               flops: float | None = None, **extra) -> dict:
-        """Store one measurement; derives GB/s and TFLOP/s and their fractions of the rooflines."""
+               flops: float | None = None, floor_flops: float | None = None, floor_bytes: float | None = None,
+               **extra) -> dict:
+        """Store one measurement; derives GB/s and TFLOP/s and their fractions of the rooflines.
+
+        floor_flops / floor_bytes are the case's two floors: the FLOPs the op must do and the bytes it
+        must move at the least (default: flops / bytes_moved). floor_ms is the larger of the two at this
+        run's measured matmul rate and copy bandwidth, and frac_of_floor = floor_ms / ms (1.0 = at the
+        roofline). The same floors at the H100 SXM and H200 datasheet peaks are recorded as
+        floor_ms_<gpu>_datasheet, so a CPU run still states what the GPU floor is."""
         row = {"op": op, "case": case, "impl": impl, "ms": ms, **extra}
         if bytes_moved is not None:
             row["gbps"] = bytes_moved / (ms * 1e-3) / 1e9
@@ -170,6 +194,14 @@ class BenchRun:
         if flops is not None:
             row["tflops"] = flops / (ms * 1e-3) / 1e12
             row["frac_matmul"] = row["tflops"] / self.rooflines["matmul_tflops"]
+        floor_flops = flops if floor_flops is None else floor_flops
+        floor_bytes = bytes_moved if floor_bytes is None else floor_bytes
+        if floor_flops is not None or floor_bytes is not None:
+            row["floor_flops"], row["floor_bytes"] = floor_flops, floor_bytes
+            row["floor_ms"] = floor_ms(floor_flops, floor_bytes, self.rooflines)
+            row["frac_of_floor"] = row["floor_ms"] / ms if ms > 0 else None
+            for gpu, peaks in DATASHEET.items():
+                row[f"floor_ms_{_slug(gpu)}_datasheet"] = floor_ms(floor_flops, floor_bytes, peaks)
         self.records.append(row)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items() if k not in ("op", "case", "impl"))
@@ -181,7 +213,8 @@ class BenchRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stem = self.out_dir / f"{self.started}-{_slug(tag)}"
         payload = {"started": self.started, "quick": self.quick, "machine": self.machine,
-                   "rooflines": self.rooflines, "notes": self.notes, "records": self.records}
+                   "rooflines": self.rooflines, "datasheet": DATASHEET, "notes": self.notes,
+                   "skipped": self.skipped, "records": self.records}
         paths = [stem.with_suffix(".json")]
         paths[0].write_text(json.dumps(payload, indent=2, default=str))
         paths.append(stem.with_suffix(".md"))
@@ -197,12 +230,14 @@ class BenchRun:
         lines = [f"# embedkit benchmark, {self.started}", "",
                  f"Machine: {where} ({m['device']}); torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}.",
                  f"Rooflines measured in this run: {r['matmul_dtype']} matmul {r['matmul_tflops']:.2f} TFLOP/s, "
-                 f"copy {r['copy_gbps']:.1f} GB/s.", ""]
+                 f"copy {r['copy_gbps']:.1f} GB/s.",
+                 "frac_of_floor = floor_ms / ms, where floor_ms is the larger of the case's FLOP floor at that "
+                 "matmul rate and its byte floor at that copy rate; floor_ms_*_datasheet are the same floors at "
+                 "datasheet peaks (not measured). Every ratio column of the records is shown.", ""]
         lines += [f"- {n}" for n in self.notes]
         for op in dict.fromkeys(rec["op"] for rec in self.records):
             rows = [rec for rec in self.records if rec["op"] == op]
-            cols = [c for c in ("ms", "gbps", "frac_copy_bw", "tflops", "frac_matmul", "peak_mb", "speedup")
-                    if any(c in rec for rec in rows)]
+            cols = _columns(rows)
             lines += ["", f"## {op}", "", "| case | impl | " + " | ".join(cols) + " |",
                       "|---|---|" + "---|" * len(cols)]
             for rec in rows:
@@ -246,6 +281,27 @@ class BenchRun:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+_FIRST_COLUMNS = ("ms", "frac_of_floor", "floor_ms", "gbps", "frac_copy_bw", "tflops", "frac_matmul",
+                  "peak_mb", "extra_mb", "speedup")
+_HIDDEN_COLUMNS = {"floor_flops", "floor_bytes"}
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """Every numeric field any row carries (known ones first), so no ratio column is dropped."""
+    keys = [k for rec in rows for k, v in rec.items()
+            if k not in ("op", "case", "impl") and k not in _HIDDEN_COLUMNS
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    seen = list(dict.fromkeys(keys))
+    return [c for c in _FIRST_COLUMNS if c in seen] + [c for c in seen if c not in _FIRST_COLUMNS]
+
+
+def floor_ms(flops: float | None, nbytes: float | None, rates: dict) -> float:
+    """The roofline floor in ms: the larger of FLOPs at the matmul rate and bytes at the copy rate."""
+    t_flops = (flops or 0.0) / (rates["matmul_tflops"] * 1e12)
+    t_bytes = (nbytes or 0.0) / (rates["copy_gbps"] * 1e9)
+    return max(t_flops, t_bytes) * 1e3
 
 
 def _case_label(case: dict) -> str:
