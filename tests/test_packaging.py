@@ -128,9 +128,6 @@ def test_readme_install_and_version_commands_are_there():
     assert "bash .ci/wheel_smoke" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line change to embedkit/ops/_native.py given in the "
-                   "packaging report (its @torch.compiler.assume_constant_result imports torch._dynamo); "
-                   "remove this mark with that change")
 def test_import_embedkit_does_not_import_the_compiler():
     code = ("import sys, embedkit; heavy = [m for m in ('torch._dynamo', 'triton', 'transformers', 'sympy') "
             "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")

@@ -102,10 +102,14 @@ def _kind(device: torch.device) -> str | None:
     return {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
 
 
-@torch.compiler.assume_constant_result
 def _why_unavailable(kind: str) -> str | None:
     # A constant to torch.compile: loading (file checks, dlopen) happens outside the traced graph.
     return _library(kind)[1]
+
+
+# What torch.compiler.assume_constant_result sets; the decorator itself imports torch._dynamo (~1 s) at
+# `import embedkit`, so the mark is set by hand.
+_why_unavailable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def problem(op: str, device: torch.device) -> str | None:
