@@ -308,12 +308,17 @@ def _fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, inv_temp,
 
 @triton.jit
 def _coef(dot, a_own, b_oth, lse, g, it, valid, is_pos, OWNER_IS_ROW: tl.constexpr):
-    """(C = P * a * b, P * s) for one level, with P = g (p - [pos]) / tau in the owner x other layout."""
-    s = dot * a_own[:, None] * b_oth[None, :]
+    """(C = P * a * b, P * s) for one level, with P = g (p - [pos]) / tau in the owner x other layout.
+
+    The score is recomputed in the forward's order of multiplication, (dot * a_row) * b_cand, in both
+    layouts: p = exp(s / tau - lse) must be exactly 1 for a row whose only candidate is its positive,
+    and a one-ulp difference in s is amplified by 1/tau (twice, through the coefficient) otherwise."""
     if OWNER_IS_ROW:
+        s = dot * a_own[:, None] * b_oth[None, :]
         lse2 = lse[:, None]
         g2 = g[:, None]
     else:
+        s = dot * b_oth[None, :] * a_own[:, None]
         lse2 = lse[None, :]
         g2 = g[None, :]
     p = tl.exp(tl.where(valid, s * it - lse2, _NEG_INIT))  # exactly 0 when masked
