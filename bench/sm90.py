@@ -29,6 +29,7 @@ SM90_SMEM_PER_SM = 233472          # 228 KiB
 SM90_SMEM_PER_BLOCK = 232448       # 227 KiB usable by one block
 SM90_THREADS_PER_SM = 2048
 SM90_BLOCKS_PER_SM = 32
+ANALYZER_VERSION = 2  # bump when analyze() changes: part of the cache key
 
 
 def _target():
@@ -130,7 +131,7 @@ def spec_key(spec: dict) -> str:
     import triton
 
     jit = jit_of(spec["module"], spec["name"])
-    blob = json.dumps([jit.cache_key, spec["signature"], spec["constexprs"], spec["attrs"], spec["options"],
+    blob = json.dumps([ANALYZER_VERSION, jit.cache_key, spec["signature"], spec["constexprs"], spec["attrs"], spec["options"],
                        triton.__version__], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -183,6 +184,10 @@ def _width(op: str) -> int:
     return {"64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}.get(m.group(1), 4) if m else 4
 
 
+def _is_ldg(op: str) -> bool:
+    return op == "LDG" or op.startswith("LDG.")  # not LDGSTS / LDGDEPBAR
+
+
 def analyze_sass(text: str) -> dict:
     insns = []
     for m in _INSN.finditer(text):
@@ -206,8 +211,8 @@ def analyze_sass(text: str) -> dict:
         "stl": len(stl), "ldl": len(ldl),
         "stl_in_loop": sum(in_loop(a) for a, _ in stl), "ldl_in_loop": sum(in_loop(a) for a, _ in ldl),
         "hgmma": sum(op.startswith("HGMMA") for op in ops), "hmma": sum(op.startswith("HMMA") for op in ops),
-        "ldg_128": sum(op.startswith("LDG") and ".128" in op for op in ops),
-        "ldg_narrow": sum(op.startswith("LDG") and ".128" not in op for op in ops),
+        "ldg_128": sum(_is_ldg(op) and ".128" in op for op in ops),
+        "ldg_narrow": sum(_is_ldg(op) and ".128" not in op for op in ops),
         "ldgsts_128": sum(op.startswith("LDGSTS") and ".128" in op for op in ops),
         "ldgsts": sum(op.startswith("LDGSTS") for op in ops),
         "utmaldg": sum(op.startswith("UTMALDG") for op in ops),

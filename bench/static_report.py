@@ -26,6 +26,8 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("bench.static_report compiles real kernels: run it without TRITON_INTERPRET=1")
 
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default (and the CI test's)
+
 import torch  # noqa: E402
 
 from bench import sm90  # noqa: E402
