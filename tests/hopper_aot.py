@@ -2,18 +2,18 @@
 
 The interpreter runs kernels as Python and accepts code that the real compiler rejects (types,
 layouts, unsupported ops). While the test suite runs kernels under TRITON_INTERPRET=1, `record`
-notes the argument types and constexprs of every launch; `compile_all` (run in a subprocess
-without the interpreter) compiles one specialization per (kernel, argument types) to a cubin for
-sm_90, so a kernel that would not compile on the H100 fails CI here.
+notes every launch as the GPU JIT would specialize it (ints equal to 1 become constexprs, pointers
+and ints divisible by 16 carry tt.divisibility=16: bench/sm90.specialize runs the JIT's own binder);
+`compile_all` (run in a subprocess without the interpreter) compiles one specialization per
+(kernel, argument types, specialization) to a cubin for sm_90 with those attributes, so CI checks
+the code a GPU would run (without the hints the compiler emits 16-bit loads and spills that the
+real code does not have), and a kernel that would not compile on the H100 fails CI here.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 
-_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32",
-           "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 # Largest dynamic shared memory one block may use on an H100 / H200 (227 KiB).
@@ -22,65 +22,26 @@ HOPPER_SHARED_BYTES = 232448
 recorded: dict[tuple, dict] = {}
 
 
-def _is_constexpr(param: inspect.Parameter) -> bool:
-    ann = param.annotation
-    return "constexpr" in (ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann)))
-
-
-def _is_tl_dtype(v) -> bool:
-    try:
-        import triton.language as tl
-    except ImportError:
-        return False
-    return isinstance(v, tl.dtype)
-
-
-def _constexpr_values(constexprs: dict) -> dict:
-    import triton.language as tl
-
-    return {k: tl.dtype(v["tl_dtype"]) if isinstance(v, dict) else v for k, v in constexprs.items()}
+_JIT_CACHE: dict = {}
 
 
 def _record_launch(fn, args, kwargs) -> None:
-    import torch
+    """Record the launch as the JIT would specialize it on a GPU (bench/sm90.py: the JIT's own
+    binder, so ints == 1 become constexprs and 16-divisible pointers / ints carry tt.divisibility)."""
+    from triton.runtime.jit import JITFunction
 
-    params = list(inspect.signature(fn).parameters.values())
-    bound = dict(zip([p.name for p in params], args))
-    bound.update({k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
-    signature, constexprs = {}, {}
-    for p in params:
-        if p.name not in bound:
-            if p.default is inspect.Parameter.empty:
-                return  # an argument we cannot see: skip rather than guess
-            bound[p.name] = p.default
-        v = bound[p.name]
-        if _is_constexpr(p):
-            if _is_tl_dtype(v):
-                v = {"tl_dtype": str(v)}  # rebuilt as triton.language.dtype in the compiling process
-            elif not isinstance(v, (int, float, bool, str, type(None))):
-                return
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = v
-        elif isinstance(v, torch.Tensor):
-            signature[p.name] = "*" + _DTYPES[str(v.dtype).replace("torch.", "")]
-        elif isinstance(v, bool):
-            signature[p.name] = "i1"
-        elif isinstance(v, int):
-            signature[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
-        elif isinstance(v, float):
-            signature[p.name] = "fp32"
-        elif v is None:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = None
-        else:
-            return
-    options = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
-    # One specialization per kernel, pointer/scalar types and dtype-valued constexprs.
-    dtype_constexprs = tuple(sorted((k, v["tl_dtype"]) for k, v in constexprs.items() if isinstance(v, dict)))
-    key = (fn.__module__, fn.__name__, tuple(sorted((k, v) for k, v in signature.items() if v != "constexpr")),
-           dtype_constexprs)
-    recorded.setdefault(key, {"module": fn.__module__, "name": fn.__name__, "signature": signature,
-                              "constexprs": constexprs, "options": options})
+    from bench import sm90
+
+    jit = _JIT_CACHE.get(fn)
+    if jit is None:
+        jit = _JIT_CACHE[fn] = JITFunction(fn)
+    spec = sm90.specialize(jit, args, kwargs)
+    spec["module"], spec["name"] = fn.__module__, fn.__name__
+    # One specialization per kernel, argument types, alignment / ==1 specialization and dtype constexprs.
+    key = (fn.__module__, fn.__name__, tuple(sorted(spec["signature"].items())),
+           tuple(sorted(spec["attrs"])),
+           tuple(sorted((k, str(v)) for k, v in spec["constexprs"].items() if isinstance(v, dict) or v == 1)))
+    recorded.setdefault(key, spec)
 
 
 def install_recorder() -> bool:
@@ -107,8 +68,8 @@ def compile_all(specs: list[dict], arch: int = 90) -> list[str]:
     import importlib
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from bench import sm90
 
     # GPU autotune configs are compiled once per kernel, on its spec with the widest element types
     # (the one that needs the most shared memory); the interpreted blocks for every spec.
@@ -125,18 +86,16 @@ def compile_all(specs: list[dict], arch: int = 90) -> list[str]:
     for i, spec in enumerate(specs):
         obj = getattr(importlib.import_module(spec["module"]), spec["name"])
         # The interpreted launch's own blocks, plus every GPU autotune config (never interpreted).
-        base = _constexpr_values(spec["constexprs"])
-        variants = [(base, {"num_warps": 4, "num_stages": 3, **spec["options"]})]
+        variants = [dict(spec, options={"num_warps": 4, "num_stages": 3, **spec["options"]})]
         while not isinstance(obj, triton.runtime.jit.JITFunction):
             for cfg in (getattr(obj, "configs", None) or []) if widest[(spec["module"], spec["name"])] == i else []:
-                variants.append(({**base, **cfg.kwargs},
-                                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+                variants.append(dict(spec, constexprs={**spec["constexprs"], **cfg.kwargs},
+                                     options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
             obj = obj.fn  # unwrap autotune / heuristics
-        for constexprs, options in variants:
-            where = f"{spec['module']}.{spec['name']} {spec['signature']} {constexprs} {options}"
+        for v in variants:
+            where = f"{spec['module']}.{spec['name']} {v['signature']} {v['constexprs']} {v['options']}"
             try:
-                src = ASTSource(fn=obj, signature=spec["signature"], constexprs=constexprs)
-                kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                kernel = sm90.compile_spec(v, arch)
                 assert kernel.asm.get("cubin"), "no cubin produced"
                 shared = kernel.metadata.shared
                 assert shared <= HOPPER_SHARED_BYTES, f"needs {shared} B of shared memory > {HOPPER_SHARED_BYTES}"
