@@ -133,7 +133,20 @@ def _run_nce(D, dims, B=256, dtype=torch.bfloat16):
               row_cos)
 
 
-def all_cases(quick: bool, ops=None):
+def ci_cases():
+    """The CI test's subset: one case per op that still reaches every kernel (GQA, partial rotary, 3
+    MRL levels), a few dozen specializations."""
+    bf16 = torch.bfloat16
+    yield ("attention D=64 Hq=8 Hkv=2 max_seqlen=64 rotary=partial",
+           lambda: _run_attention(64, 8, 2, 64, "partial", bf16))
+    yield ("pool_project H=1024 out_dim=768 B=64", lambda: _run_pool(1024))
+    yield ("nce D=768 levels=(192, 384, 768)", lambda: _run_nce(768, (192, 384, 768)))
+
+
+def all_cases(quick: bool, ops=None, ci: bool = False):
+    if ci:
+        yield from ((label, fn) for label, fn in ci_cases() if not ops or label.split()[0] in ops)
+        return
     gens = {"attention": attention_cases, "pool_project": pool_project_cases, "nce": nce_cases}
     for op, gen in gens.items():
         if ops and op not in ops:
@@ -190,11 +203,11 @@ def checks(spec: dict, fig: dict) -> list[dict]:
 
 # ---- report -----------------------------------------------------------------------------------
 
-def build(quick: bool, ops=None, progress=print) -> dict:
+def build(quick: bool, ops=None, progress=print, ci: bool = False) -> dict:
     tv = install_recorder()
     t0 = time.time()
     case_errors = {}
-    for label, fn in all_cases(quick, ops):
+    for label, fn in all_cases(quick, ops, ci):
         _case["label"] = label
         try:
             fn()
@@ -269,9 +282,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the CI subset of shapes")
     ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--op", action="append", help="attention / pool_project / nce (default all)")
+    ap.add_argument("--ci", action="store_true", help="the CI test's smaller subset (one case per op)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when there are unwaived failures")
     a = ap.parse_args(argv)
-    rep = build(a.quick, a.op)
+    rep = build(a.quick, a.op, ci=a.ci)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=str))

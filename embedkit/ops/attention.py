@@ -187,7 +187,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
                      return_lse=False):
     """Softmax attention within each packed sequence (flash-attn varlen layout).
 
-    q [T, Hq, D], k / v [T, Hkv, D] (Hq % Hkv == 0; D a multiple of 8 up to 256), fp16 / bf16 /
+    q [T, Hq, D], k / v [T, Hkv, D] (Hq % Hkv == 0; D from 1 to 256), fp16 / bf16 /
     fp32; cu_seqlens int32 [B+1]; max_seqlen a Python int >= the longest sequence. Bidirectional
     unless `causal`; default scale D ** -0.5. rotary=(cos, sin), each [T, R/2] (rotary_tables):
     rotate-half rotary on the first R dims of q and k, inside the kernel. Returns out [T, Hq, D]

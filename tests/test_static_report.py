@@ -1,0 +1,72 @@
+"""The static sm_90a report (bench/static_report.py) in CI: one case per op compiled for sm_90a with the
+JIT's real specialization; fails when a config a launcher may pick does not fit shared memory, spills
+inside a loop, or uses mma.sync where its tile allows wgmma, unless the kernel file waives it in
+SM90_WAIVERS with a reason. Compiles are cached on disk, so a rerun takes seconds."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import static_report  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled by running them")
+
+
+def test_ci_subset_has_no_unwaived_failure(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "bench.static_report", "--ci", "--strict", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    rep = json.loads((tmp_path / "report.json").read_text()) if (tmp_path / "report.json").exists() else None
+    assert rep is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not rep["case_errors"], rep["case_errors"]
+    open_failures = [(e["kernel"], e["config"], f) for e in rep["entries"] for f in e["failures"] if not f["waived"]]
+    assert not open_failures, "unwaived sm_90a failures:\n" + "\n".join(map(str, open_failures))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = {e["kernel"].split(".")[-1] for e in rep["entries"]}
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_masked_mean_kernel", "_matmul_kernel"):
+        assert name in kernels, kernels
+    for e in rep["entries"]:
+        assert e["figures"]["registers"] > 0, e
+    # the real specialization reaches the compiler: some spec carries the divisibility hint, and
+    # the matrix products are wgmma on at least one kernel
+    assert any(e["spec"].get("attrs") for e in rep["entries"]), "no tt.divisibility attribute recorded"
+    assert any(e["figures"]["hgmma"] > 0 for e in rep["entries"])
+
+
+def _spec(**constexprs):
+    return {"module": "tritonkernels.attention", "name": "_attn_fwd_kernel", "constexprs": constexprs,
+            "options": {"num_warps": 4, "num_stages": 2}}
+
+
+def _fig(**kw):
+    base = {"shared_bytes": 1024, "stl_in_loop": 0, "ldl_in_loop": 0, "hmma": 0, "hgmma": 4}
+    return {**base, **kw}
+
+
+def test_checks_flag_smem_spill_and_mma_sync(monkeypatch):
+    monkeypatch.setattr(static_report, "_waivers", lambda module: [])
+    spec = _spec(BLOCK_M=64, BLOCK_N=64)
+    assert static_report.checks(spec, _fig()) == []
+    assert [f["check"] for f in static_report.checks(spec, _fig(shared_bytes=300_000))] == ["smem"]
+    assert [f["check"] for f in static_report.checks(spec, _fig(ldl_in_loop=3))] == ["spill"]
+    assert [f["check"] for f in static_report.checks(spec, _fig(hmma=8, hgmma=0))] == ["wgmma"]
+    # a 16-row tile cannot use wgmma: mma.sync is right there
+    assert static_report.checks(_spec(BLOCK_M=16, BLOCK_N=16), _fig(hmma=8, hgmma=0)) == []
+
+
+def test_waiver_matches_only_its_config(monkeypatch):
+    waivers = [{"kernel": "_attn_fwd_kernel", "match": {"BLOCK_M": 64, "num_warps": 4}, "check": "spill",
+                "reason": "known"}]
+    monkeypatch.setattr(static_report, "_waivers", lambda module: waivers)
+    hit = static_report.checks(_spec(BLOCK_M=64, BLOCK_N=64), _fig(stl_in_loop=2))
+    miss = static_report.checks(_spec(BLOCK_M=128, BLOCK_N=64), _fig(stl_in_loop=2))
+    other_check = static_report.checks(_spec(BLOCK_M=64, BLOCK_N=64), _fig(shared_bytes=300_000))
+    assert hit[0]["waived"] == "known" and miss[0]["waived"] is None and other_check[0]["waived"] is None
