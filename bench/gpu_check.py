@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Kernel test files run on CUDA (their interpreter-sized cases plus the gpu-marked bf16 ones).
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_nce.py", "tests/test_pool_project.py", "tests/test_native.py"]
+KERNEL_TESTS = ["tests/test_attention.py", "tests/test_attention_kernels.py", "tests/test_nce.py",
+                "tests/test_nce_temperatures.py", "tests/test_pool_project.py", "tests/test_native.py",
+                "tests/test_safety_memory.py"]
 
 
 class Steps:
