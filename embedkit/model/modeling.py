@@ -33,6 +33,7 @@ from .inputs import SEGMENT_TYPES, Interleaved
 from .processor import HFTokenizer, ModelInputs, Processor
 
 WEIGHTS_NAME = "model.safetensors"
+SAVE_ID_KEY = "embedkit_save_id"  # one random id per save_pretrained, in config and weights
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -341,35 +342,54 @@ class Embedder(nn.Module):
 
     # ---- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
-        """Writes config.json and model.safetensors (and the tokenizer, if it is a Hugging Face one)."""
+        """Writes config.json and model.safetensors (and the tokenizer, if it is a Hugging Face one)
+        as one unit: into a temporary sibling directory, fsynced, then renamed into place (other
+        files already in `path` are carried over). One save id in config.json and in the weights'
+        metadata lets from_pretrained refuse a config and weights of different saves."""
         from safetensors.torch import save_file
 
+        from .._atomic import atomic_dir, new_save_id
+
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
-        # A Hugging Face tokenizer (given as a path or an object) is saved beside the weights, so the
-        # directory is self-contained; the built-in byte tokenizer is just named.
-        tok = self.processor.tokenizer
-        if isinstance(tok, HFTokenizer):
-            tok.tok.save_pretrained(str(out / TOKENIZER_DIR))
-            cfg["tokenizer"] = "./" + TOKENIZER_DIR
-        elif tok is not None:
-            cfg["tokenizer"] = "bytes"
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "embedkit"})
+        save_id = new_save_id()
+        cfg[SAVE_ID_KEY] = save_id
+        with atomic_dir(out, keep_foreign=True) as tmp:
+            # A Hugging Face tokenizer (given as a path or an object) is saved beside the weights, so
+            # the directory is self-contained; the built-in byte tokenizer is just named.
+            tok = self.processor.tokenizer
+            if isinstance(tok, HFTokenizer):
+                tok.tok.save_pretrained(str(tmp / TOKENIZER_DIR))
+                cfg["tokenizer"] = "./" + TOKENIZER_DIR
+            elif tok is not None:
+                cfg["tokenizer"] = "bytes"
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt", "library": "embedkit", SAVE_ID_KEY: save_id})
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype: torch.dtype | None = None,
                         tokenizer=None) -> "Embedder":
         """Loads what save_pretrained wrote (safetensors + JSON; nothing is unpickled)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        root = Path(path)
+        from .._atomic import resolve_dir
+
+        root = resolve_dir(path)
         if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{root} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (from save_pretrained)")
         d = json.loads((root / CONFIG_NAME).read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"{root / CONFIG_NAME} must hold a JSON object")
+        cfg_id = d.pop(SAVE_ID_KEY, None)
+        with safe_open(str(root / WEIGHTS_NAME), framework="pt") as f:
+            w_id = (f.metadata() or {}).get(SAVE_ID_KEY)
+        if cfg_id != w_id:
+            raise ValueError(f"{root}: {CONFIG_NAME} (save id {cfg_id}) and {WEIGHTS_NAME} (save id {w_id}) "
+                             f"come from different saves: refusing to load a torn model directory")
         if isinstance(d.get("tokenizer"), str) and d["tokenizer"].startswith("./"):
             d["tokenizer"] = str(root / d["tokenizer"][2:])
         model = cls(EmbedderConfig.from_dict(d), tokenizer=tokenizer)

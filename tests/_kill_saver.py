@@ -1,0 +1,44 @@
+"""Child of tests/test_safety_persist.py's kill test: imports torch once, then per line on stdin
+forks a saver that overwrites one checkpoint in a loop (until SIGKILLed) and prints its pid."""
+import os
+import sys
+
+import torch
+
+from embedkit import Embedder, EmbedderConfig
+from embedkit.train import checkpoint as ckpt_io
+
+
+def trainer_saves(path):
+    n = int(open(path + ".next").read()) if os.path.exists(path + ".next") else 1
+    while True:
+        big = torch.full((256, 1024), float(n))  # 1 MiB per file: kills land mid-write
+        ckpt_io.save(path, {"w": big}, {"state.0.exp_avg": big * 2}, {"n": n, "global_step": n})
+        n += 1
+        with open(path + ".next.tmp", "w") as f:
+            f.write(str(n))
+        os.replace(path + ".next.tmp", path + ".next")  # the counter itself must not tear
+
+
+def embedder_saves(path):
+    n = 1
+    while True:
+        torch.manual_seed(n)
+        Embedder(EmbedderConfig.tiny(norm_eps=1e-6 * n)).save_pretrained(path)
+        n += 1
+
+
+for line in sys.stdin:
+    kind, path = line.split()
+    pid = os.fork()
+    if pid == 0:
+        sys.stdin.close()
+        try:
+            (trainer_saves if kind == "trainer" else embedder_saves)(path)
+        finally:
+            os._exit(1)
+    print(pid, flush=True)
+    sys.stdout.flush()
+    line2 = sys.stdin.readline()  # "reap" once the test has killed it
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
