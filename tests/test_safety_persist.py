@@ -143,3 +143,129 @@ def test_sigkill_mid_save_always_leaves_one_complete_checkpoint(tmp_path):
     # the savers made progress across rounds (the trainer's counter persists): not a vacuous test
     assert max(n or 0 for n in loaded["trainer"]) >= 3, loaded
     assert any(loaded["embedder"]), loaded
+
+
+# ---- configs that are checked ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,exc,msg", [
+    ("norm_eps", -1.0, ValueError, "norm_eps"),
+    ("norm_eps", 0.0, ValueError, "norm_eps"),
+    ("norm_eps", float("nan"), ValueError, "norm_eps"),
+    ("norm_eps", float("inf"), ValueError, "norm_eps"),
+    ("norm_eps", "1e-6", TypeError, "norm_eps"),
+    ("qk_norm", "false", TypeError, "qk_norm"),
+    ("mlp_gated", "no", TypeError, "mlp_gated"),
+    ("attention_bias", 0, TypeError, "attention_bias"),
+    ("mrl_dims", "abc", TypeError, "mrl_dims"),
+    ("mrl_dims", 5, TypeError, "mrl_dims"),
+    ("mrl_dims", [8.5, 3072], TypeError, "mrl_dims"),
+    ("vocab_size", 10 ** 9, ValueError, "vocab_size"),
+    ("vocab_size", 1e9, TypeError, "vocab_size"),
+    ("hidden_size", "64", TypeError, "hidden_size"),
+    ("rope_theta", float("inf"), ValueError, "rope_theta"),
+    ("softmax_scale", -1.0, ValueError, "softmax_scale"),
+    ("image_std", "abc", TypeError, "image_std"),
+    ("tokenizer", 5, TypeError, "tokenizer"),
+])
+def test_config_fields_are_checked_by_type_and_range(field, value, exc, msg):
+    with pytest.raises(exc, match=f"EmbedderConfig: {msg}"):
+        EmbedderConfig.tiny(**{field: value})
+
+
+def test_absurd_vocab_in_config_json_is_refused_before_allocating(tmp_path):
+    _tiny().save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["vocab_size"] = 10 ** 9  # 1e9 x 64 floats: 256 GB if it were allocated
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Embedder.from_pretrained(tmp_path)
+
+
+def _edit_config(path, **kw):
+    d = json.loads((path / "config.json").read_text())
+    d.update(kw)
+    (path / "config.json").write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("spec", ["bert-base-uncased", "../outside", "/etc"])
+def test_tokenizer_from_config_json_must_lie_inside_the_model_directory(tmp_path, spec):
+    (tmp_path / "outside").mkdir()
+    model_dir = tmp_path / "m"
+    _tiny().save_pretrained(model_dir)
+    _edit_config(model_dir, tokenizer=spec)
+    with pytest.raises(ValueError, match="inside the model directory"):
+        Embedder.from_pretrained(model_dir).processor.tokenizer
+
+
+def test_tokenizer_hub_id_is_not_fetched():
+    from embedkit.model.processor import load_tokenizer
+
+    with pytest.raises(ValueError, match="not a local directory"):
+        load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_weights_of_another_dtype_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    with __import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        md = f.metadata()
+    k = next(iter(state))
+    state[k] = state[k].half()  # right shape, other dtype: used to be cast silently
+    save_file(state, str(tmp_path / "model.safetensors"), metadata=md)
+    with pytest.raises(ValueError, match=f"{k} has dtype float16"):
+        Embedder.from_pretrained(tmp_path)
+
+
+# ---- trainer.json checked against the stages ------------------------------------------------------
+
+def _trainer(tmp_path):
+    from embedkit.train import Example, Stage, Task, Trainer
+
+    torch.manual_seed(0)
+    model = Embedder(EmbedderConfig.tiny(out_dim=32, mrl_dims=(8, 16, 32)))
+    exs = [Example(query=f"q{i}", positive=f"p{i} text") for i in range(8)]
+    st = Stage("s", [Task("t", exs, batch_size=4)], steps=3, lr=1e-3, bf16=False)
+    return Trainer(model, [st], progress=False, output_dir=tmp_path, seed=1)
+
+
+def _rewrite_meta(ck, **kw):
+    meta = json.loads((ck / "trainer.json").read_text())
+    for k, v in kw.items():
+        if k == "lr":
+            meta["optimizer"]["param_groups"][0]["lr"] = v
+        elif k == "initial_lr":
+            meta["optimizer"]["param_groups"][0]["initial_lr"] = v
+        else:
+            meta[k] = v
+    (ck / "trainer.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (dict(stage_index=99), "stage_index"),
+    (dict(stage_index=-1), "stage_index"),
+    (dict(stage_step=50), "stage_step"),
+    (dict(global_step="3"), "global_step"),
+    (dict(lr=1e9), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(lr=1e9, initial_lr=1e9), "lr"),
+])
+def test_trainer_json_is_checked_against_the_stages(tmp_path, edit, msg):
+    t = _trainer(tmp_path)
+    t.fit(max_steps=1)
+    ck = t.save_checkpoint(tmp_path / "ck")
+    _rewrite_meta(ck, **edit)
+    fresh = _trainer(tmp_path)
+    with pytest.raises(ValueError, match=msg):
+        fresh.load_checkpoint(ck)
+        fresh.fit()
+
+
+def test_trainer_checkpoint_weights_of_another_dtype_are_refused(tmp_path):
+    t = _trainer(tmp_path)
+    ck = t.save_checkpoint(tmp_path / "ck")
+    fresh = _trainer(tmp_path)
+    fresh.model.double()
+    with pytest.raises(ValueError, match="dtype"):
+        fresh.load_checkpoint(ck)

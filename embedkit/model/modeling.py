@@ -125,6 +125,33 @@ class Block(nn.Module):
         return self.mlp_norm(x + self.mlp(x))
 
 
+def check_state_dtypes(model: nn.Module, state: dict, where: str) -> None:
+    """Refuse weights whose dtype differs from the model's tensor of the same name: load_state_dict
+    would cast them silently (a mixed-dtype file is a different model, not a cheaper copy)."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and isinstance(v, torch.Tensor) and v.dtype != own[k].dtype:
+            raise ValueError(f"{where}: {k} has dtype {str(v.dtype).replace('torch.', '')} but the model's is "
+                             f"{str(own[k].dtype).replace('torch.', '')} (a dtype mismatch is refused, not cast)")
+
+
+def _tokenizer_in_dir(root: Path, spec, *, explicit: bool):
+    """config.json's tokenizer, allowed only inside the model directory: "bytes", None, or a
+    relative path that stays in `root`. A hub id would trigger a network fetch and "../x" or an
+    absolute path would read outside the directory; both are refused (pass tokenizer= to use one)."""
+    if explicit or spec is None or spec == "bytes":
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"{root / CONFIG_NAME}: tokenizer must be 'bytes', null or a path inside the model "
+                        f"directory, got {spec!r}")
+    base = root.resolve()
+    p = (base / spec).resolve()
+    if Path(spec).is_absolute() or not p.is_relative_to(base) or not p.is_dir():
+        raise ValueError(f"{root / CONFIG_NAME}: tokenizer {spec!r} is not a directory inside the model directory "
+                         f"{root} (hub ids and paths outside it are refused; pass tokenizer= explicitly)")
+    return str(p)
+
+
 class Embedder(nn.Module):
     """The multimodal embedding model. See the module docstring; `encode` is the user entry point."""
 
@@ -390,13 +417,13 @@ class Embedder(nn.Module):
         if cfg_id != w_id:
             raise ValueError(f"{root}: {CONFIG_NAME} (save id {cfg_id}) and {WEIGHTS_NAME} (save id {w_id}) "
                              f"come from different saves: refusing to load a torn model directory")
-        if isinstance(d.get("tokenizer"), str) and d["tokenizer"].startswith("./"):
-            d["tokenizer"] = str(root / d["tokenizer"][2:])
+        d["tokenizer"] = _tokenizer_in_dir(root, d.get("tokenizer", "bytes"), explicit=tokenizer is not None)
         model = cls(EmbedderConfig.from_dict(d), tokenizer=tokenizer)
         state = load_file(str(root / WEIGHTS_NAME))
-        dtypes = {v.dtype for v in state.values()}
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         if len(dtypes) == 1:
             model.to(dtypes.pop())
+        check_state_dtypes(model, state, str(root / WEIGHTS_NAME))
         model.load_state_dict(state, strict=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
