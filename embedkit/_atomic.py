@@ -81,6 +81,8 @@ def atomic_dir(target: str | Path, *, keep_foreign: bool = False) -> Iterator[Pa
     copied) into the new directory, so saving into a directory with other files keeps them.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory: refusing to replace it with a checkpoint")
     target.parent.mkdir(parents=True, exist_ok=True)
     cleanup(target)
     tmp = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:12]}"
@@ -90,7 +92,7 @@ def atomic_dir(target: str | Path, *, keep_foreign: bool = False) -> Iterator[Pa
         if keep_foreign and target.is_dir():
             for src in target.iterdir():
                 dst = tmp / src.name
-                if dst.exists() or src.name.startswith("."):
+                if dst.exists():
                     continue
                 if src.is_dir():
                     shutil.copytree(src, dst)

@@ -56,6 +56,12 @@ def test_checkpoint_overwrite_is_one_unit_and_stale_temporaries_are_removed(tmp_
     assert ckpt_io.load(target)[2]["n"] == 2
 
 
+def test_checkpoint_over_a_file_is_refused(tmp_path):
+    (tmp_path / "ck").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a directory"):
+        _ckpt(tmp_path / "ck", 1)
+
+
 def test_checkpoint_killed_between_fallback_renames_loads_previous(tmp_path):
     target = tmp_path / "ck"
     _ckpt(target, 1)
@@ -82,9 +88,11 @@ def test_save_pretrained_overwrite_keeps_other_files_and_leaves_no_temporaries(t
     d = tmp_path / "m"
     _tiny(1).save_pretrained(d)
     (d / "README.md").write_text("mine")
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs")
     m2 = _tiny(2)
     m2.save_pretrained(d)
     assert (d / "README.md").read_text() == "mine"
+    assert (d / ".gitattributes").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     got = Embedder.from_pretrained(d)
     for (k, a), b in zip(m2.state_dict().items(), got.state_dict().values()):
