@@ -28,17 +28,40 @@ def embedder_saves(path):
         n += 1
 
 
-for line in sys.stdin:
-    kind, path = line.split()
-    pid = os.fork()
-    if pid == 0:
-        sys.stdin.close()
-        try:
-            (trainer_saves if kind == "trainer" else embedder_saves)(path)
-        finally:
-            os._exit(1)
-    print(pid, flush=True)
-    sys.stdout.flush()
-    line2 = sys.stdin.readline()  # "reap" once the test has killed it
-    os.waitpid(pid, 0)
-    print("reaped", flush=True)
+def make_trainer():
+    from embedkit.train import Example, Stage, Task, Trainer
+
+    torch.manual_seed(0)
+    model = Embedder(EmbedderConfig.tiny(out_dim=32, mrl_dims=(8, 16, 32)))
+    exs = [Example(query=f"q{i}", positive=f"p{i} text") for i in range(8)]
+    st = Stage("s", [Task("t", exs, batch_size=4)], steps=10 ** 6, lr=1e-3, schedule="constant", bf16=False)
+    return Trainer(model, [st], progress=False, seed=1)
+
+
+def fit_saves(path):
+    """A real Trainer: one step, one checkpoint, overwriting the same directory, until killed."""
+    t = make_trainer()
+    if os.path.exists(path):
+        t.load_checkpoint(path)
+    while True:
+        t.fit(max_steps=1)
+        t.save_checkpoint(path)
+
+
+SAVERS = {"trainer": trainer_saves, "embedder": embedder_saves, "fit": fit_saves}
+
+if __name__ == "__main__":
+    for line in sys.stdin:
+        kind, path = line.split()
+        pid = os.fork()
+        if pid == 0:
+            sys.stdin.close()
+            try:
+                SAVERS[kind](path)
+            finally:
+                os._exit(1)
+        print(pid, flush=True)
+        sys.stdout.flush()
+        line2 = sys.stdin.readline()  # "reap" once the test has killed it
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)

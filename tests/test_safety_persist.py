@@ -123,26 +123,46 @@ def _check_embedder(path: Path):
     return n
 
 
+def _check_fit(path: Path):
+    if not path.exists() and not any(p.name.startswith(".fit.old-") for p in path.parent.iterdir()):
+        return None
+    m, t, meta = ckpt_io.load(path)  # refuses a torn set
+    n = meta["global_step"]
+    # the optimizer state is the one of the same step (AdamW counts its steps)
+    steps = {k: float(v) for k, v in t.items() if k.endswith(".step")}
+    assert steps and all(v == n for v in steps.values()), (n, steps)
+    sys.path.insert(0, str(HERE))
+    try:
+        from _kill_saver import make_trainer
+    finally:
+        sys.path.remove(str(HERE))
+    fresh = make_trainer()
+    fresh.load_checkpoint(path)  # loads and resumes
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, m[k]), k
+    return n
+
+
 def test_sigkill_mid_save_always_leaves_one_complete_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(HERE / "_kill_saver.py")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     rng = random.Random(12)
     t0 = time.monotonic()
-    loaded = {"trainer": [], "embedder": []}
+    loaded = {"trainer": [], "embedder": [], "fit": []}
     try:
-        for r in range(24):
-            kind = "trainer" if r % 2 == 0 else "embedder"
-            path = tmp_path / ("ck" if kind == "trainer" else "m")
+        for r in range(30):
+            kind = ("trainer", "embedder", "fit")[r % 3]
+            path = tmp_path / {"trainer": "ck", "embedder": "m", "fit": "fit"}[kind]
             proc.stdin.write(f"{kind} {path}\n")
             proc.stdin.flush()
             pid = int(proc.stdout.readline())
-            time.sleep(rng.uniform(0.02, 0.4))
+            time.sleep(rng.uniform(0.02, 0.4) + (0.5 if kind == "fit" else 0.0))  # fit: model build first
             os.kill(pid, signal.SIGKILL)
             proc.stdin.write("reap\n")
             proc.stdin.flush()
             assert proc.stdout.readline().strip() == "reaped"
-            n = (_check_trainer if kind == "trainer" else _check_embedder)(path)
+            n = {"trainer": _check_trainer, "embedder": _check_embedder, "fit": _check_fit}[kind](path)
             loaded[kind].append(n)
             assert time.monotonic() - t0 < 60, "kill test exceeded its time bound"
     finally:
@@ -151,6 +171,7 @@ def test_sigkill_mid_save_always_leaves_one_complete_checkpoint(tmp_path):
     # the savers made progress across rounds (the trainer's counter persists): not a vacuous test
     assert max(n or 0 for n in loaded["trainer"]) >= 3, loaded
     assert any(loaded["embedder"]), loaded
+    assert max(n or 0 for n in loaded["fit"]) >= 2, loaded  # the real Trainer resumed and went on
 
 
 # ---- configs that are checked ---------------------------------------------------------------------
