@@ -44,12 +44,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _restore_global_settings():
-    """Each test starts on backend 'auto' with validation on, whatever the previous test did."""
-    embedkit.set_validation(True)
-    embedkit._config._backend = None
+    """Each test starts on backend 'auto' with validation on, whatever the previous test did
+    (process-wide backend and this thread's use_backend / set_validation state)."""
+    embedkit._config._reset_for_tests()
     yield
-    embedkit.set_validation(True)
-    embedkit._config._backend = None
+    embedkit._config._reset_for_tests()
 
 
 @pytest.fixture

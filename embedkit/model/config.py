@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,24 @@ MODALITIES = {"text": TEXT, "image": IMAGE, "video": VIDEO, "audio": AUDIO}
 
 # Modality start/end tokens: extra rows appended after the text vocabulary, in this order.
 SPECIAL_TOKENS = ("image_start", "image_end", "video_start", "video_end", "audio_start", "audio_end")
+
+
+_BOOL_FIELDS = ("mlp_gated", "attention_bias", "output_bias", "mlp_bias", "qk_norm", "projection_bias")
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "intermediate_size", "max_position_embeddings", "out_dim", "max_seq_len", "patch_size",
+               "temporal_patch_size", "image_channels", "max_image_side", "max_image_tokens", "max_video_frames",
+               "audio_mels", "audio_frames_per_patch")
+_STR_FIELDS = ("block_style", "norm_type", "hidden_act", "position_embedding", "task_template")
+_FLOAT_FIELDS = ("norm_eps", "norm_offset", "embed_scale", "rope_theta", "audio_fmax")
+# Upper bounds: far above any real model, low enough that a corrupt or hostile config.json is
+# refused before the Embedder allocates (vocab_size 1e9 would be 256 GB of embeddings).
+MAX_VOCAB_SIZE = 2 ** 24
+MAX_EMBEDDING_ELEMENTS = 2 ** 32
+_MAX_INT = dict(vocab_size=MAX_VOCAB_SIZE, hidden_size=2 ** 16, num_layers=1024, num_heads=1024,
+                num_kv_heads=1024, head_dim=1024, intermediate_size=2 ** 18, out_dim=2 ** 16,
+                max_seq_len=2 ** 24, patch_size=1024, temporal_patch_size=64, max_image_side=2 ** 16,
+                max_image_tokens=2 ** 20, max_video_frames=2 ** 16, audio_mels=4096,
+                audio_frames_per_patch=1024, max_position_embeddings=2 ** 24)
 
 
 @dataclass
@@ -65,12 +84,57 @@ class EmbedderConfig:
     task_template: str = "task: {task} | "
 
     def __post_init__(self) -> None:
-        if self.rope_sections is not None:
-            self.rope_sections = tuple(int(s) for s in self.rope_sections)
-        self.mrl_dims = tuple(int(d) for d in self.mrl_dims)
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field by type (and finiteness), before any range check, naming the field: a
+        config.json may say "false" for a bool or "abc" for a list."""
+        def bad(name: str, what: str) -> None:
+            raise TypeError(f"EmbedderConfig: {name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def as_float(name: str, v, *, optional: bool = False):
+            if v is None and optional:
+                return None
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(name, "a number" + (" or None" if optional else ""))
+            v = float(v)
+            if not math.isfinite(v):
+                raise ValueError(f"EmbedderConfig: {name} must be finite, got {v!r}")
+            return v
+
+        def int_tuple(name: str, v, *, optional: bool = False):
+            if v is None and optional:
+                return None
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or not all(is_int(d) for d in v):
+                bad(name, "a list of ints" + (" or None" if optional else ""))
+            return tuple(v)
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _BOOL_FIELDS and not isinstance(v, bool):
+                bad(f.name, "true or false (a bool, not a string or number)")
+            if f.name in _INT_FIELDS and not is_int(v):
+                bad(f.name, "an int")
+            if f.name in _STR_FIELDS and not isinstance(v, str):
+                bad(f.name, "a string")
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, as_float(name, getattr(self, name)))
+        self.softmax_scale = as_float("softmax_scale", self.softmax_scale, optional=True)
+        if self.rotary_dim is not None and not is_int(self.rotary_dim):
+            bad("rotary_dim", "an int or None")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            bad("tokenizer", "'bytes', a path or None")
+        self.rope_sections = int_tuple("rope_sections", self.rope_sections, optional=True)
+        self.mrl_dims = int_tuple("mrl_dims", self.mrl_dims)
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+                bad(name, "a list of 3 numbers")
+            setattr(self, name, tuple(as_float(name, x) for x in v))
 
     # ---- derived ----
     @property
@@ -112,6 +176,17 @@ class EmbedderConfig:
                      "audio_frames_per_patch", "max_position_embeddings"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive int, got {v!r}")
+            need(v <= _MAX_INT[name], f"{name} must be <= {_MAX_INT[name]} (a documented bound that stops an "
+                 f"absurd config from allocating before any weight is read), got {v!r}")
+        need((self.vocab_size + len(SPECIAL_TOKENS)) * self.hidden_size <= MAX_EMBEDDING_ELEMENTS,
+             f"vocab_size x hidden_size must be <= {MAX_EMBEDDING_ELEMENTS} elements, got "
+             f"{self.vocab_size} x {self.hidden_size}")
+        need(0 < self.norm_eps < 1, f"norm_eps must lie in (0, 1), got {self.norm_eps!r}")
+        need(self.embed_scale > 0, f"embed_scale must be > 0, got {self.embed_scale!r}")
+        need(self.softmax_scale is None or self.softmax_scale > 0,
+             f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
+        need(self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta!r}")
+        need(self.audio_fmax > 0, f"audio_fmax must be > 0, got {self.audio_fmax!r}")
         need(self.num_heads % self.num_kv_heads == 0,
              f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         need(self.block_style in ("pre_norm", "post_norm"), f"block_style must be 'pre_norm' or 'post_norm', "

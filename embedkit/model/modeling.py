@@ -33,6 +33,7 @@ from .inputs import SEGMENT_TYPES, Interleaved
 from .processor import HFTokenizer, ModelInputs, Processor
 
 WEIGHTS_NAME = "model.safetensors"
+SAVE_ID_KEY = "embedkit_save_id"  # one random id per save_pretrained, in config and weights
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -122,6 +123,33 @@ class Block(nn.Module):
             return x + self.mlp(self.mlp_norm(x))
         x = self.attn_norm(x + self.attn(x, cu_seqlens, max_seqlen, rotary))
         return self.mlp_norm(x + self.mlp(x))
+
+
+def check_state_dtypes(model: nn.Module, state: dict, where: str) -> None:
+    """Refuse weights whose dtype differs from the model's tensor of the same name: load_state_dict
+    would cast them silently (a mixed-dtype file is a different model, not a cheaper copy)."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and isinstance(v, torch.Tensor) and v.dtype != own[k].dtype:
+            raise ValueError(f"{where}: {k} has dtype {str(v.dtype).replace('torch.', '')} but the model's is "
+                             f"{str(own[k].dtype).replace('torch.', '')} (a dtype mismatch is refused, not cast)")
+
+
+def _tokenizer_in_dir(root: Path, spec, *, explicit: bool):
+    """config.json's tokenizer, allowed only inside the model directory: "bytes", None, or a
+    relative path that stays in `root`. A hub id would trigger a network fetch and "../x" or an
+    absolute path would read outside the directory; both are refused (pass tokenizer= to use one)."""
+    if explicit or spec is None or spec == "bytes":
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"{root / CONFIG_NAME}: tokenizer must be 'bytes', null or a path inside the model "
+                        f"directory, got {spec!r}")
+    base = root.resolve()
+    p = (base / spec).resolve()
+    if Path(spec).is_absolute() or not p.is_relative_to(base) or not p.is_dir():
+        raise ValueError(f"{root / CONFIG_NAME}: tokenizer {spec!r} is not a directory inside the model directory "
+                         f"{root} (hub ids and paths outside it are refused; pass tokenizer= explicitly)")
+    return str(p)
 
 
 class Embedder(nn.Module):
@@ -341,42 +369,61 @@ class Embedder(nn.Module):
 
     # ---- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
-        """Writes config.json and model.safetensors (and the tokenizer, if it is a Hugging Face one)."""
+        """Writes config.json and model.safetensors (and the tokenizer, if it is a Hugging Face one)
+        as one unit: into a temporary sibling directory, fsynced, then renamed into place (other
+        files already in `path` are carried over). One save id in config.json and in the weights'
+        metadata lets from_pretrained refuse a config and weights of different saves."""
         from safetensors.torch import save_file
 
+        from .._atomic import atomic_dir, new_save_id
+
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
-        # A Hugging Face tokenizer (given as a path or an object) is saved beside the weights, so the
-        # directory is self-contained; the built-in byte tokenizer is just named.
-        tok = self.processor.tokenizer
-        if isinstance(tok, HFTokenizer):
-            tok.tok.save_pretrained(str(out / TOKENIZER_DIR))
-            cfg["tokenizer"] = "./" + TOKENIZER_DIR
-        elif tok is not None:
-            cfg["tokenizer"] = "bytes"
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "embedkit"})
+        save_id = new_save_id()
+        cfg[SAVE_ID_KEY] = save_id
+        with atomic_dir(out, keep_foreign=True) as tmp:
+            # A Hugging Face tokenizer (given as a path or an object) is saved beside the weights, so
+            # the directory is self-contained; the built-in byte tokenizer is just named.
+            tok = self.processor.tokenizer
+            if isinstance(tok, HFTokenizer):
+                tok.tok.save_pretrained(str(tmp / TOKENIZER_DIR))
+                cfg["tokenizer"] = "./" + TOKENIZER_DIR
+            elif tok is not None:
+                cfg["tokenizer"] = "bytes"
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt", "library": "embedkit", SAVE_ID_KEY: save_id})
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype: torch.dtype | None = None,
                         tokenizer=None) -> "Embedder":
         """Loads what save_pretrained wrote (safetensors + JSON; nothing is unpickled)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        root = Path(path)
+        from .._atomic import resolve_dir
+
+        root = resolve_dir(path)
         if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{root} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (from save_pretrained)")
         d = json.loads((root / CONFIG_NAME).read_text())
-        if isinstance(d.get("tokenizer"), str) and d["tokenizer"].startswith("./"):
-            d["tokenizer"] = str(root / d["tokenizer"][2:])
+        if not isinstance(d, dict):
+            raise ValueError(f"{root / CONFIG_NAME} must hold a JSON object")
+        cfg_id = d.pop(SAVE_ID_KEY, None)
+        with safe_open(str(root / WEIGHTS_NAME), framework="pt") as f:
+            w_id = (f.metadata() or {}).get(SAVE_ID_KEY)
+        if cfg_id != w_id:
+            raise ValueError(f"{root}: {CONFIG_NAME} (save id {cfg_id}) and {WEIGHTS_NAME} (save id {w_id}) "
+                             f"come from different saves: refusing to load a torn model directory")
+        d["tokenizer"] = _tokenizer_in_dir(root, d.get("tokenizer", "bytes"), explicit=tokenizer is not None)
         model = cls(EmbedderConfig.from_dict(d), tokenizer=tokenizer)
         state = load_file(str(root / WEIGHTS_NAME))
-        dtypes = {v.dtype for v in state.values()}
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         if len(dtypes) == 1:
             model.to(dtypes.pop())
+        check_state_dtypes(model, state, str(root / WEIGHTS_NAME))
         model.load_state_dict(state, strict=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)

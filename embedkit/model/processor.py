@@ -81,9 +81,15 @@ def load_tokenizer(spec):
     if isinstance(spec, str):
         if spec == "bytes":
             return ByteTokenizer()
+        import os
+
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(spec))
+        # Local directories only: a hub id would be fetched from the network.
+        if not os.path.isdir(spec):
+            raise ValueError(f"tokenizer {spec!r} is not a local directory (hub ids are not fetched; "
+                             f"download the tokenizer and pass its path, or pass a tokenizer object)")
+        return HFTokenizer(AutoTokenizer.from_pretrained(spec, local_files_only=True))
     if callable(spec) and hasattr(spec, "convert_tokens_to_ids"):
         return HFTokenizer(spec)
     raise TypeError(f"tokenizer must be 'bytes', a path to a Hugging Face tokenizer, or a tokenizer object, "

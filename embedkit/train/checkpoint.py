@@ -17,6 +17,7 @@ import torch
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "optimizer.safetensors"
 META_FILE = "trainer.json"
+ID_KEY = "embedkit_save_id"  # one random id per save, in every file of it
 
 
 def flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -53,30 +54,52 @@ def _jsonable(x):
 
 
 def save(path: str | Path, model_state: dict, tensors: dict, meta: dict) -> Path:
+    """Writes the checkpoint as one unit: into a temporary sibling directory, fsynced, then renamed
+    into place (the previous checkpoint at `path` stays until the new one is complete). One save id
+    is recorded in both safetensors files' metadata and in trainer.json; load() refuses a mix."""
     from safetensors.torch import save_file
 
+    from .._atomic import atomic_dir, new_save_id
+
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(out / MODEL_FILE),
-              metadata={"format": "pt", "library": "embedkit"})
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / STATE_FILE),
-              metadata={"format": "pt", "library": "embedkit"})
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(meta), indent=1))
-    tmp.replace(out / META_FILE)  # trainer.json last: its presence marks a complete checkpoint
+    save_id = new_save_id()
+    md = {"format": "pt", "library": "embedkit", ID_KEY: save_id}
+    with atomic_dir(out) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
+                  metadata=md)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_FILE),
+                  metadata=md)
+        (tmp / META_FILE).write_text(json.dumps({**_jsonable(meta), ID_KEY: save_id}, indent=1))
     return out
 
 
+def file_save_id(path: str | Path) -> str | None:
+    """The save id in a safetensors file's metadata (None: written before ids existed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(ID_KEY)
+
+
 def load(path: str | Path) -> tuple[dict, dict, dict]:
-    """(model_state, tensors, meta) of a checkpoint directory."""
+    """(model_state, tensors, meta) of a checkpoint directory, checked to be one save."""
     from safetensors.torch import load_file
 
-    root = Path(path)
+    from .._atomic import resolve_dir
+
+    root = resolve_dir(path)
     for f in (MODEL_FILE, STATE_FILE, META_FILE):
         if not (root / f).is_file():
             raise FileNotFoundError(f"{root} is not a complete training checkpoint: {f} is missing")
-    return (load_file(str(root / MODEL_FILE)), load_file(str(root / STATE_FILE)),
-            json.loads((root / META_FILE).read_text()))
+    meta = json.loads((root / META_FILE).read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{root / META_FILE} must hold a JSON object")
+    ids = {META_FILE: meta.get(ID_KEY), MODEL_FILE: file_save_id(root / MODEL_FILE),
+           STATE_FILE: file_save_id(root / STATE_FILE)}
+    if len(set(ids.values())) != 1:
+        raise ValueError(f"{root} mixes files of different saves (save ids {ids}): refusing to resume "
+                         f"from a torn checkpoint")
+    return load_file(str(root / MODEL_FILE)), load_file(str(root / STATE_FILE)), meta
 
 
 def load_model_state(ckpt) -> dict:

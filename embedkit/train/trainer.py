@@ -420,6 +420,12 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restores a checkpoint; the next fit() continues exactly where it was taken."""
         model_state, tensors, meta = ckpt_io.load(path)
+        self._check_meta(meta, path)
+        own = self.model.state_dict()
+        for k, v in model_state.items():
+            if k in own and v.dtype != own[k].dtype:
+                raise ValueError(f"checkpoint {path}: {k} has dtype {str(v.dtype).replace('torch.', '')} but the "
+                                 f"model's is {str(own[k].dtype).replace('torch.', '')} (refused, not cast)")
         self.model.load_state_dict(model_state, strict=True)
         self.stage_index, self.stage_step = int(meta["stage_index"]), int(meta["stage_step"])
         self.global_step = int(meta["global_step"])
@@ -434,9 +440,48 @@ class Trainer:
         self.optimizer = self.scheduler = None
         self._pending = {"tensors": tensors, "meta": meta} if "optimizer" in meta else None
 
+    def _check_meta(self, meta: dict, path) -> None:
+        """trainer.json against the stages this Trainer was given: a position outside them, or
+        counters of the wrong type, would resume nonsense."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"checkpoint {path}: trainer.json {msg}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for k in ("stage_index", "stage_step", "global_step"):
+            need(k in meta and is_int(meta[k]) and meta[k] >= 0, f"{k} must be an int >= 0, got {meta.get(k)!r}")
+        n = len(self.stages)
+        need(meta["stage_index"] <= n, f"stage_index {meta['stage_index']} is outside the {n} stages given")
+        if meta["stage_index"] < n:
+            steps = self.stages[meta["stage_index"]].steps
+            need(meta["stage_step"] <= steps, f"stage_step {meta['stage_step']} exceeds stage "
+                 f"{self.stages[meta['stage_index']].name!r}'s {steps} steps")
+        elif "optimizer" in meta:
+            need(False, "has optimizer state but stage_index is past the last stage")
+        need(meta["global_step"] >= meta["stage_step"], f"global_step {meta['global_step']} < stage_step "
+             f"{meta['stage_step']}")
+
+    def _check_param_groups(self, saved: list) -> None:
+        """The checkpoint's optimizer groups must be this stage's: same count, same initial lr
+        (stage lr x multiplier), current lr finite in [0, initial lr] (the schedule never exceeds it)."""
+        own = self.optimizer.param_groups
+        if not isinstance(saved, list) or len(saved) != len(own):
+            raise ValueError(f"the checkpoint's optimizer has {len(saved) if isinstance(saved, list) else saved!r} "
+                             f"param groups but this stage has {len(own)}")
+        for i, (g, mine) in enumerate(zip(saved, own)):
+            lr, init = g.get("lr"), g.get("initial_lr")
+            want = mine.get("initial_lr", mine["lr"])
+            ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (lr, init))
+            if not ok or not math.isclose(init, want, rel_tol=1e-9) or not 0 <= lr <= init * (1 + 1e-9):
+                raise ValueError(f"the checkpoint's optimizer group {i} has lr {lr!r} (initial {init!r}) but this "
+                                 f"stage's is {want!r}: lr must match the stage and lie in [0, initial lr]")
+
     def _apply_pending(self) -> None:
         tensors, meta = self._pending["tensors"], self._pending["meta"]
         self._pending = None
+        self._check_param_groups(meta["optimizer"]["param_groups"])
         if "trainer.log_temperature" in tensors:
             if self.log_temperature is None:
                 raise ValueError("the checkpoint has a learned temperature but this stage's is fixed")
