@@ -23,9 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("bench.static_report compiles real kernels: run it without TRITON_INTERPRET=1")
-
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default (and the CI test's)
 
 import torch  # noqa: E402
@@ -278,6 +275,8 @@ def markdown(rep: dict) -> str:
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("bench.static_report compiles real kernels: run it without TRITON_INTERPRET=1")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the CI subset of shapes")
     ap.add_argument("--out", default=str(OUT_DIR))
