@@ -68,6 +68,10 @@ def train(rank: int, world: int, args) -> None:
         if rank == 0:
             print(f"step {step}: loss {float(global_loss) / world:.4f} "
                   f"(global batch {world * args.batch}, temperature {temperature.item():.4f})", flush=True)
+    # Every rank past its last collective before any rank tears gloo down: a rank that destroys the group
+    # while a peer still reads the last all_reduce's data aborts that peer (seen once in CI: SIGABRT,
+    # "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
