@@ -200,34 +200,44 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
     offset = ek_transformers.position_offset(hf)
     prompt_length = 0 if head.include_prompt else tokens.prompt_length
     batches = _token_budget_batches(tokens.lengths, max_tokens)
-    if progress:
-        from tqdm.autonotebook import tqdm
+    from embedkit._progress import Progress
 
-        batches = tqdm(batches, desc="Batches (token budget)")
+    # Counts inputs, not steps: one token-budget step can hold hundreds of sentences.
+    bar = Progress(len(tokens.lengths), "Encoding (packed)", unit="input", enabled=bool(progress))
     out = None
-    for sel in batches:
-        lens = tokens.lengths[sel]
-        cu = np.zeros(len(sel) + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        total = int(cu[-1])
-        # token j of this step: input seq(j), position pos(j); gathered without a per-input loop
-        pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
-        gather = torch.from_numpy(np.repeat(tokens.starts[sel], lens) + pos)
-        pos_t = torch.from_numpy(pos)
-        model_inputs = {
-            "input_ids": tokens.ids[gather][None].to(device, non_blocking=True),
-            "position_ids": (pos_t + offset)[None].to(device, non_blocking=True),
-        }
-        if tokens.token_types is not None and _takes_token_types(hf):
-            model_inputs["token_type_ids"] = tokens.token_types[gather][None].to(device, non_blocking=True)
-        cu_t = torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True)
-        max_len = int(lens.max())
-        hidden = hf(**model_inputs, cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len,
-                    max_length_k=max_len, use_cache=False, return_dict=True).last_hidden_state[0]
-        emb = _pool_head(head, hidden, cu_t, pos_t, lens, prompt_length, device)
-        if out is None:
-            out = emb.new_empty(len(tokens.lengths), emb.shape[1])
-        out[torch.from_numpy(np.asarray(sel)).to(device)] = emb
+    try:
+        for sel in batches:
+            out = _encode_step(hf, tokens, head, device, offset, prompt_length, sel, out)
+            bar.update(len(sel))
+    finally:
+        bar.close()
+    return out
+
+
+def _encode_step(hf, tokens: _Tokens, head: _Head, device, offset: int, prompt_length: int, sel, out):
+    """One token-budget step: the inputs `sel`, packed, through the model and the fused head."""
+    lens = tokens.lengths[sel]
+    cu = np.zeros(len(sel) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    total = int(cu[-1])
+    # token j of this step: input seq(j), position pos(j); gathered without a per-input loop
+    pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
+    gather = torch.from_numpy(np.repeat(tokens.starts[sel], lens) + pos)
+    pos_t = torch.from_numpy(pos)
+    model_inputs = {
+        "input_ids": tokens.ids[gather][None].to(device, non_blocking=True),
+        "position_ids": (pos_t + offset)[None].to(device, non_blocking=True),
+    }
+    if tokens.token_types is not None and _takes_token_types(hf):
+        model_inputs["token_type_ids"] = tokens.token_types[gather][None].to(device, non_blocking=True)
+    cu_t = torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True)
+    max_len = int(lens.max())
+    hidden = hf(**model_inputs, cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len,
+                max_length_k=max_len, use_cache=False, return_dict=True).last_hidden_state[0]
+    emb = _pool_head(head, hidden, cu_t, pos_t, lens, prompt_length, device)
+    if out is None:
+        out = emb.new_empty(len(tokens.lengths), emb.shape[1])
+    out[torch.from_numpy(np.asarray(sel)).to(device)] = emb
     return out
 
 
