@@ -192,3 +192,8 @@ def test_float_pixels_outside_unit_range_and_low_sample_rates_refused():
         embedkit.Audio(torch.zeros(100), 16)
     with pytest.raises(ValueError, match="NaN or inf"):
         embedkit.Audio(torch.tensor([0.0, float("inf")]), 16000)
+
+
+def test_processor_refuses_a_dict_too(tiny):
+    with pytest.raises(TypeError, match="got a dict"):
+        tiny.processor({"text": "a"})

@@ -173,3 +173,18 @@ def as_interleaved(item, index: int | None = None) -> Interleaved:
     where = "" if index is None else f"input {index}: "
     raise TypeError(f"{where}expected embedkit.Interleaved, a segment (Text, Image, Video, Audio), a str or a "
                     f"list of segments, got {type(item).__name__}")
+
+
+def as_input_list(inputs) -> tuple[bool, list]:
+    """(single, items): one input (Interleaved, segment, str) or a list / tuple / iterable of them."""
+    if isinstance(inputs, (Interleaved, str, *SEGMENT_TYPES)):
+        return True, [inputs]
+    if isinstance(inputs, dict):
+        raise TypeError("inputs must be an input or a list of inputs, got a dict (iterating it would embed "
+                        "its keys): build one input with embedkit.Interleaved([embedkit.Text(...), "
+                        "embedkit.Image(...)]), or pass list(d.values())")
+    if inputs is None or isinstance(inputs, (bytes, bytearray, set, frozenset)) or not hasattr(inputs, "__iter__"):
+        kind = "a set (its order is arbitrary)" if isinstance(inputs, (set, frozenset)) else type(inputs).__name__
+        raise TypeError("inputs must be a str, an embedkit.Interleaved, a segment (Text, Image, Video, Audio) or "
+                        f"a list of them, got {kind}")
+    return False, list(inputs)

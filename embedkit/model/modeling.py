@@ -29,7 +29,7 @@ from .._config import validation_enabled
 from ..batch import PackedBatch
 from ..ops.reference import segment_ids
 from .config import SPECIAL_TOKENS, EmbedderConfig
-from .inputs import SEGMENT_TYPES, Interleaved, Text
+from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
 from .processor import HFTokenizer, ModelInputs, Processor
 
 WEIGHTS_NAME = "model.safetensors"
@@ -354,7 +354,7 @@ class Embedder(nn.Module):
             raise TypeError(f"truncate must be a bool, got {type(truncate).__name__}")
         output = _output_kind(convert_to_numpy, convert_to_tensor)
         prompt = self._resolve_prompt(prompt, prompt_name)
-        single, items = _as_input_list(inputs)
+        single, items = as_input_list(inputs)
         if prompt is not None:
             items = [_with_prompt(prompt, x, i) for i, x in enumerate(items)]
         if not items:
@@ -536,21 +536,6 @@ def _output_kind(convert_to_numpy, convert_to_tensor) -> str:
     if convert_to_numpy is False and convert_to_tensor is False:
         return "list"
     return "tensor"
-
-
-def _as_input_list(inputs) -> tuple[bool, list]:
-    """(single, items): one input (Interleaved, segment, str) or a list / tuple / iterable of them."""
-    if isinstance(inputs, (Interleaved, str, *SEGMENT_TYPES)):
-        return True, [inputs]
-    if isinstance(inputs, dict):
-        raise TypeError("inputs must be an input or a list of inputs, got a dict (iterating it would embed "
-                        "its keys): build one input with embedkit.Interleaved([embedkit.Text(...), "
-                        "embedkit.Image(...)]), or pass list(d.values())")
-    if inputs is None or isinstance(inputs, (bytes, bytearray, set, frozenset)) or not hasattr(inputs, "__iter__"):
-        kind = "a set (its order is arbitrary)" if isinstance(inputs, (set, frozenset)) else type(inputs).__name__
-        raise TypeError("inputs must be a str, an embedkit.Interleaved, a segment (Text, Image, Video, Audio) or "
-                        f"a list of them, got {kind}")
-    return False, list(inputs)
 
 
 def _with_prompt(prompt: str, x, index: int):

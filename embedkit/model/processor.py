@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..batch import PackedBatch
 from . import config as C
-from .inputs import Audio, Image, Interleaved, Text, Video, as_interleaved
+from .inputs import Audio, Image, Text, Video, as_input_list, as_interleaved
 
 
 # ---- tokenizers ---------------------------------------------------------------------------------
@@ -436,9 +436,7 @@ class Processor:
 
     def __call__(self, inputs, task: str | None = None) -> ModelInputs:
         """ModelInputs for a list of inputs (each an Interleaved, a segment, a str or a list of segments)."""
-        if isinstance(inputs, (Interleaved, str, Text, Image, Video, Audio)):
-            inputs = [inputs]
-        inputs = list(inputs)
+        _, inputs = as_input_list(inputs)
         if not inputs:
             raise ValueError("inputs is empty: pass at least one input to embed")
         return self.pack([self.item(x, task, i) for i, x in enumerate(inputs)])
