@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from ..ops.reference import segment_ids
 from .config import SPECIAL_TOKENS, EmbedderConfig
 from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
 from .processor import HFTokenizer, ModelInputs, Processor
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WEIGHTS_NAME = "model.safetensors"
 SAVE_ID_KEY = "embedkit_save_id"  # one random id per save_pretrained, in config and weights
@@ -322,7 +326,7 @@ class Embedder(nn.Module):
                prompt: str | None = None, prompt_name: str | None = None,
                show_progress_bar: bool | None = None, normalize_embeddings: bool | None = None,
                truncate_dim: int | None = None, convert_to_numpy: bool | None = None,
-               convert_to_tensor: bool | None = None):
+               convert_to_tensor: bool | None = None) -> torch.Tensor | np.ndarray | list[torch.Tensor]:
         """L2-normalized embeddings (float32, CPU) of the inputs: [N, dim], or [dim] for one input.
 
         inputs: a list of embedkit.Interleaved (or segments / strs, each one input), or one input.
@@ -511,7 +515,6 @@ class Embedder(nn.Module):
 
 def default_mrl_dims(out_dim: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, out_dim // 4), max(1, out_dim // 2), out_dim}))
-
 
 
 def _alias(name: str, value, st_name: str, st_value):
