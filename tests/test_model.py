@@ -259,7 +259,7 @@ def test_encode_batching_by_token_budget(tiny):
     one_by_one = tiny.encode(items, batch_tokens=1, show_progress=True)
     torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-6)
     single = tiny.encode(items[0])
-    assert single.shape == (768,)
+    assert single.shape == (tiny.config.out_dim,)  # the default dim is the model's own output size
     torch.testing.assert_close(single, whole[0], rtol=1e-5, atol=1e-6)
     # The task is attended to (it changes the embedding) but not pooled.
     assert not torch.allclose(tiny.encode(items[:1], task="classify")[0], whole[0])
@@ -353,7 +353,7 @@ def test_text_needs_a_tokenizer():
     with pytest.raises(ValueError, match="no tokenizer"):
         model.encode("text")
     # Images alone still work without a tokenizer (no bos / eos then).
-    assert model.encode(embedkit.Image(torch.rand(8, 8, 3))).shape == (768,)
+    assert model.encode(embedkit.Image(torch.rand(8, 8, 3))).shape == (model.config.out_dim,)
 
 
 # ---- random mixes (hypothesis) ---------------------------------------------------------------------

