@@ -20,6 +20,24 @@ from .ops import packing as _pack_ops
 from .ops.reference import segment_ids as _segment_ids
 
 
+def _mark_static(t: torch.Tensor, dim: int) -> None:
+    """torch._dynamo.mark_static(t, dim) without importing dynamo (1 s at import) when nothing is
+    compiling yet. The 3 of multimodal position_ids [3, T] is a constant of the layout: left dynamic,
+    torch.compile's duck sizing gives it the same symbol as any other size 3 (cu_seqlens of a batch
+    of 2), and the rotary check `shape[0] == 3` then specializes that one too -> a recompile for every
+    batch size."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].mark_static(t, dim)
+        return
+    # What mark_static records (read by dynamo when it wraps the tensor).
+    if not hasattr(t, "_dynamo_static_indices"):
+        t._dynamo_static_indices = set()
+    t._dynamo_static_indices.add(dim)
+    t._has_dynamo_dim_marking = True
+
+
 @dataclass
 class PackedBatch:
     cu_seqlens: torch.Tensor
@@ -58,6 +76,8 @@ class PackedBatch:
             if not (pos.shape == (total,) or pos.shape == (3, total)):
                 raise ValueError(f"position_ids must have shape [T] or [3, T] with T = {total}, "
                                  f"got {tuple(pos.shape)}")
+            if pos.dim() == 2:
+                _mark_static(pos, 0)
         if self.modality_ids is not None:
             mod = _checks.check_tensor(self.modality_ids, "modality_ids", ndim=1,
                                        dtypes=(torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64),

@@ -170,7 +170,7 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real):
         raise TypeError(f"theta must be a finite number > 0, got {type(theta).__name__}")
-    if not (theta > 0 and math.isfinite(theta)):
+    if not (theta > 0 and theta < math.inf):  # (math.isfinite fails on torch.compile's symbolic floats)
         raise ValueError(f"theta must be a finite number > 0, got {theta!r}")
     if position_ids.dim() == 2 and position_ids.shape[0] == 3:
         if (sections is None or len(sections) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
@@ -198,9 +198,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     causal = _as_bool(causal, "causal")
     max_seqlen, scale, _ = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
-    if backend == "reference":
-        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale,
-                                          rotary=rotary, return_lse=return_lse)
+    if backend == "reference":  # a custom op too, so torch.compile never traces its per-sequence loop
+        from . import _reference_attention_op
+
+        return _reference_attention_op.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal,
+                                                        softmax_scale=scale, rotary=rotary, return_lse=return_lse)
     if q.dtype == torch.float64:
         raise TypeError(f"q: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
                         "got float64 (use backend 'reference' for float64)")
