@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Sequence, cast
 
 import torch
 
@@ -162,7 +163,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary):
     return max_seqlen, float(softmax_scale), cu
 
 
-def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10000.0, sections=None):
+def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10000.0,
+                  sections: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) fp32 [T, rotary_dim / 2] from position ids [T] or [3, T] (then `sections`)."""
     _checks.check_tensor(position_ids, "position_ids", dtypes=(torch.int32, torch.int64))
     _checks.check_int(rotary_dim, "rotary_dim", low=2)
@@ -183,8 +185,10 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
     return reference.rotary_tables(position_ids, rotary_dim, theta, sections)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_scale=None, rotary=None,
-                     return_lse=False):
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+                     causal: bool = False, softmax_scale: float | None = None,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention within each packed sequence (flash-attn varlen layout).
 
     q [T, Hq, D], k / v [T, Hkv, D] (Hq % Hkv == 0; D from 1 to 256), fp16 / bf16 /
@@ -225,9 +229,13 @@ def _same_view(a, b) -> bool:
         return False
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: torch.Tensor | None = None
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """flash-attn's `flash_attn_varlen_func`, for self-attention over packed sequences.
 
     Supported: cu_seqlens_q equal to cu_seqlens_k (self-attention), softmax_scale, causal, GQA / MQA,
@@ -270,4 +278,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                     softmax_scale=softmax_scale, return_lse=True)
         # flash-attn 2 without dropout returns an empty S_dmask in the third slot.
         return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
-    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal, softmax_scale=softmax_scale)
+    return cast(torch.Tensor, varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal,
+                                               softmax_scale=softmax_scale))
