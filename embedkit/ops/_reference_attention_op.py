@@ -14,6 +14,7 @@ kernels'); the tests hold it to differentiating reference.varlen_attention with 
 from __future__ import annotations
 
 import torch
+from einops import rearrange, reduce
 
 from . import reference
 
@@ -57,9 +58,7 @@ def backward(grad_out, grad_lse, q, k, v, cu_seqlens, causal, scale, rotary):
     below the autograd dispatch key, where no graph is recorded. With P = softmax(S), S = scale q k^T:
     dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P) + dlse), dq = scale dS k, dk = scale dS^T q;
     GQA sums the group's query heads into their kv head; rotary's derivative is the inverse rotation."""
-    T, Hq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    group = Hq // Hkv
+    Hkv = k.shape[1]
     if rotary is not None:
         q = reference.apply_rotary(q, *rotary)
         k = reference.apply_rotary(k, *rotary)
@@ -69,23 +68,26 @@ def backward(grad_out, grad_lse, q, k, v, cu_seqlens, causal, scale, rotary):
         n = end - start
         if n == 0:
             continue
-        qs = q[start:end].reshape(n, Hkv, group, D).permute(1, 2, 0, 3)      # [Hkv, g, n, D]
-        ks = k[start:end].transpose(0, 1)[:, None]                           # [Hkv, 1, n, D]
-        vs = v[start:end].transpose(0, 1)[:, None]
+        # Query head h * group + j uses kv head h: queries as [Hkv, group, n, D] against keys and
+        # values broadcast as [Hkv, 1, n, D] (the same layout as reference.varlen_attention).
+        qs = rearrange(q[start:end], "n (h g) d -> h g n d", h=Hkv)
+        ks = rearrange(k[start:end], "n h d -> h 1 n d")
+        vs = rearrange(v[start:end], "n h d -> h 1 n d")
         scores = (qs @ ks.transpose(-1, -2)) * scale                        # [Hkv, g, n, n]
         if causal:
             future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        do = grad_out[start:end].reshape(n, Hkv, group, Dv).permute(1, 2, 0, 3)
+        do = rearrange(grad_out[start:end], "n (h g) d -> h g n d", h=Hkv)
         dp = do @ vs.transpose(-1, -2)
         ds = dp - (dp * p).sum(-1, keepdim=True)
         if grad_lse is not None:
-            ds = ds + grad_lse[:, start:end].to(q.dtype).reshape(Hkv, group, n, 1)
+            ds = ds + rearrange(grad_lse[:, start:end].to(q.dtype), "(h g) n -> h g n 1", h=Hkv)
         ds = p * ds
-        dv[start:end] = (p.transpose(-1, -2) @ do).sum(1).transpose(0, 1)
-        dq[start:end] = (ds @ ks * scale).permute(2, 0, 1, 3).reshape(n, Hq, D)
-        dk[start:end] = (ds.transpose(-1, -2) @ qs * scale).sum(1).transpose(0, 1)
+        # A kv head's gradient sums over the query heads of its group.
+        dv[start:end] = reduce(p.transpose(-1, -2) @ do, "h g n d -> n h d", "sum")
+        dq[start:end] = rearrange(ds @ ks * scale, "h g n d -> n (h g) d")
+        dk[start:end] = reduce(ds.transpose(-1, -2) @ qs * scale, "h g n d -> n h d", "sum")
     if rotary is not None:  # the transpose of a rotation by theta is the rotation by -theta
         cos, sin = rotary
         dq = reference.apply_rotary(dq, cos, -sin)
