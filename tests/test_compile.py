@@ -79,6 +79,24 @@ def test_reference_backend_attention_compiles_once_for_every_batch():
     assert _graphs() == 1
 
 
+@pytest.mark.parametrize("op", ["pool_project", "masked_mean", "sequence_fingerprint"])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_pooling_ops_compile_once_for_every_batch(op, backend):
+    if backend not in embedkit.available_backends(op) or (op == "pool_project" and backend == "native"):
+        pytest.skip(f"no {backend} {op} here")
+    w = torch.randn(6, 8)
+    fns = {"pool_project": lambda h, cu: embedkit.pool_project(h, cu, w, normalize=True),
+           "masked_mean": lambda h, cu: embedkit.masked_mean(h, cu),
+           "sequence_fingerprint": lambda h, cu: embedkit.sequence_fingerprint(h, cu)}
+    fn = fns[op]
+    f = _compiled(fn)
+    with embedkit.use_backend(backend):
+        for lens in ([3, 4], [1, 2, 6], [5, 5, 5, 2]):
+            h = torch.randn(sum(lens), 8)
+            assert torch.allclose(f(h, _cu(lens)), fn(h, _cu(lens)), atol=1e-6)
+    assert _graphs() == 1
+
+
 # ---- the Embedder forward -------------------------------------------------------------------------
 
 def _embedder():
