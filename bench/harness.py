@@ -450,7 +450,7 @@ def write_summary(folder: Path) -> Path:
              "run's own roofline, a non-positive roofline) or the machine's load changed during it; its "
              "figures are kept but should not be quoted.", ""]
     if not runs:
-        lines.append("No runs yet.")
+        lines.append("No `embedkit bench` run in this folder.")
     else:
         lines += ["| run | machine | ops | records | reliable | table | plot |", "|---|---|---|---|---|---|---|"]
         for js, p in runs:
@@ -458,7 +458,12 @@ def write_summary(folder: Path) -> Path:
             where = (m.get("gpu") or {}).get("name") or m.get("cpu", "?")
             ops = ", ".join(dict.fromkeys(r.get("op", "?") for r in p["records"]))
             reliable = p.get("reliable")
-            verdict = "yes" if reliable else ("**no**" if reliable is False else "not checked (older run)")
+            if reliable is None:  # written before runs checked themselves: check its rows now
+                bad = sum(1 for r in p["records"] if row_problems(r))
+                verdict = (f"**no** (checked later: {bad} rows faster than the run's roofline)" if bad
+                           else "rows plausible (checked later; load not recorded)")
+            else:
+                verdict = "yes" if reliable else "**no**"
             md, png = js.with_suffix(".md"), js.with_suffix(".png")
             table = f"[{md.name}]({md.name})" if md.exists() else ""
             plot = f"[{png.name}]({png.name})" if png.exists() else ""
@@ -473,6 +478,11 @@ def write_summary(folder: Path) -> Path:
                 if why:
                     lines += [f"Unreliable: {why}", ""]
                 lines += [f"![{js.stem}]({png.name})", ""]
+    run_files = {js.with_suffix(ext).name for js, _ in runs for ext in (".json", ".md", ".png")}
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.is_file() and p.name != "README.md" and p.name not in run_files)
+    if others:  # e.g. the static report's report.md / .json, gpu_check's steps files
+        lines += ["", "## Other files", ""] + [f"- [{name}]({name})" for name in others]
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
