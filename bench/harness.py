@@ -218,6 +218,28 @@ class BenchRun:
         self.deadline: float | None = None  # time.monotonic() by which the run should stop (gpu_check)
         self.skipped: list[str] = []
 
+    @classmethod
+    def from_json(cls, path: Path | str) -> "BenchRun":
+        """A saved run, loaded to re-render its Markdown with this harness (no measurement). A run saved
+        before runs checked themselves gets its rows checked now (load and drift unknown: said so)."""
+        path = Path(path)
+        p = json.loads(path.read_text())
+        run = cls.__new__(cls)
+        run.device = torch.device(p["machine"].get("device", "cpu"))
+        run.quick, run.out_dir, run.started = p.get("quick", False), path.parent, p["started"]
+        run.machine, run.rooflines, run.records = p["machine"], p["rooflines"], p["records"]
+        run.notes, run.skipped, run.deadline = list(p.get("notes", [])), list(p.get("skipped", [])), None
+        run.unreliable = list(p.get("unreliable", []))
+        if "reliable" not in p:
+            run.notes.append("re-rendered by a later harness: rows checked against this run's rooflines now; "
+                             "the load during the run was not recorded")
+            for rec in run.records:
+                problems = row_problems(rec)
+                if problems and "unreliable" not in rec:
+                    rec["unreliable"] = "; ".join(problems)
+                    run.unreliable.append(f"{rec['op']} {_case_label(rec['case'])} {rec['impl']}: {problems[0]}")
+        return run
+
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
@@ -421,7 +443,11 @@ def _columns(rows: list[dict]) -> list[str]:
 
 def _load_line(m: dict) -> str:
     start, end = m.get("load_start") or {}, m.get("load_end") or {}
-    parts = [f"{m.get('cpu_count')} CPUs, torch threads {m.get('torch_threads')}"]
+    parts = [f"{m.get('cpu_count')} CPUs"]
+    if m.get("torch_threads"):
+        parts.append(f"torch threads {m['torch_threads']}")
+    if not start:
+        parts.append("load not recorded (run saved before the harness recorded it)")
     if start.get("loadavg"):
         parts.append(f"load average at start {start['loadavg'][0]:.2f}")
     if end.get("loadavg"):

@@ -120,3 +120,22 @@ def test_run_main_save_to_writes_under_the_machine_folder(tmp_path, monkeypatch)
     assert not (tmp_path / "default").exists()
     with pytest.raises(SystemExit, match="not both"):
         run.main(quick=True, ops=["pool_project"], device="cpu", save_to="x", out_dir="y")
+
+
+def test_an_older_run_is_re_rendered_with_every_column_and_checked(tmp_path):
+    """A run saved before the self-checks (no "reliable" key): from_json checks its rows now."""
+    b = _run(tmp_path)
+    copy = b.rooflines["copy_gbps"] * 1e9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b.record("pack", {"B": 16}, "torch", ms=1.0, bytes_moved=1.68 * copy * 1e-3, speedup=2.0)
+    payload = {"started": b.started, "machine": {"device": "cpu", "cpu": "x", "cpu_count": 2, "torch": "t",
+                                                  "triton": None, "cuda": None},
+               "rooflines": {k: b.rooflines[k] for k in ("matmul_dtype", "matmul_tflops", "copy_gbps")},
+               "records": [{k: v for k, v in r.items() if k != "unreliable"} for r in b.records]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(payload))
+    old = BenchRun.from_json(path)
+    assert not old.reliable and "frac_copy_bw" in old.records[0]["unreliable"]
+    md = old.markdown()
+    assert "**UNRELIABLE RUN**" in md and " speedup " in md and "load not recorded" in md
