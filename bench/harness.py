@@ -396,7 +396,7 @@ class BenchRun:
         # Linear bars: each case's times relative to its slowest impl (1.0), so cases of very different
         # sizes share one honest linear axis; every bar is labelled with its measured ms. (A log axis
         # under bars makes their heights depend on where the axis starts.)
-        fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.8 * len(ops)), squeeze=False)
+        fig, axes = plt.subplots(len(ops), 1, figsize=(13, 3.8 * len(ops)), squeeze=False)
         for ax, op in zip(axes[:, 0], ops):
             rows = [rec for rec in self.records if rec["op"] == op]
             cases = list(dict.fromkeys(_case_label(rec["case"]) for rec in rows))
@@ -420,7 +420,7 @@ class BenchRun:
             where = self.machine.get("gpu", {}).get("name") or self.machine["cpu"]
             flag = " -- UNRELIABLE (see the .md)" if self.unreliable else ""
             ax.set_title(f"{op} on {where}: bars labelled in ms ('?': row flagged){flag}", fontsize=9)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
