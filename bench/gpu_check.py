@@ -111,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from bench import bench_attention, bench_encode, bench_nce, bench_pool_project
-    from bench.harness import BenchRun
+    from bench.harness import RESULTS_DIR, BenchRun, machine_name
 
-    bench = BenchRun(device, quick=args.dry_run, out_dir=args.out)
+    # Unlike `embedkit bench` (which writes outside the tree unless --save-to), the GPU check's whole
+    # point is committed numbers: its default folder is bench/results/<machine>/.
+    out_dir = args.out or str(RESULTS_DIR / machine_name(torch.device(device)))
+    bench = BenchRun(device, quick=args.dry_run, out_dir=out_dir)
     bench.deadline = steps.deadline - 15  # leave time to write the files
     bench.note("bench/gpu_check: headline cases" + (" (dry run: CPU, tiny sizes)" if args.dry_run else ""))
     steps.run("bench nce_loss B=65536 D=3072, 1 and 3 levels", 30,

@@ -45,6 +45,35 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status,
+    kernel >= 4.7); elsewhere set and restored at once (os.umask has no read-only form)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_modes(tmp: Path) -> None:
+    """Give every file the save wrote the mode a plain open() would (0666 & ~umask).
+
+    safetensors' save_file creates its file 0600 (private), so checkpoints and saved models were
+    unreadable by the user's group even where the umask allows it, unlike every other file they write.
+    """
+    mode = 0o666 & ~current_umask()
+    for root, _dirs, files in os.walk(tmp):
+        for f in files:
+            p = Path(root) / f
+            if not p.is_symlink():
+                os.chmod(p, mode)
+
+
 def _siblings(target: Path, kind: str) -> list[Path]:
     prefix = f".{target.name}{kind}"
     if not target.parent.is_dir():
@@ -89,6 +118,7 @@ def atomic_dir(target: str | Path, *, keep_foreign: bool = False) -> Iterator[Pa
     tmp.mkdir()
     try:
         yield tmp
+        _normal_modes(tmp)  # before foreign files are linked in: their modes stay theirs
         if keep_foreign and target.is_dir():
             for src in target.iterdir():
                 dst = tmp / src.name

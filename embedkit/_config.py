@@ -67,8 +67,14 @@ def set_validation(enabled: bool) -> None:
     """Switch the input checks that need a device sync (cu_seqlens contents, empty pools) on/off
     for the calling thread (every thread starts with validation on).
 
-    Shape, dtype and device checks cost no sync and always run.
+    Shape, dtype and device checks cost no sync and always run. `enabled` must be a bool (NumPy's
+    bool accepted): a string such as "no" or "off" is truthy and would silently keep validation on.
     """
+    import numpy as np
+
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"set_validation(enabled) must be a bool (True or False), got "
+                        f"{type(enabled).__name__} {enabled!r}")
     _local.validation = bool(enabled)
 
 

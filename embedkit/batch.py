@@ -10,7 +10,7 @@ unpack kernels (embedkit.ops.pack / unpack) instead of index_select / index_copy
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -18,6 +18,26 @@ from . import _config
 from .ops import _checks, _dispatch
 from .ops import packing as _pack_ops
 from .ops.reference import segment_ids as _segment_ids
+
+
+def _mark_static(t: torch.Tensor, dim: int) -> None:
+    """torch._dynamo.mark_static(t, dim) without importing dynamo (1 s at import) when nothing is
+    compiling yet. The 3 of multimodal position_ids [3, T] is a constant of the layout: left dynamic,
+    torch.compile's duck sizing gives it the same symbol as any other size 3 (cu_seqlens of a batch
+    of 2), and the rotary check `shape[0] == 3` then specializes that one too -> a recompile for every
+    batch size."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].mark_static(t, dim)
+        return
+    # What mark_static records (read by dynamo when it wraps the tensor).
+    static = getattr(t, "_dynamo_static_indices", None)
+    if static is None:
+        static = set()
+        setattr(t, "_dynamo_static_indices", static)
+    static.add(dim)
+    setattr(t, "_has_dynamo_dim_marking", True)
 
 
 @dataclass
@@ -58,6 +78,8 @@ class PackedBatch:
             if not (pos.shape == (total,) or pos.shape == (3, total)):
                 raise ValueError(f"position_ids must have shape [T] or [3, T] with T = {total}, "
                                  f"got {tuple(pos.shape)}")
+            if pos.dim() == 2:
+                _mark_static(pos, 0)
         if self.modality_ids is not None:
             mod = _checks.check_tensor(self.modality_ids, "modality_ids", ndim=1,
                                        dtypes=(torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64),
@@ -83,7 +105,7 @@ class PackedBatch:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_lengths(cls, lengths: Sequence[int] | torch.Tensor, *, device: torch.device | str | None = None,
-                     **fields) -> "PackedBatch":
+                     **fields: Any) -> "PackedBatch":
         """Sequences of the given lengths, packed back to back (at most 2^31 - 1 tokens in all:
         cu_seqlens is int32)."""
         try:
@@ -109,7 +131,7 @@ class PackedBatch:
         return cls(cu, int(longest), **fields)
 
     @classmethod
-    def from_attention_mask(cls, attention_mask: torch.Tensor, **fields) -> "PackedBatch":
+    def from_attention_mask(cls, attention_mask: torch.Tensor, **fields: Any) -> "PackedBatch":
         """The packing of a padded batch whose attention_mask [B, L] marks real tokens with 1/True."""
         mask = _checks.check_tensor(attention_mask, "attention_mask", ndim=2)
         if mask.is_floating_point():
@@ -128,7 +150,8 @@ class PackedBatch:
         return cls(cu, max_len, token_indices=indices, padded_len=mask.shape[1], source_mask=mask, **fields)
 
     @classmethod
-    def from_padded(cls, padded: torch.Tensor, attention_mask: torch.Tensor, **fields):
+    def from_padded(cls, padded: torch.Tensor, attention_mask: torch.Tensor,
+                    **fields: Any) -> tuple[torch.Tensor, "PackedBatch"]:
         """(packed [T, ...], PackedBatch) from padded [B, L, ...] and attention_mask [B, L]."""
         batch = cls.from_attention_mask(attention_mask, **fields)
         return batch.unpad(padded), batch
@@ -140,10 +163,10 @@ class PackedBatch:
         # Right-padded layout: token j of sequence b sits at b * max_seqlen + j.
         seg = self.seq_ids()
         offs = torch.arange(self.total_tokens, device=self.device) - self.cu_seqlens.long()[seg]
-        return seg * self.max_seqlen + offs
+        return seg * cast(int, self.max_seqlen) + offs  # (set by __post_init__; cast: no int() under compile)
 
     def _padded_len(self) -> int:
-        return self.padded_len if self.padded_len is not None else self.max_seqlen
+        return self.padded_len if self.padded_len is not None else cast(int, self.max_seqlen)
 
     def _native_layout(self, op: str) -> bool:
         """Whether unpad / pad run the native kernels: backend "native" (raises if the library

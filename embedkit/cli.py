@@ -151,10 +151,11 @@ def _cmd_bench(args) -> int:
     device = _check_device(args.device) or _default_device()
     _check_backend(device)
     _check_writable(args.out, "--out", directory=True)
+    _check_writable(args.save_to, "--save-to", directory=True)
     sys.path.insert(0, str(root))
     from bench.run import main
 
-    main(quick=args.quick, ops=args.op, out_dir=args.out, device=args.device)
+    main(quick=args.quick, ops=args.op, out_dir=args.out, device=args.device, save_to=args.save_to)
     return 0
 
 
@@ -231,7 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the kernel benchmarks and save JSON / Markdown / PNG results")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     b.add_argument("--op", action="append", help="benchmark only this op (repeatable)")
-    b.add_argument("--out", help="results folder (default bench/results/<machine>/)")
+    b.add_argument("--out", help="the exact results folder (default ~/.cache/embedkit/bench/<machine>/, outside "
+                   "the git tree)")
+    b.add_argument("--save-to", metavar="ROOT", help="a results root, e.g. bench/results to commit the run: "
+                   "files go to ROOT/<machine>/")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.set_defaults(func=_cmd_bench)
     n = sub.add_parser("build", help="rebuild the native csrc libraries in place with CMake (CPU, and CUDA "

@@ -110,3 +110,36 @@ def test_cli_info_lists_ops():
     from embedkit.cli import main
 
     assert main(["info"]) == 0
+
+
+@pytest.mark.parametrize("value", ["no", "off", "False", 0, 1, None, 0.0])
+def test_set_validation_refuses_non_bools(value):
+    """A string like "no" is truthy: accepting it would keep validation on while the caller meant off."""
+    with pytest.raises(TypeError, match=r"set_validation\(enabled\) must be a bool"):
+        embedkit.set_validation(value)
+    assert embedkit.validation_enabled()  # unchanged
+
+
+def test_set_validation_accepts_numpy_bool():
+    import numpy as np
+    embedkit.set_validation(np.bool_(False))
+    assert not embedkit.validation_enabled()
+    embedkit.set_validation(True)
+
+
+@pytest.mark.parametrize("op", ["pool_project", "masked_mean", "varlen_attention", "packed_batch"])
+def test_int64_cu_seqlens_message_says_how_to_convert(op):
+    """torch.cumsum returns int64; the error says `.to(torch.int32)` (the kernels read int32 offsets)."""
+    h, cu, w = _inputs()
+    cu64 = torch.nn.functional.pad(torch.cumsum(torch.tensor([2, 4]), 0), (1, 0))
+    assert cu64.dtype == torch.int64
+    with pytest.raises(TypeError, match=r"cu_seqlens\.to\(torch\.int32\)"):
+        if op == "pool_project":
+            embedkit.pool_project(h[:6], cu64, w)
+        elif op == "masked_mean":
+            embedkit.masked_mean(h[:6], cu64)
+        elif op == "varlen_attention":
+            q = torch.randn(6, 2, 8)
+            embedkit.varlen_attention(q, q, q, cu64, 4)
+        else:
+            embedkit.PackedBatch(cu64, 4)

@@ -85,3 +85,6 @@ def test_demo_smoke_end_to_end_output_is_a_log(tmp_path):
     assert set(r["before"]) == set(r["after"]) >= {"code/ndcg@10", "code/mrr@10", "digits/recall@1"}
     assert all(0.0 <= v <= 1.0 for v in list(r["before"].values()) + list(r["after"].values()))
     assert r["throughput"]["encode_inputs_per_s"] > 0 and r["throughput"]["train_examples_per_s"] > 0
+    # throughput from a warm-up and the median of three timed passes (issue 16), not one cold pass
+    passes = r["throughput"]["encode_pass_seconds"]
+    assert len(passes) == 4 and r["throughput"]["encode_timing"] == "median of 3 passes after 1 warm-up"

@@ -155,7 +155,8 @@ def test_checkpoint_resume_is_exact(tmp_path):
     part = _two_stage(tiny_model(1), tmp_path, every=5)
     part.fit(max_steps=5)
     ck = tmp_path / "step-5"
-    assert sorted(p.name for p in ck.iterdir()) == ["model.safetensors", "optimizer.safetensors", "trainer.json"]
+    assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors",
+                                                    "trainer.json"]
     resumed = _two_stage(tiny_model(7))
     torch.manual_seed(1234)  # clobber the RNG: the checkpoint must restore it
     resumed.load_checkpoint(ck)

@@ -52,6 +52,8 @@ def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
 
 
 def _max_len(value) -> int:
+    if isinstance(value, torch.SymInt):  # under torch.compile: int() would specialize it (a recompile per length)
+        return value
     return int(value.max()) if isinstance(value, torch.Tensor) and value.dim() > 0 else int(value)
 
 
@@ -177,6 +179,31 @@ def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, offs
     return kwargs, batch
 
 
+def _padded_kwargs(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, offset: int = 0,
+                   **token_inputs) -> tuple[dict, torch.Tensor]:
+    """Padding-free kwargs of a padded batch that keep all B * L positions (static shapes, for
+    torch.compile): each row is cut into three sequences -- the padding before its tokens, its
+    tokens, the padding after -- so every real token attends to its own sequence only, exactly as
+    when unpadded; padding rows attend among themselves and are zeroed afterwards. Rows must hold
+    their tokens contiguously (left or right padding, as tokenizers make; not checked: that would
+    be a data-dependent branch). Returns (kwargs, float keep-mask [B, L, 1])."""
+    B, L = input_ids.shape
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    first = torch.where(lengths > 0, mask.int().argmax(dim=1), 0)  # first token of each row
+    row = torch.arange(B, device=mask.device) * L
+    cu = torch.stack([row, row + first, row + first + lengths], dim=1).flatten()
+    cu = torch.cat([cu, cu.new_full((1,), B * L)]).to(torch.int32)
+    pos = torch.arange(L, device=mask.device)[None, :] - first[:, None]
+    pos = torch.where(mask, pos, 0) + offset
+    kwargs = {"input_ids": input_ids.reshape(1, B * L), "position_ids": pos.reshape(1, B * L),
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": L, "max_length_k": L}
+    for key, value in token_inputs.items():
+        if value is not None:
+            kwargs[key] = value.reshape(1, B * L)
+    return kwargs, mask[..., None]
+
+
 def pack(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model(input_ids=..., attention_mask=...)`` unpad once and run every layer packed.
 
@@ -185,6 +212,10 @@ def pack(model: torch.nn.Module) -> torch.nn.Module:
     ``hidden_states`` come back padded [B, L, H] (zeros at padding); a BERT-style pooler output is
     recomputed from the padded states. Calls with ``inputs_embeds``, a KV cache or no attention mask
     pass through unchanged. The model must use attn_implementation "embedkit".
+
+    Under torch.compile (fullgraph, dynamic shapes) the padded positions are kept (the unpadded
+    token count is data-dependent): one graph for every batch, same outputs, but the dense layers
+    compute on padding too (see _padded_kwargs).
     """
     if getattr(model.forward, "_embedkit_packed", False):
         return model
@@ -204,17 +235,25 @@ def pack(model: torch.nn.Module) -> torch.nn.Module:
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
             return inner(input_ids, attention_mask, *args, **kwargs)
-        packed, batch = packed_inputs(input_ids, attention_mask, offset=offset, token_type_ids=token_type_ids)
         kwargs.setdefault("use_cache", False)
         return_dict = kwargs.pop("return_dict", None)
+        if torch.compiler.is_compiling():
+            # Unpadding has a data-dependent token count (no static shape for the compiler): keep the
+            # B * L tokens and run each row's padding as sequences of their own (see _padded_kwargs).
+            packed, keep = _padded_kwargs(input_ids, attention_mask, offset=offset, token_type_ids=token_type_ids)
+            shape = tuple(input_ids.shape)
+            restore = lambda h: h[0].view(*shape, *h.shape[2:]) * keep  # noqa: E731  (zeros at padding)
+        else:
+            packed, batch = packed_inputs(input_ids, attention_mask, offset=offset, token_type_ids=token_type_ids)
+            restore = lambda h: batch.pad(h[0])  # noqa: E731
         out = inner(**packed, **kwargs, return_dict=True)
         if getattr(out, "last_hidden_state", None) is not None:
-            out.last_hidden_state = batch.pad(out.last_hidden_state[0])
+            out.last_hidden_state = restore(out.last_hidden_state)
             pooler = getattr(model, "pooler", None)
             if getattr(out, "pooler_output", None) is not None and callable(pooler):
                 out.pooler_output = pooler(out.last_hidden_state)
         if getattr(out, "hidden_states", None) is not None:
-            out.hidden_states = tuple(batch.pad(h[0]) for h in out.hidden_states)
+            out.hidden_states = tuple(restore(h) for h in out.hidden_states)
         return out.to_tuple() if return_dict is False else out
 
     forward._embedkit_packed = True

@@ -39,7 +39,14 @@ def check_tensor(
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+            # torch.cumsum of int32 lengths returns int64: say how to convert rather than just refuse
+            # (the kernels read 4-byte offsets; a silent copy would hide a per-call cost).
+            hint = ""
+            if dtypes == (torch.int32,) and not x.dtype.is_floating_point and not x.dtype.is_complex \
+                    and x.dtype != torch.bool:
+                hint = f"; convert it with {name}.to(torch.int32) (torch.cumsum returns int64)"
+            raise TypeError(f"{name} must have dtype in ({names}), got "
+                            f"{str(x.dtype).replace('torch.', '')}{hint}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device} (mixed devices)")
     return x

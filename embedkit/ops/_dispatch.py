@@ -67,6 +67,7 @@ def resolve(op: str, device: torch.device) -> str:
     """The concrete backend ("triton", "native" or "reference") that runs `op` on `device`."""
     name = _config.get_backend()
     if name == "auto":
+        order: tuple[str, ...]
         if device.type == "cuda":
             order = ("triton", "native", "reference")
         else:  # the interpreter is a correctness tool, never the fast path on CPU

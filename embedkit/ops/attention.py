@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Sequence, cast
 
 import torch
 
@@ -162,7 +163,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary):
     return max_seqlen, float(softmax_scale), cu
 
 
-def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10000.0, sections=None):
+def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10000.0,
+                  sections: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) fp32 [T, rotary_dim / 2] from position ids [T] or [3, T] (then `sections`)."""
     _checks.check_tensor(position_ids, "position_ids", dtypes=(torch.int32, torch.int64))
     _checks.check_int(rotary_dim, "rotary_dim", low=2)
@@ -170,7 +172,7 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real):
         raise TypeError(f"theta must be a finite number > 0, got {type(theta).__name__}")
-    if not (theta > 0 and math.isfinite(theta)):
+    if not (theta > 0 and theta < math.inf):  # (math.isfinite fails on torch.compile's symbolic floats)
         raise ValueError(f"theta must be a finite number > 0, got {theta!r}")
     if position_ids.dim() == 2 and position_ids.shape[0] == 3:
         if (sections is None or len(sections) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
@@ -183,8 +185,10 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
     return reference.rotary_tables(position_ids, rotary_dim, theta, sections)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_scale=None, rotary=None,
-                     return_lse=False):
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+                     causal: bool = False, softmax_scale: float | None = None,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention within each packed sequence (flash-attn varlen layout).
 
     q [T, Hq, D], k / v [T, Hkv, D] (Hq % Hkv == 0; D from 1 to 256), fp16 / bf16 /
@@ -198,9 +202,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     causal = _as_bool(causal, "causal")
     max_seqlen, scale, _ = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
-    if backend == "reference":
-        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale,
-                                          rotary=rotary, return_lse=return_lse)
+    if backend == "reference":  # a custom op too, so torch.compile never traces its per-sequence loop
+        from . import _reference_attention_op
+
+        return _reference_attention_op.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal,
+                                                        softmax_scale=scale, rotary=rotary, return_lse=return_lse)
     if q.dtype == torch.float64:
         raise TypeError(f"q: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
                         "got float64 (use backend 'reference' for float64)")
@@ -223,9 +229,13 @@ def _same_view(a, b) -> bool:
         return False
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: torch.Tensor | None = None
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """flash-attn's `flash_attn_varlen_func`, for self-attention over packed sequences.
 
     Supported: cu_seqlens_q equal to cu_seqlens_k (self-attention), softmax_scale, causal, GQA / MQA,
@@ -268,4 +278,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                     softmax_scale=softmax_scale, return_lse=True)
         # flash-attn 2 without dropout returns an empty S_dmask in the third slot.
         return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
-    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal, softmax_scale=softmax_scale)
+    return cast(torch.Tensor, varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal,
+                                               softmax_scale=softmax_scale))

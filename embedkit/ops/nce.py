@@ -13,7 +13,7 @@ import math
 import numbers
 import operator
 import struct
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -345,7 +345,7 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
              temperature: float | torch.Tensor = 0.05, query_ids: torch.Tensor | None = None,
              target_ids: torch.Tensor | None = None, symmetric: bool = False, shared_negatives: bool = False,
              mrl_dims: Sequence[int] | None = None, mrl_weights: Sequence[float] | None = None,
-             reduction: str = "mean", group=None, check_ranks: bool | None = None) -> torch.Tensor:
+             reduction: str = "mean", group: Any = None, check_ranks: bool | None = None) -> torch.Tensor:
     """InfoNCE with in-batch negatives on cosine similarity (see DESIGN.md, nce_loss).
 
     query, target [B, D]; negatives [B, K, D] (row i's own hard negatives, or with

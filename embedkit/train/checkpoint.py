@@ -4,13 +4,18 @@ A checkpoint directory holds
     model.safetensors      the model's state_dict
     optimizer.safetensors  every tensor of the optimizer state, flattened ("state.<param>.<key>"),
                            plus RNG states and other tensors of the trainer ("trainer.<name>")
-    trainer.json           everything else: step counters, the scheduler's state, the optimizer's
-                           param_groups and non-tensor state, Python RNG state, the data position
+    trainer.json           everything else: step counters, the stages' names and steps, the
+                           scheduler's state, the optimizer's param_groups and non-tensor state,
+                           Python RNG state, the data position
+    config.json (+ tokenizer/)  for an Embedder: what Embedder.save_pretrained writes, with the same
+                           save id, so any checkpoint (a stage snapshot too) loads with
+                           Embedder.from_pretrained
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,10 +58,12 @@ def _jsonable(x):
     return x
 
 
-def save(path: str | Path, model_state: dict, tensors: dict, meta: dict) -> Path:
+def save(path: str | Path, model_state: dict, tensors: dict, meta: dict,
+         extra: Callable[[Path, str], None] | None = None) -> Path:
     """Writes the checkpoint as one unit: into a temporary sibling directory, fsynced, then renamed
     into place (the previous checkpoint at `path` stays until the new one is complete). One save id
-    is recorded in both safetensors files' metadata and in trainer.json; load() refuses a mix."""
+    is recorded in both safetensors files' metadata and in trainer.json; load() refuses a mix.
+    extra(tmp_dir, save_id) writes further files of the same save (e.g. the model's config.json)."""
     from safetensors.torch import save_file
 
     from .._atomic import atomic_dir, new_save_id
@@ -70,6 +77,8 @@ def save(path: str | Path, model_state: dict, tensors: dict, meta: dict) -> Path
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_FILE),
                   metadata=md)
         (tmp / META_FILE).write_text(json.dumps({**_jsonable(meta), ID_KEY: save_id}, indent=1))
+        if extra is not None:
+            extra(tmp, save_id)
     return out
 
 

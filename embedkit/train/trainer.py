@@ -398,7 +398,8 @@ class Trainer:
         if self.rank != 0:
             return None
         tensors, meta = {}, {"stage_index": self.stage_index, "stage_step": self.stage_step,
-                             "global_step": self.global_step, "seed": self.seed, "history": self.history}
+                             "global_step": self.global_step, "seed": self.seed, "history": self.history,
+                             "stages": [_stage_record(s) for s in self.stages]}
         if self.optimizer is not None:
             t, m = ckpt_io.flatten_optimizer(self.optimizer.state_dict())
             tensors.update(t)
@@ -415,7 +416,7 @@ class Trainer:
                 tensors[f"trainer.cuda_rng.{i}"] = st
         meta["python_rng"] = random.getstate()
         meta["drop_rng"] = self._drop_rng.getstate()
-        return ckpt_io.save(path, self.model.state_dict(), tensors, meta)
+        return ckpt_io.save(path, self.model.state_dict(), tensors, meta, extra=_pretrained_files(self.model))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restores a checkpoint; the next fit() continues exactly where it was taken."""
@@ -452,6 +453,7 @@ class Trainer:
 
         for k in ("stage_index", "stage_step", "global_step"):
             need(k in meta and is_int(meta[k]) and meta[k] >= 0, f"{k} must be an int >= 0, got {meta.get(k)!r}")
+        self._check_stages(meta, path)  # first: a different stage list explains the checks below
         n = len(self.stages)
         need(meta["stage_index"] <= n, f"stage_index {meta['stage_index']} is outside the {n} stages given")
         if meta["stage_index"] < n:
@@ -462,6 +464,30 @@ class Trainer:
             need(False, "has optimizer state but stage_index is past the last stage")
         need(meta["global_step"] >= meta["stage_step"], f"global_step {meta['global_step']} < stage_step "
              f"{meta['stage_step']}")
+
+    def _check_stages(self, meta: dict, path) -> None:
+        """The stages the checkpoint has run (every stage up to and including its current one) must
+        be this Trainer's first stages, by name and steps: a different list would resume at a
+        position that means something else (e.g. past the last step of a renamed stage, so fit()
+        trains nothing). Later stages may differ (stages can be appended). Checkpoints written
+        before stages were recorded are not checked."""
+        saved = meta.get("stages")
+        if saved is None:
+            return
+        if not isinstance(saved, list) or not all(isinstance(s, dict) for s in saved):
+            raise ValueError(f"checkpoint {path}: trainer.json stages must be a list of objects, got {saved!r}")
+        ran = saved[:min(meta["stage_index"] + 1, len(saved))]
+        if len(self.stages) < len(ran):
+            raise ValueError(f"checkpoint {path} was taken in stage {len(ran) - 1} "
+                             f"({ran[-1].get('name')!r}) but this Trainer has only {len(self.stages)} stage(s) "
+                             f"{[s.name for s in self.stages]}: pass the stages the checkpoint was trained with")
+        for i, rec in enumerate(ran):
+            mine = _stage_record(self.stages[i])
+            if rec.get("name") != mine["name"] or rec.get("steps") != mine["steps"]:
+                raise ValueError(f"checkpoint {path}: stage {i} was {rec.get('name')!r} with {rec.get('steps')!r} "
+                                 f"steps, but this Trainer's stage {i} is {mine['name']!r} with {mine['steps']} "
+                                 f"steps: resume with the stage list the checkpoint was trained with (saved: "
+                                 f"{[(r.get('name'), r.get('steps')) for r in saved]})")
 
     def _check_param_groups(self, saved: list) -> None:
         """The checkpoint's optimizer groups must be this stage's: same count, same initial lr
@@ -493,6 +519,36 @@ class Trainer:
         s = dict(meta["sampler"])
         s["generator"] = tensors["trainer.sampler_generator"]
         self._sampler.load_state_dict(s)
+
+
+def _stage_record(stage: Stage) -> dict:
+    return {"name": stage.name, "steps": stage.steps}
+
+
+def _pretrained_files(model: nn.Module):
+    """For an Embedder: a writer of config.json (+ its Hugging Face tokenizer), as save_pretrained
+    writes them, with the checkpoint's save id, so the checkpoint directory loads with
+    Embedder.from_pretrained. None for other models."""
+    from ..model import modeling
+
+    if not isinstance(model, modeling.Embedder):
+        return None
+
+    def write(tmp: Path, save_id: str) -> None:
+        import json
+
+        cfg = model.config.to_dict()
+        cfg[modeling.SAVE_ID_KEY] = save_id
+        tok = model.processor.tokenizer
+        if isinstance(tok, modeling.HFTokenizer):
+            tok.tok.save_pretrained(str(tmp / modeling.TOKENIZER_DIR))
+            cfg["tokenizer"] = "./" + modeling.TOKENIZER_DIR
+        elif tok is not None:
+            cfg["tokenizer"] = "bytes"
+        (tmp / modeling.CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+    assert ckpt_io.ID_KEY == modeling.SAVE_ID_KEY  # from_pretrained compares config and weights ids
+    return write
 
 
 def _num_tokens(x) -> int:
