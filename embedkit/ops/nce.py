@@ -83,7 +83,7 @@ def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg
     g = torch.stack([grad.float() * float(wt) for wt in weights])                # [L, M], no host copy
     d_rows, d_cands, d_shared, d_neg = _kernels(backend).nce_bwd(
         g, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp,
-        tuple(dims), lse, inv_r, inv_c, inv_s if shared_neg is not None else None,
+        tuple(dims), lse, pos, inv_r, inv_c, inv_s if shared_neg is not None else None,
         inv_n if row_neg is not None else None, row_cos)
     # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 at every level.
     d_temp = -(g * (es - pos)).sum() * inv_temp[0] * inv_temp[0]
