@@ -20,6 +20,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(kernels, "ROW_CHUNK", 7)
     monkeypatch.setattr(kernels, "CAND_CHUNK", 11)
     monkeypatch.setattr(kernels, "FWD_SPLIT", 3)
+    monkeypatch.setattr(kernels, "GEMM_COLS", 5)  # the gradient GEMMs in column pieces within a segment
     return kernels
 
 

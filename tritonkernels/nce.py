@@ -64,14 +64,17 @@ def _mma(acc, a, b, DOT: tl.constexpr):
 @triton.jit
 def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi,
                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>."""
+    """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>; rows / candidates outside x_ok / y_ok
+    give garbage dots that the callers never use (the score mask includes them)."""
+    # Rows past the end read row 0 instead of being masked: a [BLOCK, BLOCK_D] predicate per operand
+    # held through the pipelined loop cost registers (the callers drop those rows' scores anyway).
+    rx = tl.where(x_ok, offs_x, 0).to(tl.int64) * stride_x
+    ry = tl.where(y_ok, offs_y, 0).to(tl.int64) * stride_y
     for d0 in range(lo, hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < hi
-        xt = tl.load(x + offs_x[:, None].to(tl.int64) * stride_x + offs_d[None, :],
-                     mask=x_ok[:, None] & d_ok[None, :], other=0.0)
-        yt = tl.load(y + offs_y[None, :].to(tl.int64) * stride_y + offs_d[:, None],
-                     mask=y_ok[None, :] & d_ok[:, None], other=0.0)
+        xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         acc = _mma(acc, xt, yt, DOT)
     return acc
 
@@ -97,12 +100,17 @@ def _level_dots(x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D0, D1, D2
 
 
 @triton.jit
-def _online_update(m, l, t, z, s, valid):
-    """One tile of the online logsumexp: running max m, sum l = sum exp(z - m), t = sum exp(z - m) s."""
-    m_new = tl.maximum(m, tl.max(tl.where(valid, z, _NEG_INIT), axis=1))
-    alpha = tl.exp(m - m_new)
-    p = tl.exp(tl.where(valid, z - m_new[:, None], _NEG_INIT))  # exactly 0 when masked
-    return m_new, l * alpha + tl.sum(p, axis=1), t * alpha + tl.sum(p * s, axis=1)
+def _online_update(m, l, t, z, valid):
+    """One tile of the online logsumexp in logit units: running max m (_NEG_INIT while a row has had
+    nothing valid), l = sum exp(z - m), t = sum exp(z - m) z (for E_p[z], the temperature's gradient).
+    Only the masked logits zm are kept live (no separate cosine tile, no predicate tile after the max)."""
+    zm = tl.where(valid, z, _NEG_INIT)
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    # Rows with nothing valid yet subtract 0, so their masked entries give exp(-1e30) = 0 (not exp(0)).
+    m_sub = tl.where(m_new > _NEG_INIT, m_new, 0.0)
+    alpha = tl.where(m > _NEG_INIT, tl.exp(m - m_sub), 0.0)
+    p = tl.exp(zm - m_sub[:, None])  # exactly 0 when masked
+    return m_new, l * alpha + tl.sum(p, axis=1), t * alpha + tl.sum(p * zm, axis=1)
 
 
 @triton.jit
@@ -231,18 +239,24 @@ def _gpu_autotune(configs, key, prune, reset_to_zero=None):
 
 
 # Forward tiles. One fp32 score tile is live at a time (each level's online update runs as soon as the dot
-# crosses that level's width), so 128 x 128 and 128 x 256 fit at 8 warps; the static sm_90a report checks
-# each config for spills and shared memory (<= 227 KiB). BLOCK_D = 64: 128 B rows of bf16, one TMA-sized
-# swizzle; the pipeline depth is the tuned knob.
+# crosses that level's width) and only masked logits, no cosine or predicate tile, live through the update.
+# Checked with the static sm_90a report (Triton 3.9, ptxas): 1 level 128 x 128 / 8 warps at 254 registers,
+# no spills; 3 levels spill at 128 x 128 and 128 x 64 but not at 64 x 128 / 8 warps (241 registers) or
+# 64 x 64 / 8 (192); 128 x 256 and 16 warps (128-register cap) spill everywhere. BLOCK_D = 64: 128-byte
+# rows of bf16; the pipeline depth is tuned.
 _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
-                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4),
-                                   (128, 64, 4, 4), (64, 64, 4, 3))]
+                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 8, 3), (64, 128, 8, 4),
+                                   (64, 64, 8, 3), (64, 64, 4, 3))]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    # fp32 operands (ieee dots) double the tile's shared memory: keep the 64-deep, <= 128-wide tiles.
+    levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
     dot = named_args.get("DOT", kwargs.get("DOT"))
-    kept = [c for c in configs if dot != 0 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    kept = configs
+    if dot == 0:  # fp32 operands: twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB)
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    if levels is not None and levels > 1:  # the spill-free ones (see above)
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8]
     return kept or configs[-1:]
 
 
@@ -258,9 +272,10 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
     """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
 
     Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
-    each split writes its partial state, part_* [SPLIT, L, M] (running max, sum of exp, sum of
-    exp * cosine for E_p[s], the temperature's gradient; cosine of the positive where the split holds
-    it, else 0), merged afterwards in a fixed order (deterministic).
+    each split writes its partial state, part_* [SPLIT, L, M] in logit units z = s / tau (running max,
+    sum of exp, sum of exp * z for E_p[z], the temperature's gradient; the positive's logit where the
+    split holds it, else 0), merged afterwards in a fixed order (deterministic). The score is
+    ((dot * a) * b) * (1 / tau), the order the backward's recomputation uses.
     """
     pid_s = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,27 +299,33 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
-        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                   diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-        # One live fp32 tile: each level's update runs when the dot has crossed that level's width.
+        # One live fp32 tile: each level's update runs when the dot has crossed that level's width. The
+        # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
+        # two predicate tiles held through the D loop made ptxas spill).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT)
-        s0 = acc * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :]
-        m0, l0, t0 = _online_update(m0, l0, t0, s0 * it, s0, valid)
+        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                   diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+        z0 = acc * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :] * it
         if HAS_DIAG:
-            p0 += tl.sum(tl.where(is_pos, s0, 0.0), axis=1)
+            p0 += tl.sum(tl.where(is_pos, z0, 0.0), axis=1)
+        m0, l0, t0 = _online_update(m0, l0, t0, z0, valid)
         if NUM_LEVELS > 1:
             acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT)
-            s1 = acc * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :]
-            m1, l1, t1 = _online_update(m1, l1, t1, s1 * it, s1, valid)
+            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+            z1 = acc * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :] * it
             if HAS_DIAG:
-                p1 += tl.sum(tl.where(is_pos, s1, 0.0), axis=1)
+                p1 += tl.sum(tl.where(is_pos, z1, 0.0), axis=1)
+            m1, l1, t1 = _online_update(m1, l1, t1, z1, valid)
         if NUM_LEVELS > 2:
             acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT)
-            s2 = acc * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :]
-            m2, l2, t2 = _online_update(m2, l2, t2, s2 * it, s2, valid)
+            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+            z2 = acc * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :] * it
             if HAS_DIAG:
-                p2 += tl.sum(tl.where(is_pos, s2, 0.0), axis=1)
+                p2 += tl.sum(tl.where(is_pos, z2, 0.0), axis=1)
+            m2, l2, t2 = _online_update(m2, l2, t2, z2, valid)
     base = pid_s * NUM_LEVELS * M
     _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
     _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
@@ -317,8 +338,8 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
 def _coef(s, a, b, lse, g, zpos, it, valid, is_pos, HAS_DIAG: tl.constexpr):
     """(C = P a b, P s) of one level's [rows, cands] tile, P = g (p - [pos]) / tau.
 
-    The positive's probability is exp(zpos), zpos = pos / tau - lse computed once on the host from the
-    forward's own cosine of the positive (the negation of the loss term): where the loss is exactly 0
+    The positive's probability is exp(zpos), zpos = pos - lse computed once on the host from the
+    forward's own logit of the positive (the negation of the loss term): where the loss is exactly 0
     (every candidate but the positive masked) p_pos is exactly 1 and the row's coefficients exactly 0,
     at any temperature, whatever rounding the recomputed score carries."""
     p = tl.exp(tl.where(valid, s * it - lse[:, None], _NEG_INIT))  # exactly 0 when masked
@@ -335,16 +356,23 @@ def _store_tile(ptr, stride_r, offs_r, r_ok, offs_c, c_ok, v):
 
 
 # Coefficient tiles: up to three fp32 [BLOCK_M, BLOCK_N] level tiles are live (E_k = sum_{l >= k} C^l needs
-# every level before E_0 is stored), so the tiles are smaller than the forward's.
+# every level before E_0 is stored), so more than one level takes smaller tiles. Static sm_90a report:
+# 1 level 128 x 128 / 8 warps at 246 registers, no spills; 3 levels spill-free only at 64 x 64 / 8 (194).
 _COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
-                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4))]
+                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4),
+                                    (64, 64, 8, 3), (64, 64, 8, 4))]
 
 
 def _prune_coef(configs, named_args, **kwargs):
     levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
     dot = named_args.get("DOT", kwargs.get("DOT"))
-    big = levels is not None and levels > 1 or dot == 0
-    kept = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    kept = configs
+    if dot == 0:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    if levels is not None and levels > 1:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_warps == 8]
+    else:
+        kept = [c for c in kept if c.num_warps != 8 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64]
     return kept or configs[-1:]
 
 
@@ -377,10 +405,10 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     offs_m = r0 + loc_m
     offs_n = c0 + loc_n
     it = tl.load(inv_temp).to(tl.float32)
-    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
     dot0, dot1, dot2 = _level_dots(x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, D2,
                                    NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
     a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
     lse0, lse1, lse2 = _load_levels(lse, M, offs_m, m_ok, NUM_LEVELS)
     g0, g1, g2 = _load_levels(g, M, offs_m, m_ok, NUM_LEVELS)
@@ -584,8 +612,10 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
     rows [M, D]; cands [N, D] (positive of row i: cands[i + diag_offset]); shared_neg [S, D] or None
     (extra unmasked candidates of every row); row_neg [M, K, D] or None (own negatives of each row);
     ids_* int64 or None (rows' and candidates' query ids (a) and target ids (b));
-    inv_temp fp32 [1]. Returns fp32 [L, M] tensors: lse, pos (cosine of the positive), es
-    (p-weighted mean cosine), plus the fp32 norms [L, *] and the per-row negative cosines [L, M, K].
+    inv_temp fp32 [1]. Returns fp32 [L, M] tensors in logit units (cosine / tau): lse, pos (the positive's
+    logit, the very value the max of its tile saw: loss = lse - pos is exactly 0 for a row whose only
+    candidate is its positive), es (p-weighted mean logit), plus the fp32 norms [L, *] and the per-row
+    negative cosines [L, M, K].
     """
     M, D = rows.shape
     dev = rows.device
@@ -620,7 +650,7 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
             z = cos_g * inv_temp
             zm = z.max(dim=2).values
             e = torch.exp(z - zm[..., None])
-            parts_m.append(zm[None]), parts_l.append(e.sum(2)[None]), parts_t.append((e * cos_g).sum(2)[None])
+            parts_m.append(zm[None]), parts_l.append(e.sum(2)[None]), parts_t.append((e * z).sum(2)[None])
         # Merge the parts in a fixed order: deterministic.
         m_all = torch.cat(parts_m)
         mx = m_all.max(dim=0).values
@@ -632,11 +662,14 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
     return lse, pos, es, inv_rows, inv_cands, inv_shared, inv_rowneg, row_cos
 
 
-# Backward chunk sizes (rows x candidates): the coefficient block E is [L, ROW_CHUNK, CAND_CHUNK] in the
-# inputs' dtype and the rows' fp32 gradient accumulator [ROW_CHUNK, D]: at 2048 x 2048, D = 3072, 3 levels
-# of bf16 that is 25 + 25 MB. Launcher arguments override them.
-ROW_CHUNK = 2048
-CAND_CHUNK = 2048
+# Backward chunk sizes (rows x candidates; CAND_CHUNK / 2 with more than one level). What the backward holds
+# beyond the inputs and gradients (bf16, B = 65,536, D = 3,072): the coefficient block E [L, 4096, 4096 / 2048]
+# (32 MiB at 1 level, 48 MiB at 3), the row chunk's bf16 residual (24 MiB), one GEMM output (<= 12 MiB, see
+# GEMM_COLS) and the candidates' bf16 residual [B, D] (384 MiB): about 450-470 MiB. Every element of a gradient is
+# accumulated B / CHUNK times (10 bytes each), so larger chunks move less memory. Launcher arguments override.
+ROW_CHUNK = 4096
+CAND_CHUNK = 4096
+GEMM_COLS = 1536  # gradient GEMM outputs at most [chunk, 1536] (12 MB in bf16), still a full-rate shape
 
 
 def _ranges(n: int, step: int):
@@ -644,16 +677,19 @@ def _ranges(n: int, step: int):
 
 
 class _Accumulator:
-    """The gradient of a streamed input (candidates, shared negatives): every row chunk adds to every row
-    of it, so it is summed across row chunks. fp32 inputs: in the gradient itself. bf16: the gradient (hi)
-    plus a bf16 residual (lo), hi + lo carried to ~16 significant bits, extra memory 2 bytes per element
-    (half an fp32 copy). fp16 (whose residuals would underflow): an fp32 copy, converted at the end."""
+    """A gradient summed over many blocks at fp32-like precision: a row chunk's over the candidate
+    chunks, a streamed input's (candidates, shared negatives) over the row chunks. fp32 inputs: in the
+    gradient itself. bf16: the gradient (hi) plus a bf16 residual (lo), hi + lo carried to ~16
+    significant bits for 2 extra bytes per element (half an fp32 copy). fp16 (whose residuals would
+    underflow): an fp32 copy, converted at the end. Every add is one fused kernel (read the addend and
+    hi / lo, write hi / lo: no fp32 temporaries)."""
 
-    def __init__(self, like: torch.Tensor):
-        self.out = torch.zeros_like(like)
-        self.lo = torch.zeros_like(like) if like.dtype == torch.bfloat16 else None
-        self.hi = torch.zeros(like.shape, dtype=torch.float32, device=like.device) \
-            if like.dtype == torch.float16 else self.out
+    def __init__(self, like: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        self.out = out.zero_() if out is not None else torch.zeros_like(like)
+        t = self.out
+        self.lo = torch.zeros(t.shape, dtype=t.dtype, device=t.device) if t.dtype == torch.bfloat16 else None
+        self.hi = torch.zeros(t.shape, dtype=torch.float32, device=t.device) \
+            if t.dtype == torch.float16 else self.out
 
     def _run(self, r0, r1, lo, hi, part=None, scale=None, src=None):
         n_rows, n_cols = r1 - r0, hi - lo
@@ -691,20 +727,21 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
             diag_offset: int, inv_temp: torch.Tensor, dims: tuple[int, ...], lse, pos, inv_rows, inv_cands,
             inv_shared, inv_rowneg, row_cos, *, row_chunk: int | None = None, cand_chunk: int | None = None):
     """Gradients of sum_{l,i} g[l, i] * loss^l_i w.r.t. rows, cands, shared_neg and row_neg
-    (g fp32 [L, M]: upstream gradient times level weight; lse, pos [L, M] from the forward). Returns
+    (g fp32 [L, M]: upstream gradient times level weight; lse, pos [L, M] logits from the forward). Returns
     tensors in the inputs' dtypes (None for absent inputs).
 
     GEMM-shaped: per block of row_chunk rows x cand_chunk candidates, one Triton kernel recomputes the
     scores once and writes the coefficient block E_k per segment of D; then dX[rows] += E_k Y[cands] and
     dY[cands] += E_k^T X[rows] are matmuls (cuBLAS on a GPU), and the normalization terms row scalings.
     8 B N D FLOPs with the forward. Deterministic: fixed order of every sum, no atomics. Extra memory:
-    one coefficient block, one [row_chunk, D] fp32 accumulator, and for bf16 / fp16 inputs the candidates'
-    accumulator (see _Accumulator)."""
+    one coefficient block, the row chunk's and (bf16 / fp16 inputs) the candidates' accumulator residuals
+    (see _Accumulator and ROW_CHUNK)."""
     M, D = rows.shape
     N = cands.shape[0]
     dev = rows.device
     row_chunk = int(row_chunk or ROW_CHUNK)
-    cand_chunk = int(cand_chunk or CAND_CHUNK)
+    # E holds one block per level of a group: narrower candidate chunks for more levels, the same memory.
+    cand_chunk = int(cand_chunk or (CAND_CHUNK if len(dims) == 1 else max(1, CAND_CHUNK // 2)))
     if row_chunk < 1 or cand_chunk < 1:
         raise ValueError(f"row_chunk and cand_chunk must be >= 1, got {row_chunk}, {cand_chunk}")
     bm, _, bd = _blocks(D)
@@ -716,7 +753,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     K = row_neg.shape[1] if row_neg is not None else 0
     S = shared_neg.shape[0] if shared_neg is not None else 0
     # The negation of the loss term, as the loss computes it: exactly 0 where the loss is.
-    zpos = -(lse - pos * inv_temp)
+    zpos = -(lse - pos)
     d_rows = torch.empty_like(rows)
     d_rowneg = torch.empty_like(row_neg) if row_neg is not None else None
     has_a, has_b = ids_a_r is not None, ids_b_r is not None
@@ -735,10 +772,11 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
 
     for r0, r1 in _ranges(M, row_chunk):
         Cr = r1 - r0
-        gbuf = torch.zeros(Cr, D, **f32)
+        racc = _Accumulator(out=d_rows[r0:r1])
         rsum = torch.zeros(len(dims), Cr, **f32)
         xr = rows[r0:r1].float() if low else rows[r0:r1]
         if K:
+            gbuf = torch.zeros(Cr, D, **f32)
             dneg = torch.zeros(Cr, K, D, **f32)
             for gi, (sl, grp) in enumerate(groups):
                 rbuf = torch.zeros(len(grp), Cr, **f32)
@@ -748,7 +786,8 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                     r0, r1, M, K, D, *_pad3(grp), NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
                 rsum[sl] += rbuf
             d_rowneg[r0:r1] = dneg
-            del dneg
+            racc.add(0, Cr, 0, D, gbuf)
+            del dneg, gbuf
         for y, inv_idx, masked, acc, rc in sides:
             n = y.shape[0]
             for c0, c1 in _ranges(n, cand_chunk):
@@ -777,17 +816,18 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
-                        gbuf[:, lo:hi] += _mm(e[k], yc[:, lo:hi])
-                        acc.add(c0, c1, lo, hi, _mm(e[k].t(), xr[:, lo:hi]))
+                        for a, b in ((a, min(hi, a + GEMM_COLS)) for a in range(lo, hi, GEMM_COLS)):
+                            racc.add(0, Cr, a, b, _mm(e[k], yc[:, a:b]))
+                            acc.add(c0, c1, a, b, _mm(e[k].t(), xr[:, a:b]))
                     del e
         # The rows' normalization: - sum_{l >= k} a_l^2 R^l x on segment k.
         a2r = inv_rows[:, r0:r1] * inv_rows[:, r0:r1] * rsum
         for sl, grp in groups:
             f = a2r[sl].flip(0).cumsum(0).flip(0)
             for k, (lo, hi) in enumerate(_spans(grp)):
-                gbuf[:, lo:hi] -= f[k][:, None] * rows[r0:r1, lo:hi].float()
-        d_rows[r0:r1] = gbuf
-        del gbuf
+                racc.add_scaled(0, Cr, lo, hi, f[k].contiguous(), rows[r0:r1, lo:hi])
+        racc.result()
+        del racc
     outs = []
     for y, inv_idx, masked, acc, rc in sides:
         inv_y = inv_cands if inv_idx == 4 else inv_shared
