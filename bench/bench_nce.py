@@ -7,6 +7,15 @@ backward recompute 2 B^2 D + two gradient matmuls 4 B^2 D) and its fraction of t
 in the same run, peak memory above the inputs (and the "extra" memory beyond the inputs' gradients),
 the speedup over the naive loss, and the cost of 3 MRL levels over 1 level for every implementation.
 
+Also measured in the same run: torch.matmul at the backward's own GEMM shape (one coefficient block
+against its candidates: [ROW_CHUNK, CAND_CHUNK] x [CAND_CHUNK, D]) and the fraction of the 8 B^2 D floor
+at that rate (frac_of_floor_gemm), beside the harness's square-matmul floor (frac_of_floor).
+
+`python -m bench.bench_nce [--quick] [--largest] [--chunks 2048x2048,4096x2048] [--out DIR]`: --largest
+also finds the largest batch whose fwd+bwd runs at D=3072 (the goal: >= 1M rows); --chunks runs the
+triton rows once per backward chunk size (rows x candidates). On CPU everything runs at tiny sizes (the
+triton rows only under TRITON_INTERPRET=1), so CI can smoke it.
+
 Floors: FLOPs 8 B^2 D (whatever the number of MRL levels: nested prefixes cost one full-width product);
 bytes: q and t read in the forward, read again and their gradients written in the backward
 (6 B D elements). At these sizes the FLOP floor dominates.
@@ -62,8 +71,35 @@ def _naive_bytes(B: int, D: int, levels: int, elem: int) -> int:
     return levels * B * B * (elem + 4 + 4) + 4 * B * D * elem
 
 
-def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | None = None) -> None:
-    """batches / dims narrow the GPU cases (bench/gpu_check.py runs the headline ones)."""
+def _kernels():
+    from tritonkernels import nce as kernels
+
+    return kernels
+
+
+def gemm_rate(bench: BenchRun, D: int, dtype, row_chunk: int, cand_chunk: int) -> float:
+    """TFLOP/s of torch.matmul at the backward's block shape, [row_chunk, cand_chunk] x [cand_chunk, D]."""
+    a = torch.randn(row_chunk, cand_chunk, device=bench.device, dtype=dtype)
+    b = torch.randn(cand_chunk, D, device=bench.device, dtype=dtype)
+    ms = bench.time_ms(lambda: torch.mm(a, b))
+    return 2.0 * row_chunk * cand_chunk * D / (ms * 1e-3) / 1e12
+
+
+def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | None = None,
+        chunks: list[tuple[int, int]] | None = None) -> None:
+    """batches / dims narrow the GPU cases (bench/gpu_check.py runs the headline ones); chunks: backward
+    block sizes (rows, candidates) for the triton rows (default: the kernels' ROW_CHUNK x CAND_CHUNK)."""
+    K = _kernels()
+    saved = (K.ROW_CHUNK, K.CAND_CHUNK)
+    try:
+        _run(bench, batches, dims, chunks)
+    finally:
+        K.ROW_CHUNK, K.CAND_CHUNK = saved
+
+
+def _run(bench: BenchRun, batches, dims, chunks) -> None:
+    from tritonkernels import INTERPRET
+
     dev = bench.device
     gpu_batches, gpu_dims = batches, dims
     if bench.on_gpu:
@@ -78,8 +114,14 @@ def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | 
         dims = [256]
         impls = ["reference", "torch-naive"]
         free = None
-        bench.note("nce_loss on CPU: the tiled reference (chunked torch) and the naive loss only; the Triton "
-                   "kernel's time and memory, and the H100 targets, need a GPU")
+        if INTERPRET:  # the Triton kernels interpreted: a smoke test of the same code path, tiny shapes
+            impls = ["triton"] + impls
+            batches, dims = [32], [16]
+        bench.note("nce_loss on CPU: the tiled reference (chunked torch) and the naive loss (and the interpreted "
+                   "Triton kernels under TRITON_INTERPRET=1, tiny shapes); the Triton kernel's time and "
+                   "memory, and the H100 targets, need a GPU")
+    K = _kernels()
+    chunk_list = chunks or [(K.ROW_CHUNK, K.CAND_CHUNK)]
     if bench.on_gpu:
         batches, dims = gpu_batches or batches, gpu_dims or dims
     inf_fn, inf_err = _inf_cl() if "inf-cl" in impls else (None, None)
@@ -96,12 +138,20 @@ def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | 
             q = q0.requires_grad_()
             t = t0.requires_grad_()
             grads_bytes = 2 * B * D * elem
+            rates = {c: gemm_rate(bench, D, dtype, min(c[0], B), min(c[1], B)) for c in chunk_list}
+            for (rc, cc), rate in rates.items():
+                bench.note(f"torch.matmul [{min(rc, B)}, {min(cc, B)}] x [{min(cc, B)}, {D}] {str(dtype)[6:]}: "
+                           f"{rate:.1f} TFLOP/s (the backward's block GEMM; the 8 B^2 D floor at this rate is "
+                           f"{8.0 * B * B * D / (rate * 1e12) * 1e3:.2f} ms at B={B})")
             per_impl: dict[str, dict[int, float]] = {}
             for levels in (1, 3):
                 mrl = _levels(D, levels)
                 case = {"B": B, "D": D, "levels": levels, "dtype": str(dtype)[6:]}
                 naive_ms = None
-                for impl in impls:
+                runs = [(impl, c) for impl in impls for c in (chunk_list if impl == "triton" else [None])]
+                for impl, chunk in runs:
+                    if chunk is not None:
+                        K.ROW_CHUNK, K.CAND_CHUNK = chunk
                     if impl == "torch-naive" and free is not None and _naive_bytes(B, D, levels, elem) > 0.8 * free:
                         bench.note(f"torch-naive skipped at B={B} D={D} levels={levels}: needs about "
                                    f"{_naive_bytes(B, D, levels, elem) / 2**30:.0f} GiB (the [B, B] logits)")
@@ -130,9 +180,10 @@ def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | 
                         q.grad = t.grad = None
 
                     try:
-                        ms = bench.time_ms(fwd_bwd)
+                        # Interpreted kernels run seconds per call: one warm-up, two timed calls.
+                        ms = bench.time_ms(fwd_bwd, **(dict(warmup=1, rep=2) if INTERPRET else {}))
                         peak = bench.peak_memory_bytes(fwd_bwd)
-                    except torch.cuda.OutOfMemoryError:
+                    except (torch.cuda.OutOfMemoryError, MemoryError):
                         torch.cuda.empty_cache()
                         bench.note(f"{impl} ran out of memory at B={B} D={D} levels={levels}")
                         continue
@@ -141,8 +192,14 @@ def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | 
                         extra = {"peak_mb": peak / 2**20, "extra_mb": max(0, peak - grads_bytes) / 2**20}
                     if impl == "torch-naive":
                         naive_ms = ms
-                    per_impl.setdefault(impl, {})[levels] = ms
-                    bench.record(OP, case, impl, ms=ms, flops=8.0 * B * B * D, floor_bytes=6.0 * B * D * elem, **extra)
+                    name = impl if chunk is None or len(chunk_list) == 1 else f"{impl} chunks {chunk[0]}x{chunk[1]}"
+                    per_impl.setdefault(name, {})[levels] = ms
+                    rate = rates[chunk or chunk_list[0]]
+                    if chunk is not None:
+                        extra["chunks"] = f"{chunk[0]}x{chunk[1]}"
+                    bench.record(OP, case, name, ms=ms, flops=8.0 * B * B * D, floor_bytes=6.0 * B * D * elem,
+                                 gemm_tflops=rate, frac_of_floor_gemm=8.0 * B * B * D / (rate * 1e12) / (ms * 1e-3),
+                                 **extra)
                 # Speedups over the naive loss, same case, same run.
                 if naive_ms is not None:
                     for rec in bench.records:
@@ -161,7 +218,8 @@ def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | 
                 torch.cuda.empty_cache()
     if bench.on_gpu:
         bench.note("targets (issue 13; H100/H200, B=65536, D=3072, bf16, fwd+bwd): extra_mb <= 512; "
-                   "frac_of_floor >= 1/1.4 = 0.71 (8 B^2 D at the matmul rate measured in this run); "
+                   "frac_of_floor >= 1/1.4 = 0.71 (8 B^2 D at the matmul rate measured in this run; "
+                   "frac_of_floor_gemm: at the backward's block-GEMM rate); "
                    "levels3_over_1 <= 1.15 for triton; the largest batch that runs >= 1M rows at D=3072")
 
 
@@ -203,3 +261,31 @@ def largest_batch(bench: BenchRun, D: int = 3072, start: int = 65536, limit: int
                  backend,
                  ms=ms, flops=8.0 * B * B * D, floor_bytes=6.0 * B * D * elem, largest_batch=B)
     return B
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--largest", action="store_true", help="also find the largest batch that runs at D=3072")
+    ap.add_argument("--largest-only", action="store_true", help="only the largest-batch search")
+    ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
+    ap.add_argument("--dims", type=lambda v: [int(x) for x in v.split(",")], default=None)
+    ap.add_argument("--chunks", type=lambda v: [tuple(int(n) for n in c.split("x")) for c in v.split(",")],
+                    default=None, help="backward block sizes, rows x candidates, e.g. 2048x2048,4096x2048")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    bench = BenchRun(None, quick=args.quick, out_dir=args.out)
+    r = bench.rooflines
+    print(f"matmul {r['matmul_tflops']:.2f} TFLOP/s ({r['matmul_dtype']}), copy {r['copy_gbps']:.1f} GB/s")
+    if not args.largest_only:
+        run(bench, batches=args.batches, dims=args.dims, chunks=args.chunks)
+    if args.largest or args.largest_only:
+        print(f"largest batch: {largest_batch(bench)}")
+    for p in bench.save("nce_loss"):
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -126,7 +126,7 @@ def _run_nce(D, dims, B=256, dtype=torch.bfloat16):
     res = N.nce_fwd(q, t, None, None, ids, None, ids, None, 0, inv_temp, dims)
     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = res
     g = torch.empty(len(dims), B)
-    N.nce_bwd(g, q, t, None, None, ids, None, ids, None, 0, inv_temp, dims, lse, inv_r, inv_c, inv_s, inv_n,
+    N.nce_bwd(g, q, t, None, None, ids, None, ids, None, 0, inv_temp, dims, lse, pos, inv_r, inv_c, inv_s, inv_n,
               row_cos)
 
 

@@ -206,11 +206,13 @@ def test_reference_chunked_backward_passes_gradcheck():
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_backward_in_owner_chunks(backend, monkeypatch):
-    """The backward's fp32 accumulators cover one chunk of owner rows at a time (bounded extra memory):
-    with one row block per chunk, rows, targets, own and shared negatives all span several chunks."""
+    """The backward works on one bounded block of rows x candidates at a time (bounded extra memory):
+    with 16-row blocks, rows, targets, own and shared negatives all span several chunks
+    (tests/test_nce_chunked.py goes further)."""
     from tritonkernels import nce as kernels
 
-    monkeypatch.setattr(kernels, "GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(kernels, "ROW_CHUNK", 16)
+    monkeypatch.setattr(kernels, "CAND_CHUNK", 16)
     check(backend, torch.float32, 37, 24, 2, ids="dups", tensor_temp=True, mrl_dims=[8, 24])
     check(backend, torch.float32, 21, 24, 2, ids="dups", symmetric=True, shared=True, mrl_dims=[8, 16, 24])
 
@@ -620,29 +622,32 @@ import triton
 from triton.backends.compiler import GPUTarget
 from tritonkernels import nce as K
 
-EMB = {"x", "y", "neg", "x_own", "y_oth"}
+EMB = {"x", "y", "neg", "hi", "lo", "part", "src"}
 IDS = {"ids_a_r", "ids_b_r", "ids_a_c", "ids_b_c"}
-INTS = {"stride_x", "stride_y", "stride_own", "stride_oth", "N", "M", "K", "B", "D", "D0", "D1", "D2", "diag_offset",
-        "M_own", "N_oth", "M_rows", "own_start", "own_end", "row_start", "row_end"}
+INTS = {"stride_x", "stride_y", "N", "M", "K", "B", "D", "D0", "D1", "D2", "diag_offset", "n_per_split", "r0", "Cr",
+        "c0", "Cc", "row_start", "row_end", "n_rows", "n_cols", "stride_hi", "stride_part", "stride_src"}
 
-def build(fn, consts, emb="*bf16"):
-    sig = {n: "constexpr" if n in consts else emb if n in EMB else "*i64" if n in IDS else "i32" if n in INTS
-           else "*fp32" for n in fn.arg_names}
+def build(fn, consts, emb="*bf16", warps=K._NUM_WARPS, stages=3, e="*bf16"):
+    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn  # autotuned: its JITFunction, one config
+    sig = {n: "constexpr" if n in consts else emb if n in EMB else e if n == "e_buf" else "*i64" if n in IDS
+           else "i32" if n in INTS else "*fp32" for n in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K._NUM_WARPS})
-    assert ".local" not in k.asm["ptx"], f"{fn.__name__} spills to local memory"
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert ".local" not in k.asm["ptx"], f"{fn.__name__} {consts} spills to local memory"
 
 blk = dict(BLOCK_M=64, BLOCK_D=64)
 build(K._prefix_inv_norm_kernel, dict(NUM_LEVELS=3, **blk))
 build(K._row_negative_cos_kernel, dict(NUM_LEVELS=3, **blk))
-build(K._row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk))
-build(K._fwd_kernel, dict(NUM_LEVELS=3, HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True, HAS_ROW_NEG=True, INIT=True,
-                          BLOCK_N=64, DOT=2, **blk))
-for own in (True, False):
-    build(K._bwd_kernel, dict(OWNER_IS_ROW=own, NUM_LEVELS=3, HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True,
-                              FINALIZE=True, BLOCK_N=64, DOT=2, GRAD_DOT=2, **blk))
-build(K._bwd_kernel, dict(OWNER_IS_ROW=True, NUM_LEVELS=1, HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=True,
-                          FINALIZE=True, BLOCK_N=64, DOT=1, GRAD_DOT=3, **blk), emb="*fp16")
+build(K._row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk), warps=4)
+flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True)
+build(K._nce_fwd_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, DOT=2, **flags))
+build(K._nce_fwd_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, **flags), emb="*fp16",
+      warps=4)
+build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, DOT=2, **flags))
+build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, **flags), emb="*fp16",
+      e="*fp32", warps=4)
+build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=False, BLOCK_R=32, BLOCK_C=128), warps=4)
+build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=True, BLOCK_R=32, BLOCK_C=128), warps=4)
 print("compiled")
 """
 

@@ -7,29 +7,30 @@ shared negatives) plus K per-row negatives. For every MRL level l with prefix wi
     lse^l_i = logsumexp over the unmasked candidates of s^l_ij / tau
     loss_i  = sum_l w_l * (lse^l_i - s^l_{i,pos(i)} / tau)
 
-Nothing of size [rows, candidates] is ever stored: the forward streams candidate tiles through an
-online logsumexp in fp32 and keeps, per row and level, the running max / sum / p-weighted cosine.
-ALL levels share one pass over D: the partial dot products of the d_0-prefix are the start of the
-d_1-prefix ones, so a tile's dots are snapshotted at every level boundary.
+Forward: nothing of size [rows, candidates] is stored. Candidate tiles stream through an online
+logsumexp in fp32 that keeps, per row and level, the running max / sum / p-weighted cosine. ALL levels
+share one pass over D: the dot of the d_0-prefix is the start of the d_1-prefix one, and each level's
+update runs as the dot crosses its width (one live fp32 tile). Tiles up to 128 x 256, autotuned on a
+GPU; the candidate axis is split when the row tiles cannot fill the SMs (partial states merged in a
+fixed order).
 
-Backward (recomputes the tiles): with P^l_ij = g^l_i (p^l_ij - [j == pos(i)]) / tau,
+Backward, GEMM-shaped: with P^l_ij = g^l_i (p^l_ij - [j == pos(i)]) / tau,
     d x_i = sum_l a_i ( sum_j P^l_ij b_j y_j[:d_l]  -  a_i R^l_i x_i[:d_l] ),  R^l_i = sum_j P^l_ij s^l_ij
-(the second term is the L2 normalization's backward); d y_j is the same with the roles swapped.
-One kernel serves both sides ("owner" = the rows whose gradient a program accumulates, "other" =
-the tiles it streams): programs own disjoint rows and read-modify-write their own fp32 gradient
-rows, so the backward is deterministic (no atomics).
+(the second term is the L2 normalization's backward); d y_j is the same with the roles swapped. Per
+block of rows x candidates (sizes bounded: ROW_CHUNK x CAND_CHUNK) one kernel recomputes the scores once
+and writes, per segment k = [d_{k-1}, d_k) of D, E_k = sum_{l >= k} P^l a^l b^l; then dX[:, seg_k] +=
+E_k Y[:, seg_k] and dY[:, seg_k] += E_k^T X[:, seg_k] are plain matmuls (cuBLAS on a GPU) and the
+normalization terms row scalings. Deterministic: partial sums are summed in a fixed order, no atomics.
 
 Masking: candidate j != pos(i) is dropped from row i when ids_a or ids_b match. A dropped
 candidate gets probability exactly 0 through `tl.where` (never a -inf logit), so a learnable
-temperature never sees inf - inf.
+temperature never sees inf - inf. A row whose only candidate is its positive has loss exactly 0 and,
+because the backward takes the positive's probability from the loss term itself, gradient exactly 0.
 
 At most 3 levels per pass (MAX_LEVELS); the launchers run longer MRL lists in groups of 3.
 
-Cost: forward 2 B N D FLOPs; backward recomputes the dots once for the rows' gradient and once for the
-candidates' (2 + 2 + 2 + 2 B N D), so 10 B N D in all against the 8 B N D of a backward that shares one
-recomputation. The fp32 gradient rows are read-modified-written once per streamed tile, which at large D
-is memory traffic a GEMM-shaped backward (materialize a bounded [rows-chunk, candidate-chunk] block of P
-in bf16, then two GEMMs) would avoid: the next step once this is measured on a GPU.
+Cost: forward 2 B N D FLOPs, backward 2 (one recomputation) + 4 (two gradient GEMMs) B N D: 8 B N D in
+all (the previous kernels: 12, with an fp32 gradient slab read-modify-written per streamed tile).
 """
 from __future__ import annotations
 
@@ -63,14 +64,17 @@ def _mma(acc, a, b, DOT: tl.constexpr):
 @triton.jit
 def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi,
                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>."""
+    """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>; rows / candidates outside x_ok / y_ok
+    give garbage dots that the callers never use (the score mask includes them)."""
+    # Rows past the end read row 0 instead of being masked: a [BLOCK, BLOCK_D] predicate per operand
+    # held through the pipelined loop cost registers (the callers drop those rows' scores anyway).
+    rx = tl.where(x_ok, offs_x, 0).to(tl.int64) * stride_x
+    ry = tl.where(y_ok, offs_y, 0).to(tl.int64) * stride_y
     for d0 in range(lo, hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < hi
-        xt = tl.load(x + offs_x[:, None].to(tl.int64) * stride_x + offs_d[None, :],
-                     mask=x_ok[:, None] & d_ok[None, :], other=0.0)
-        yt = tl.load(y + offs_y[None, :].to(tl.int64) * stride_y + offs_d[:, None],
-                     mask=y_ok[None, :] & d_ok[:, None], other=0.0)
+        xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         acc = _mma(acc, xt, yt, DOT)
     return acc
 
@@ -96,12 +100,17 @@ def _level_dots(x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D0, D1, D2
 
 
 @triton.jit
-def _online_update(m, l, t, z, s, valid):
-    """One tile of the online logsumexp: running max m, sum l = sum exp(z - m), t = sum exp(z - m) s."""
-    m_new = tl.maximum(m, tl.max(tl.where(valid, z, _NEG_INIT), axis=1))
-    alpha = tl.exp(m - m_new)
-    p = tl.exp(tl.where(valid, z - m_new[:, None], _NEG_INIT))  # exactly 0 when masked
-    return m_new, l * alpha + tl.sum(p, axis=1), t * alpha + tl.sum(p * s, axis=1)
+def _online_update(m, l, t, z, valid):
+    """One tile of the online logsumexp in logit units: running max m (_NEG_INIT while a row has had
+    nothing valid), l = sum exp(z - m), t = sum exp(z - m) z (for E_p[z], the temperature's gradient).
+    Only the masked logits zm are kept live (no separate cosine tile, no predicate tile after the max)."""
+    zm = tl.where(valid, z, _NEG_INIT)
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    # Rows with nothing valid yet subtract 0, so their masked entries give exp(-1e30) = 0 (not exp(0)).
+    m_sub = tl.where(m_new > _NEG_INIT, m_new, 0.0)
+    alpha = tl.where(m > _NEG_INIT, tl.exp(m - m_sub), 0.0)
+    p = tl.exp(zm - m_sub[:, None])  # exactly 0 when masked
+    return m_new, l * alpha + tl.sum(p, axis=1), t * alpha + tl.sum(p * zm, axis=1)
 
 
 @triton.jit
@@ -219,229 +228,242 @@ def _row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0, D1
             tl.store(cos + (lvl * B + offs) * K + k, tl.sum(acc, axis=1) * a * b, mask=ok)
 
 
-@triton.jit
-def _fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, inv_temp,
-                ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, row_cos, K,
-                state_m, state_l, state_t, pos, D0, D1, D2,
-                NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
-                HAS_DIAG: tl.constexpr, HAS_ROW_NEG: tl.constexpr, INIT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """Streams candidate tiles y through the online logsumexp of rows x, all levels at once.
+def _gpu_autotune(configs, key, prune, reset_to_zero=None):
+    """triton.autotune on a GPU; under the interpreter one fixed config (tuning there is meaningless)."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                               reset_to_zero=reset_to_zero)(fn)
+    return wrap
 
-    state_m/l/t [L, M]: running max, sum of exp, and sum of exp * cosine (for E_p[s], the
-    temperature's gradient); carried between launches (targets, then shared negatives).
-    pos [L, M]: cosine of the positive, accumulated from the tile that holds it.
+
+# Forward tiles. One fp32 score tile is live at a time (each level's online update runs as soon as the dot
+# crosses that level's width) and only masked logits, no cosine or predicate tile, live through the update.
+# Checked with the static sm_90a report (Triton 3.9, ptxas): 1 level 128 x 128 / 8 warps at 254 registers,
+# no spills; 3 levels spill at 128 x 128 and 128 x 64 but not at 64 x 128 / 8 warps (241 registers) or
+# 64 x 64 / 8 (192); 128 x 256 and 16 warps (128-register cap) spill everywhere. BLOCK_D = 64: 128-byte
+# rows of bf16; the pipeline depth is tuned.
+_FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
+                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 8, 3), (64, 128, 8, 4),
+                                   (64, 64, 8, 3), (64, 64, 4, 3))]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
+    dot = named_args.get("DOT", kwargs.get("DOT"))
+    kept = configs
+    if dot == 0:  # fp32 operands: twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB)
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    if levels is not None and levels > 1:  # the spill-free ones (see above)
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8]
+    return kept or configs[-1:]
+
+
+@_gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B"],
+               prune=_prune_fwd)
+@triton.jit
+def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, inv_temp,
+                    ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+                    part_m, part_l, part_t, part_pos, D0, D1, D2,
+                    NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
+                    HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
+
+    Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
+    each split writes its partial state, part_* [SPLIT, L, M] in logit units z = s / tau (running max,
+    sum of exp, sum of exp * z for E_p[z], the temperature's gradient; the positive's logit where the
+    split holds it, else 0), merged afterwards in a fixed order (deterministic). The score is
+    ((dot * a) * b) * (1 / tau), the order the backward's recomputation uses.
     """
+    pid_s = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     it = tl.load(inv_temp).to(tl.float32)
-    if INIT:
-        m0 = tl.full([BLOCK_M], _NEG_INIT, tl.float32)
-        l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        t0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m1 = m0
-        l1 = l0
-        t1 = t0
-        m2 = m0
-        l2 = l0
-        t2 = t0
-    else:
-        m0 = tl.load(state_m + offs_m, mask=m_ok, other=_NEG_INIT)
-        l0 = tl.load(state_l + offs_m, mask=m_ok, other=0.0)
-        t0 = tl.load(state_t + offs_m, mask=m_ok, other=0.0)
-        m1 = m0
-        l1 = l0
-        t1 = t0
-        m2 = m0
-        l2 = l0
-        t2 = t0
-        if NUM_LEVELS > 1:
-            m1 = tl.load(state_m + M + offs_m, mask=m_ok, other=_NEG_INIT)
-            l1 = tl.load(state_l + M + offs_m, mask=m_ok, other=0.0)
-            t1 = tl.load(state_t + M + offs_m, mask=m_ok, other=0.0)
-        if NUM_LEVELS > 2:
-            m2 = tl.load(state_m + 2 * M + offs_m, mask=m_ok, other=_NEG_INIT)
-            l2 = tl.load(state_l + 2 * M + offs_m, mask=m_ok, other=0.0)
-            t2 = tl.load(state_t + 2 * M + offs_m, mask=m_ok, other=0.0)
-    if HAS_ROW_NEG:
-        # The K own negatives of each row (cosines precomputed): never masked.
-        for k in range(0, K):
-            c0 = tl.load(row_cos + offs_m * K + k, mask=m_ok, other=0.0)
-            m0, l0, t0 = _online_update(m0, l0, t0, (c0 * it)[:, None], c0[:, None], m_ok[:, None])
-            if NUM_LEVELS > 1:
-                c1 = tl.load(row_cos + (M + offs_m) * K + k, mask=m_ok, other=0.0)
-                m1, l1, t1 = _online_update(m1, l1, t1, (c1 * it)[:, None], c1[:, None], m_ok[:, None])
-            if NUM_LEVELS > 2:
-                c2 = tl.load(row_cos + (2 * M + offs_m) * K + k, mask=m_ok, other=0.0)
-                m2, l2, t2 = _online_update(m2, l2, t2, (c2 * it)[:, None], c2[:, None], m_ok[:, None])
-    a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
+    m0 = tl.full([BLOCK_M], _NEG_INIT, tl.float32)
+    l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m1 = m0
+    l1 = l0
+    t1 = t0
+    m2 = m0
+    l2 = l0
+    t2 = t0
     p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     p1 = p0
     p2 = p0
-    for n0 in range(0, N, BLOCK_N):
+    a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
+    n_lo = pid_s * n_per_split
+    n_hi = tl.minimum(N, n_lo + n_per_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        dot0, dot1, dot2 = _level_dots(x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, D2,
-                                       NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+        n_ok = offs_n < n_hi
+        # One live fp32 tile: each level's update runs when the dot has crossed that level's width. The
+        # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
+        # two predicate tiles held through the D loop made ptxas spill).
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-        s0 = dot0 * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :]
-        m0, l0, t0 = _online_update(m0, l0, t0, s0 * it, s0, valid)
+        z0 = acc * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :] * it
         if HAS_DIAG:
-            p0 += tl.sum(tl.where(is_pos, s0, 0.0), axis=1)
+            p0 += tl.sum(tl.where(is_pos, z0, 0.0), axis=1)
+        m0, l0, t0 = _online_update(m0, l0, t0, z0, valid)
         if NUM_LEVELS > 1:
-            s1 = dot1 * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :]
-            m1, l1, t1 = _online_update(m1, l1, t1, s1 * it, s1, valid)
-            if HAS_DIAG:
-                p1 += tl.sum(tl.where(is_pos, s1, 0.0), axis=1)
-        if NUM_LEVELS > 2:
-            s2 = dot2 * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :]
-            m2, l2, t2 = _online_update(m2, l2, t2, s2 * it, s2, valid)
-            if HAS_DIAG:
-                p2 += tl.sum(tl.where(is_pos, s2, 0.0), axis=1)
-    _store_levels(state_m, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
-    _store_levels(state_l, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
-    _store_levels(state_t, M, offs_m, m_ok, t0, t1, t2, NUM_LEVELS)
-    if HAS_DIAG:
-        _store_levels(pos, M, offs_m, m_ok, p0, p1, p2, NUM_LEVELS)
-
-
-@triton.jit
-def _coef(dot, a_own, b_oth, lse, g, it, valid, is_pos, OWNER_IS_ROW: tl.constexpr):
-    """(C = P * a * b, P * s) for one level, with P = g (p - [pos]) / tau in the owner x other layout.
-
-    The score is recomputed in the forward's order of multiplication, (dot * a_row) * b_cand, in both
-    layouts: p = exp(s / tau - lse) must be exactly 1 for a row whose only candidate is its positive,
-    and a one-ulp difference in s is amplified by 1/tau (twice, through the coefficient) otherwise."""
-    if OWNER_IS_ROW:
-        s = dot * a_own[:, None] * b_oth[None, :]
-        lse2 = lse[:, None]
-        g2 = g[:, None]
-    else:
-        s = dot * b_oth[None, :] * a_own[:, None]
-        lse2 = lse[None, :]
-        g2 = g[None, :]
-    p = tl.exp(tl.where(valid, s * it - lse2, _NEG_INIT))  # exactly 0 when masked
-    P = g2 * (p - is_pos.to(tl.float32)) * it
-    return P * a_own[:, None] * b_oth[None, :], tl.sum(P * s, axis=1)
-
-
-@triton.jit
-def _grad_range(gbuf, loc, o_ok, coef, y, stride_y, offs_y, y_ok, lo, hi, D,
-                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """gbuf[loc, lo:hi] += coef @ y[oth, lo:hi] (fp32 read-modify-write of the owner's own rows)."""
-    for d0 in range(lo, hi, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < hi
-        yt = tl.load(y + offs_y[:, None].to(tl.int64) * stride_y + offs_d[None, :],
-                     mask=y_ok[:, None] & d_ok[None, :], other=0.0)
-        gp = gbuf + loc[:, None].to(tl.int64) * D + offs_d[None, :]
-        gm = o_ok[:, None] & d_ok[None, :]
-        acc = tl.load(gp, mask=gm, other=0.0)
-        acc = _mma(acc, coef, yt, DOT)
-        tl.store(gp, acc, mask=gm)
-
-
-@triton.jit
-def _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, c, lo, hi, D, BLOCK_D: tl.constexpr):
-    """gbuf[loc, lo:hi] -= c * x[own, lo:hi] (the L2 normalization's backward)."""
-    for d0 in range(lo, hi, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        gm = o_ok[:, None] & (offs_d < hi)[None, :]
-        gp = gbuf + loc[:, None].to(tl.int64) * D + offs_d[None, :]
-        xv = tl.load(x_own + offs_o[:, None].to(tl.int64) * stride_own + offs_d[None, :],
-                     mask=gm, other=0.0).to(tl.float32)
-        tl.store(gp, tl.load(gp, mask=gm, other=0.0) - c[:, None] * xv, mask=gm)
-
-
-@triton.jit
-def _bwd_kernel(x_own, y_oth, stride_own, stride_oth, inv_own, inv_oth, M_own, N_oth, M_rows,
-                own_start, own_end, lse, g, inv_temp, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
-                gbuf, rbuf, D, D0, D1, D2,
-                OWNER_IS_ROW: tl.constexpr, NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr,
-                HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, FINALIZE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                GRAD_DOT: tl.constexpr):
-    """Gradient of the owner rows (query rows when OWNER_IS_ROW, else candidates) over all other tiles.
-
-    Programs cover owners [own_start, own_end) (a chunk: the fp32 buffers are chunk-sized, so the extra
-    memory stays bounded whatever B). gbuf [C, D] fp32 accumulates sum_l a_l sum_j P^l b_l y_j;
-    rbuf [L, C] accumulates R^l = sum_j P^l s^l; with FINALIZE the normalization term
-    -a_l^2 R^l x[:d_l] is applied (C = own_end - own_start).
-    lse [L, M_rows] and g [L, M_rows] (the upstream gradient times the level weight) are per query row.
-    """
-    offs_o = own_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_ok = offs_o < own_end
-    loc = offs_o - own_start
-    C = own_end - own_start
-    it = tl.load(inv_temp).to(tl.float32)
-    a0, a1, a2 = _load_levels(inv_own, M_own, offs_o, o_ok, NUM_LEVELS)
-    r0, r1, r2 = _load_levels(rbuf, C, loc, o_ok, NUM_LEVELS)
-    if OWNER_IS_ROW:
-        lse0, lse1, lse2 = _load_levels(lse, M_rows, offs_o, o_ok, NUM_LEVELS)
-        g0, g1, g2 = _load_levels(g, M_rows, offs_o, o_ok, NUM_LEVELS)
-    for n0 in range(0, N_oth, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_oth
-        if OWNER_IS_ROW:
-            valid, is_pos = _pair_mask(offs_o, o_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT)
+            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-        else:
-            valid, is_pos = _pair_mask(offs_n, n_ok, offs_o, o_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, False)
-            lse0 = tl.load(lse + offs_n, mask=n_ok, other=0.0)
-            g0 = tl.load(g + offs_n, mask=n_ok, other=0.0)
-            lse1 = lse0
-            g1 = g0
-            lse2 = lse0
-            g2 = g0
-            if NUM_LEVELS > 1:
-                lse1 = tl.load(lse + M_rows + offs_n, mask=n_ok, other=0.0)
-                g1 = tl.load(g + M_rows + offs_n, mask=n_ok, other=0.0)
-            if NUM_LEVELS > 2:
-                lse2 = tl.load(lse + 2 * M_rows + offs_n, mask=n_ok, other=0.0)
-                g2 = tl.load(g + 2 * M_rows + offs_n, mask=n_ok, other=0.0)
-        dot0, dot1, dot2 = _level_dots(x_own, stride_own, offs_o, o_ok, y_oth, stride_oth, offs_n, n_ok,
-                                       D0, D1, D2, NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
-        b0 = tl.load(inv_oth + offs_n, mask=n_ok, other=0.0)
-        c0, q0 = _coef(dot0, a0, b0, lse0, g0, it, valid, is_pos, OWNER_IS_ROW)
-        r0 += q0
-        e0 = c0
-        if NUM_LEVELS > 1:
-            b1 = tl.load(inv_oth + N_oth + offs_n, mask=n_ok, other=0.0)
-            c1, q1 = _coef(dot1, a1, b1, lse1, g1, it, valid, is_pos, OWNER_IS_ROW)
-            r1 += q1
-            e1 = c1
-            e0 += c1
+            z1 = acc * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :] * it
+            if HAS_DIAG:
+                p1 += tl.sum(tl.where(is_pos, z1, 0.0), axis=1)
+            m1, l1, t1 = _online_update(m1, l1, t1, z1, valid)
         if NUM_LEVELS > 2:
-            b2 = tl.load(inv_oth + 2 * N_oth + offs_n, mask=n_ok, other=0.0)
-            c2, q2 = _coef(dot2, a2, b2, lse2, g2, it, valid, is_pos, OWNER_IS_ROW)
-            r2 += q2
-            e2 = c2
-            e1 += c2
-            e0 += c2
-        # Segment [d_{k-1}, d_k) of D receives the coefficients of every level l >= k.
-        _grad_range(gbuf, loc, o_ok, e0, y_oth, stride_oth, offs_n, n_ok, 0, D0, D, BLOCK_D, GRAD_DOT)
-        if NUM_LEVELS > 1:
-            _grad_range(gbuf, loc, o_ok, e1, y_oth, stride_oth, offs_n, n_ok, D0, D1, D, BLOCK_D, GRAD_DOT)
-        if NUM_LEVELS > 2:
-            _grad_range(gbuf, loc, o_ok, e2, y_oth, stride_oth, offs_n, n_ok, D1, D2, D, BLOCK_D, GRAD_DOT)
-    if FINALIZE:
-        f0 = a0 * a0 * r0
-        if NUM_LEVELS > 1:
-            f1 = a1 * a1 * r1
-            f0 += f1
-        if NUM_LEVELS > 2:
-            f2 = a2 * a2 * r2
-            f1 += f2
-            f0 += f2
-        _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f0, 0, D0, D, BLOCK_D)
-        if NUM_LEVELS > 1:
-            _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f1, D0, D1, D, BLOCK_D)
-        if NUM_LEVELS > 2:
-            _finalize_range(gbuf, loc, x_own, stride_own, offs_o, o_ok, f2, D1, D2, D, BLOCK_D)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT)
+            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+            z2 = acc * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :] * it
+            if HAS_DIAG:
+                p2 += tl.sum(tl.where(is_pos, z2, 0.0), axis=1)
+            m2, l2, t2 = _online_update(m2, l2, t2, z2, valid)
+    base = pid_s * NUM_LEVELS * M
+    _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
+    _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
+    _store_levels(part_t + base, M, offs_m, m_ok, t0, t1, t2, NUM_LEVELS)
+    if HAS_DIAG:
+        _store_levels(part_pos + base, M, offs_m, m_ok, p0, p1, p2, NUM_LEVELS)
+
+
+@triton.jit
+def _coef(s, a, b, lse, g, zpos, it, valid, is_pos, HAS_DIAG: tl.constexpr):
+    """(C = P a b, P s) of one level's [rows, cands] tile, P = g (p - [pos]) / tau.
+
+    The positive's probability is exp(zpos), zpos = pos - lse computed once on the host from the
+    forward's own logit of the positive (the negation of the loss term): where the loss is exactly 0
+    (every candidate but the positive masked) p_pos is exactly 1 and the row's coefficients exactly 0,
+    at any temperature, whatever rounding the recomputed score carries."""
+    p = tl.exp(tl.where(valid, s * it - lse[:, None], _NEG_INIT))  # exactly 0 when masked
+    if HAS_DIAG:
+        p = tl.where(is_pos, tl.exp(zpos)[:, None], p)
+    P = g[:, None] * (p - is_pos.to(tl.float32)) * it
+    return P * a[:, None] * b[None, :], P * s
+
+
+@triton.jit
+def _store_tile(ptr, stride_r, offs_r, r_ok, offs_c, c_ok, v):
+    tl.store(ptr + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :], v.to(ptr.dtype.element_ty),
+             mask=r_ok[:, None] & c_ok[None, :])
+
+
+# Coefficient tiles: up to three fp32 [BLOCK_M, BLOCK_N] level tiles are live (E_k = sum_{l >= k} C^l needs
+# every level before E_0 is stored), so more than one level takes smaller tiles. Static sm_90a report:
+# 1 level 128 x 128 / 8 warps at 246 registers, no spills; 3 levels spill-free only at 64 x 64 / 8 (194).
+_COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
+                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4),
+                                    (64, 64, 8, 3), (64, 64, 8, 4))]
+
+
+def _prune_coef(configs, named_args, **kwargs):
+    levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
+    dot = named_args.get("DOT", kwargs.get("DOT"))
+    kept = configs
+    if dot == 0:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    if levels is not None and levels > 1:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_warps == 8]
     else:
-        _store_levels(rbuf, C, loc, o_ok, r0, r1, r2, NUM_LEVELS)
+        kept = [c for c in kept if c.num_warps != 8 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64]
+    return kept or configs[-1:]
+
+
+# rpart / cpart are sized for the smallest tile and a larger tile fills a prefix: zeroed before every
+# tuning run and the final one, so no config's leftovers are summed.
+@_gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B"],
+               prune=_prune_coef, reset_to_zero=["rpart", "cpart"])
+@triton.jit
+def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c0, Cc, lse, g, zpos, inv_temp,
+                         ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, e_buf, rpart, cpart, D0, D1, D2,
+                         NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
+                         HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """The backward's coefficient block of rows [r0, r0 + Cr) x candidates [c0, c0 + Cc).
+
+    Recomputes the score tiles (all levels in one pass over D, as the forward), and writes
+      e_buf [L, Cr, Cc]: E_k = sum_{l >= k} P^l a^l b^l, the coefficient of segment [d_{k-1}, d_k) of D in
+        both gradient GEMMs (dX = E_k Y, dY = E_k^T X), in e_buf's dtype;
+      rpart [cdiv(Cc, BLOCK_N), L, Cr], cpart [cdiv(Cr, BLOCK_M), L, Cc]: per-tile partial sums of P^l s^l
+        over the tile's candidates / rows (the normalization's backward), summed on the host in a fixed
+        order (deterministic, no atomics).
+    lse, g (upstream gradient times level weight), zpos: [L, M] per query row.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    loc_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    loc_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = loc_m < Cr
+    n_ok = loc_n < Cc
+    offs_m = r0 + loc_m
+    offs_n = c0 + loc_n
+    it = tl.load(inv_temp).to(tl.float32)
+    dot0, dot1, dot2 = _level_dots(x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, D2,
+                                   NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
+    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+    a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
+    lse0, lse1, lse2 = _load_levels(lse, M, offs_m, m_ok, NUM_LEVELS)
+    g0, g1, g2 = _load_levels(g, M, offs_m, m_ok, NUM_LEVELS)
+    z0, z1, z2 = _load_levels(zpos, M, offs_m, m_ok, NUM_LEVELS)
+    b0, b1, b2 = _load_levels(inv_y, N, offs_n, n_ok, NUM_LEVELS)
+    rp = rpart + pid_n * NUM_LEVELS * Cr
+    cp = cpart + pid_m * NUM_LEVELS * Cc
+    s0 = dot0 * a0[:, None] * b0[None, :]
+    e0, q0 = _coef(s0, a0, b0, lse0, g0, z0, it, valid, is_pos, HAS_DIAG)
+    tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
+    tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
+    if NUM_LEVELS > 1:
+        s1 = dot1 * a1[:, None] * b1[None, :]
+        e1, q1 = _coef(s1, a1, b1, lse1, g1, z1, it, valid, is_pos, HAS_DIAG)
+        tl.store(rp + Cr + loc_m, tl.sum(q1, axis=1), mask=m_ok)
+        tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
+        if NUM_LEVELS > 2:
+            s2 = dot2 * a2[:, None] * b2[None, :]
+            e2, q2 = _coef(s2, a2, b2, lse2, g2, z2, it, valid, is_pos, HAS_DIAG)
+            tl.store(rp + 2 * Cr + loc_m, tl.sum(q2, axis=1), mask=m_ok)
+            tl.store(cp + 2 * Cc + loc_n, tl.sum(q2, axis=0), mask=n_ok)
+            _store_tile(e_buf + 2 * Cr * Cc, Cc, loc_m, m_ok, loc_n, n_ok, e2)
+            e1 += e2
+        _store_tile(e_buf + Cr * Cc, Cc, loc_m, m_ok, loc_n, n_ok, e1)
+        e0 += e1
+    _store_tile(e_buf, Cc, loc_m, m_ok, loc_n, n_ok, e0)
+
+
+@triton.jit
+def _nce_acc_kernel(hi, lo, part, scale, src, n_rows, n_cols, stride_hi, stride_part, stride_src,
+                    HAS_LO: tl.constexpr, SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """hi (+ lo) += v for a [n_rows, n_cols] block, v = part (a GEMM's output), or with SCALED
+    v = -scale[r] * src[r, c] (the normalization term). The sum is formed in fp32; with HAS_LO the
+    low-precision pair (hi, lo) carries it as hi = round(sum), lo = round(sum - hi) (about 16 significant
+    bits for bf16): the gradient of the streamed candidates accumulates across row chunks without an fp32
+    copy of the whole gradient."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    msk = (offs_r < n_rows)[:, None] & (offs_c < n_cols)[None, :]
+    r64 = offs_r[:, None].to(tl.int64)
+    if SCALED:
+        f = tl.load(scale + offs_r, mask=offs_r < n_rows, other=0.0)
+        v = -f[:, None] * tl.load(src + r64 * stride_src + offs_c[None, :], mask=msk, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(part + r64 * stride_part + offs_c[None, :], mask=msk, other=0.0).to(tl.float32)
+    hp = hi + r64 * stride_hi + offs_c[None, :]
+    acc = tl.load(hp, mask=msk, other=0.0).to(tl.float32)
+    if HAS_LO:
+        lp = lo + r64 * stride_hi + offs_c[None, :]
+        acc = (acc + tl.load(lp, mask=msk, other=0.0).to(tl.float32)) + v
+        h = acc.to(hi.dtype.element_ty)
+        tl.store(hp, h, mask=msk)
+        tl.store(lp, (acc - h.to(tl.float32)).to(lo.dtype.element_ty), mask=msk)
+    else:
+        tl.store(hp, (acc + v).to(hi.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -484,16 +506,34 @@ def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, 
 
 # ---- host launchers ---------------------------------------------------------------------------
 
+def _interp_blocks(D: int) -> dict:
+    """The one fixed config under the interpreter (the GPU configs are autotuned)."""
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(64, max(16, next_pow2(D))))
+
+
+def _launch(kernel, grid, *args, **kw):
+    """Autotuned on a GPU (grid is a function of the chosen config); fixed blocks under the interpreter."""
+    if INTERPRET:
+        blocks = _interp_blocks(kw.pop("_D"))
+        kernel[grid(blocks)](*args, **kw, **blocks)
+    else:
+        kw.pop("_D")
+        kernel[grid](*args, **kw)
+
+
+# The small kernels (norms, own negatives) keep one fixed config: they are O(B D), not O(B^2 D).
 def _blocks(D: int) -> tuple[int, int, int]:
     if INTERPRET:
         return 16, 16, min(64, max(16, next_pow2(D)))
     return 64, 64, 64
 
 
-# Tiles of 64 x 64 with up to 3 live fp32 dot tiles per level group: with 4 warps ptxas (sm_90) spills
-# registers in both the forward and the backward kernels; 8 warps compile without (forward) or with a few
-# bytes of (backward) spills. Not yet tuned on a GPU.
+# Warps of the sm_90 compile test's fixed-config builds (the 64 x 64 tiles spill at 4).
 _NUM_WARPS = 8
+_SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static report)
+
+# Forward split of the candidate axis: None = as many splits as fill about two waves of the GPU.
+FWD_SPLIT: int | None = None
 
 
 def _groups(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -503,6 +543,11 @@ def _groups(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
 def _pad3(dims: tuple[int, ...]) -> tuple[int, int, int]:
     d = list(dims) + [dims[-1]] * (MAX_LEVELS - len(dims))
     return d[0], d[1], d[2]
+
+
+def _spans(grp: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Segments of D within a level group: level k of the group adds [grp[k-1], grp[k]) (the first from 0)."""
+    return [(0 if k == 0 else grp[k - 1], grp[k]) for k in range(len(grp))]
 
 
 def prefix_inv_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -522,6 +567,44 @@ def prefix_inv_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
+def _sm_count(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SM_COUNT_DEFAULT
+
+
+def _fwd_split(M: int, N: int, dev: torch.device) -> tuple[int, int]:
+    """(splits, candidates per split): split the candidate axis only when the row tiles (128 rows, the
+    largest forward tile) cannot fill two waves of SMs, and never below 1024 candidates a split."""
+    if FWD_SPLIT is not None:
+        split = max(1, min(FWD_SPLIT, N))
+    else:
+        split = max(1, min(triton.cdiv(2 * _sm_count(dev), triton.cdiv(M, 128)), triton.cdiv(N, 1024)))
+    per = triton.cdiv(N, split)
+    if split > 1 and FWD_SPLIT is None:
+        per = triton.cdiv(per, 256) * 256  # whole tiles of every config
+    return triton.cdiv(N, per), per
+
+
+def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp, has_diag, dot):
+    """Partial online-softmax states [SPLIT, L, M] (m, l, t, pos) of rows against all of cands."""
+    M, D = rows.shape
+    N = cands.shape[0]
+    L = len(grp)
+    split, per = _fwd_split(M, N, rows.device)
+    f32 = dict(dtype=torch.float32, device=rows.device)
+    pm, pl, pt = (torch.empty(split, L, M, **f32) for _ in range(3))
+    pp = torch.zeros(split, L, M, **f32) if has_diag else pm
+    has_a, has_b = ids is not None and ids[0] is not None, ids is not None and ids[1] is not None
+    dummy = inv_rows
+    idp = [t if t is not None else dummy for t in ids] if ids is not None else [dummy] * 4
+    _launch(_nce_fwd_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), split),
+            rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
+            *idp, diag_offset, pm, pl, pt, pp, *_pad3(grp),
+            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, DOT=dot, _D=D)
+    return pm, pl, pt, (pp if has_diag else None)
+
+
 def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset: int,
             inv_temp: torch.Tensor, dims: tuple[int, ...]):
     """One direction of the loss, forward.
@@ -529,137 +612,232 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
     rows [M, D]; cands [N, D] (positive of row i: cands[i + diag_offset]); shared_neg [S, D] or None
     (extra unmasked candidates of every row); row_neg [M, K, D] or None (own negatives of each row);
     ids_* int64 or None (rows' and candidates' query ids (a) and target ids (b));
-    inv_temp fp32 [1]. Returns fp32 [L, M] tensors: lse, pos (cosine of the positive), es
-    (p-weighted mean cosine), plus the fp32 norms [L, *] and the per-row negative cosines [L, M, K].
+    inv_temp fp32 [1]. Returns fp32 [L, M] tensors in logit units (cosine / tau): lse, pos (the positive's
+    logit, the very value the max of its tile saw: loss = lse - pos is exactly 0 for a row whose only
+    candidate is its positive), es (p-weighted mean logit), plus the fp32 norms [L, *] and the per-row
+    negative cosines [L, M, K].
     """
     M, D = rows.shape
-    N = cands.shape[0]
     dev = rows.device
     L = len(dims)
-    bm, bn, bd = _blocks(D)
+    bm, _, bd = _blocks(D)
     dot = dot_code(rows.dtype)
     inv_rows = prefix_inv_norms(rows, dims)
     inv_cands = prefix_inv_norms(cands, dims)
     inv_shared = prefix_inv_norms(shared_neg, dims) if shared_neg is not None else None
     K = row_neg.shape[1] if row_neg is not None else 0
     inv_rowneg = prefix_inv_norms(row_neg.reshape(M * K, D), dims) if K else None
-    row_cos = torch.empty(L, M, K, dtype=torch.float32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    st_m, st_l, st_t = torch.empty(L, M, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32)
-    pos = torch.zeros(L, M, **f32)
-    grid = (triton.cdiv(M, bm),)
-    has_a, has_b = ids_a_r is not None, ids_b_r is not None
-    dummy = inv_rows
+    row_cos = torch.empty(L, M, K, **f32)
+    lse, pos, es = torch.empty(L, M, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32)
+    ids = (ids_a_r, ids_b_r, ids_a_c, ids_b_c)
     for gi, grp in enumerate(_groups(dims)):
         sl = slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp))
-        d3 = _pad3(grp)
         if K:
             cos_g = torch.empty(len(grp), M, K, **f32)
-            _row_negative_cos_kernel[grid](rows, rows.stride(0), row_neg, inv_rows[sl].contiguous(),
-                                           inv_rowneg[sl].contiguous(), cos_g, M, K, *d3,
-                                           NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+            _row_negative_cos_kernel[(triton.cdiv(M, bm),)](rows, rows.stride(0), row_neg, inv_rows[sl].contiguous(),
+                                                            inv_rowneg[sl].contiguous(), cos_g, M, K, *_pad3(grp),
+                                                            NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
             row_cos[sl] = cos_g
-        sm, sl_, stt, ps = (torch.empty(len(grp), M, **f32) for _ in range(4))
-        _fwd_kernel[grid](rows, cands, rows.stride(0), cands.stride(0), inv_rows[sl].contiguous(),
-                          inv_cands[sl].contiguous(), M, N, inv_temp,
-                          ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
-                          ids_a_c if has_a else dummy, ids_b_c if has_b else dummy, diag_offset,
-                          row_cos[sl].contiguous() if K else dummy, K, sm, sl_, stt, ps, *d3,
-                          NUM_LEVELS=len(grp), HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=True,
-                          HAS_ROW_NEG=K > 0, INIT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot,
-                          num_warps=_NUM_WARPS)
+        pm, pl, pt, pp = _fwd_parts(rows, cands, inv_rows[sl].contiguous(), inv_cands[sl].contiguous(), inv_temp,
+                                    ids, diag_offset, grp, True, dot)
+        parts_m, parts_l, parts_t = [pm], [pl], [pt]
         if shared_neg is not None and shared_neg.shape[0] > 0:
-            _fwd_kernel[grid](rows, shared_neg, rows.stride(0), shared_neg.stride(0), inv_rows[sl].contiguous(),
-                              inv_shared[sl].contiguous(), M, shared_neg.shape[0], inv_temp,
-                              dummy, dummy, dummy, dummy, 0, dummy, 0, sm, sl_, stt, ps, *d3,
-                              NUM_LEVELS=len(grp), HAS_IDS_A=False, HAS_IDS_B=False, HAS_DIAG=False,
-                              HAS_ROW_NEG=False, INIT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT=dot,
-                              num_warps=_NUM_WARPS)
-        st_m[sl], st_l[sl], st_t[sl], pos[sl] = sm, sl_, stt, ps
-    lse = st_m + torch.log(st_l)
-    es = st_t / st_l
+            sm, sl_, st, _ = _fwd_parts(rows, shared_neg, inv_rows[sl].contiguous(), inv_shared[sl].contiguous(),
+                                        inv_temp, None, 0, grp, False, dot)
+            parts_m.append(sm), parts_l.append(sl_), parts_t.append(st)
+        if K:  # the K own negatives of each row (never masked) are one more part
+            z = cos_g * inv_temp
+            zm = z.max(dim=2).values
+            e = torch.exp(z - zm[..., None])
+            parts_m.append(zm[None]), parts_l.append(e.sum(2)[None]), parts_t.append((e * z).sum(2)[None])
+        # Merge the parts in a fixed order: deterministic.
+        m_all = torch.cat(parts_m)
+        mx = m_all.max(dim=0).values
+        w = torch.exp(m_all - mx)
+        tot_l = (torch.cat(parts_l) * w).sum(0)
+        lse[sl] = mx + torch.log(tot_l)
+        es[sl] = (torch.cat(parts_t) * w).sum(0) / tot_l
+        pos[sl] = pp.sum(0)
     return lse, pos, es, inv_rows, inv_cands, inv_shared, inv_rowneg, row_cos
 
 
-# fp32 gradient accumulators are allocated per chunk of owner rows: the extra memory of the backward
-# stays about this size whatever B (the inputs' gradients themselves are in the inputs' dtype).
-GRAD_CHUNK_BYTES = 160 << 20
+# Backward chunk sizes (rows x candidates; CAND_CHUNK / 2 with more than one level). What the backward holds
+# beyond the inputs and gradients (bf16, B = 65,536, D = 3,072): the coefficient block E [L, 4096, 4096 / 2048]
+# (32 MiB at 1 level, 48 MiB at 3), the row chunk's bf16 residual (24 MiB), one GEMM output (<= 12 MiB, see
+# GEMM_COLS) and the candidates' bf16 residual [B, D] (384 MiB): about 450-470 MiB. Every element of a gradient is
+# accumulated B / CHUNK times (10 bytes each), so larger chunks move less memory. Launcher arguments override.
+ROW_CHUNK = 4096
+CAND_CHUNK = 4096
+GEMM_COLS = 1536  # gradient GEMM outputs at most [chunk, 1536] (12 MB in bf16), still a full-rate shape
 
 
-def _chunks(n: int, row_bytes: int, block: int):
-    rows = max(block, (GRAD_CHUNK_BYTES // max(1, row_bytes)) // block * block)
-    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+def _ranges(n: int, step: int):
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+class _Accumulator:
+    """A gradient summed over many blocks at fp32-like precision: a row chunk's over the candidate
+    chunks, a streamed input's (candidates, shared negatives) over the row chunks. fp32 inputs: in the
+    gradient itself. bf16: the gradient (hi) plus a bf16 residual (lo), hi + lo carried to ~16
+    significant bits for 2 extra bytes per element (half an fp32 copy). fp16 (whose residuals would
+    underflow): an fp32 copy, converted at the end. Every add is one fused kernel (read the addend and
+    hi / lo, write hi / lo: no fp32 temporaries)."""
+
+    def __init__(self, like: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        self.out = out.zero_() if out is not None else torch.zeros_like(like)
+        t = self.out
+        self.lo = torch.zeros(t.shape, dtype=t.dtype, device=t.device) if t.dtype == torch.bfloat16 else None
+        self.hi = torch.zeros(t.shape, dtype=torch.float32, device=t.device) \
+            if t.dtype == torch.float16 else self.out
+
+    def _run(self, r0, r1, lo, hi, part=None, scale=None, src=None):
+        n_rows, n_cols = r1 - r0, hi - lo
+        if n_rows == 0 or n_cols == 0:
+            return
+        h = self.hi[r0:r1, lo:hi]
+        lo_t = self.lo[r0:r1, lo:hi] if self.lo is not None else h
+        br, bc = (16, 16) if INTERPRET else (32, 128)
+        scaled = part is None
+        _nce_acc_kernel[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))](
+            h, lo_t, src if scaled else part, scale if scaled else h, src if scaled else part, n_rows, n_cols,
+            h.stride(0), part.stride(0) if not scaled else 0, src.stride(0) if scaled else 0,
+            HAS_LO=self.lo is not None, SCALED=scaled, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+
+    def add(self, r0, r1, lo, hi, part):
+        """rows [r0, r1), columns [lo, hi) += part."""
+        self._run(r0, r1, lo, hi, part=part)
+
+    def add_scaled(self, r0, r1, lo, hi, scale, src):
+        """rows [r0, r1), columns [lo, hi) -= scale[:, None] * src."""
+        self._run(r0, r1, lo, hi, scale=scale, src=src)
+
+    def result(self) -> torch.Tensor:
+        if self.hi is not self.out:
+            self.out.copy_(self.hi)
+        return self.out
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (cuBLAS on a GPU; fp32 accumulation inside for every dtype)."""
+    return torch.mm(a, b)
 
 
 def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-            diag_offset: int, inv_temp: torch.Tensor, dims: tuple[int, ...], lse, inv_rows, inv_cands,
-            inv_shared, inv_rowneg, row_cos):
+            diag_offset: int, inv_temp: torch.Tensor, dims: tuple[int, ...], lse, pos, inv_rows, inv_cands,
+            inv_shared, inv_rowneg, row_cos, *, row_chunk: int | None = None, cand_chunk: int | None = None):
     """Gradients of sum_{l,i} g[l, i] * loss^l_i w.r.t. rows, cands, shared_neg and row_neg
-    (g fp32 [L, M]: upstream gradient times level weight). Returns tensors in the inputs' dtypes
-    (None for absent inputs). Deterministic: every gradient row is written by one program."""
+    (g fp32 [L, M]: upstream gradient times level weight; lse, pos [L, M] logits from the forward). Returns
+    tensors in the inputs' dtypes (None for absent inputs).
+
+    GEMM-shaped: per block of row_chunk rows x cand_chunk candidates, one Triton kernel recomputes the
+    scores once and writes the coefficient block E_k per segment of D; then dX[rows] += E_k Y[cands] and
+    dY[cands] += E_k^T X[rows] are matmuls (cuBLAS on a GPU), and the normalization terms row scalings.
+    8 B N D FLOPs with the forward. Deterministic: fixed order of every sum, no atomics. Extra memory:
+    one coefficient block, the row chunk's and (bf16 / fp16 inputs) the candidates' accumulator residuals
+    (see _Accumulator and ROW_CHUNK)."""
     M, D = rows.shape
     N = cands.shape[0]
     dev = rows.device
-    bm, bn, bd = _blocks(D)
+    row_chunk = int(row_chunk or ROW_CHUNK)
+    # E holds one block per level of a group: narrower candidate chunks for more levels, the same memory.
+    cand_chunk = int(cand_chunk or (CAND_CHUNK if len(dims) == 1 else max(1, CAND_CHUNK // 2)))
+    if row_chunk < 1 or cand_chunk < 1:
+        raise ValueError(f"row_chunk and cand_chunk must be >= 1, got {row_chunk}, {cand_chunk}")
+    bm, _, bd = _blocks(D)
     dot = dot_code(rows.dtype)
-    # The gradient MMA multiplies fp32 coefficients P a b, which are tiny at large B (P ~ p / (B tau)):
-    # fp16 operands would flush them to zero, so fp16 inputs run that MMA in tf32 (8-bit exponent; the
-    # fp16 operand is exact in tf32). bf16 has the exponent range already.
-    grad_dot = _DOT_TF32 if dot == DOT_FP16 else dot
+    # fp16 coefficients P a b are tiny at large B (P ~ p / (B tau)) and would flush in fp16's exponent
+    # range: fp16 inputs get fp32 coefficient blocks and fp32 GEMMs. bf16 has the range.
+    e_dtype = torch.float32 if rows.dtype == torch.float16 else rows.dtype
     f32 = dict(dtype=torch.float32, device=dev)
     K = row_neg.shape[1] if row_neg is not None else 0
     S = shared_neg.shape[0] if shared_neg is not None else 0
+    # The negation of the loss term, as the loss computes it: exactly 0 where the loss is.
+    zpos = -(lse - pos)
     d_rows = torch.empty_like(rows)
-    d_cands = torch.empty_like(cands)
-    d_shared = torch.empty_like(shared_neg) if shared_neg is not None else None
     d_rowneg = torch.empty_like(row_neg) if row_neg is not None else None
     has_a, has_b = ids_a_r is not None, ids_b_r is not None
-    ids = (ids_a_r if has_a else inv_rows, ids_b_r if has_b else inv_rows,
-           ids_a_c if has_a else inv_rows, ids_b_c if has_b else inv_rows)
-    no_ids = (inv_rows,) * 4
+    dummy = inv_rows
+    ids = (ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
+           ids_a_c if has_a else dummy, ids_b_c if has_b else dummy)
     groups = [(slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp)), grp) for gi, grp in enumerate(_groups(dims))]
-    per_group = [(sl, grp, lse[sl].contiguous(), g[sl].contiguous(), inv_rows[sl].contiguous(),
-                  inv_cands[sl].contiguous(), inv_shared[sl].contiguous() if S else None) for sl, grp in groups]
+    per_group = {gi: (lse[sl].contiguous(), g[sl].contiguous(), zpos[sl].contiguous(), inv_rows[sl].contiguous(),
+                      inv_cands[sl].contiguous(), inv_shared[sl].contiguous() if S else None)
+                 for gi, (sl, grp) in enumerate(groups)}
+    # The streamed sides: (input, its inverse norms per group, has ids / diagonal, accumulator, R sums).
+    sides = [(cands, 4, True, _Accumulator(cands), torch.zeros(len(dims), N, **f32))]
+    if S:
+        sides.append((shared_neg, 5, False, _Accumulator(shared_neg), torch.zeros(len(dims), S, **f32)))
+    low = e_dtype != rows.dtype  # fp16: fp32 GEMM operands, converted per chunk
 
-    def launch(own, oth, inv_own, inv_oth, n_oth, start, end, lse_g, g_g, idp, has_ids, diag, gbuf, rbuf,
-               grp, owner_is_row, finalize):
-        _bwd_kernel[(triton.cdiv(end - start, bm),)](
-            own, oth, own.stride(0), oth.stride(0), inv_own, inv_oth, own.shape[0], n_oth, M, start, end,
-            lse_g, g_g, inv_temp, *idp, diag_offset, gbuf, rbuf, D, *_pad3(grp),
-            OWNER_IS_ROW=owner_is_row, NUM_LEVELS=len(grp), HAS_IDS_A=has_ids and has_a,
-            HAS_IDS_B=has_ids and has_b, HAS_DIAG=diag, FINALIZE=finalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-            DOT=dot, GRAD_DOT=grad_dot, num_warps=_NUM_WARPS)
-
-    # Query rows (with their own negatives): against target tiles, then shared-negative tiles.
-    for r0, r1 in _chunks(M, D * 4 * (1 + K), bm):
-        gbuf = torch.zeros(r1 - r0, D, **f32)
-        dneg = torch.zeros(r1 - r0, K, D, **f32) if K else None
-        for sl, grp, lse_g, g_g, ir, ic, isn in per_group:
-            rbuf = torch.zeros(len(grp), r1 - r0, **f32)
-            if K:
-                _row_negative_bwd_kernel[(triton.cdiv(r1 - r0, bm),)](
-                    rows, row_neg, rows.stride(0), ir, inv_rowneg[sl].contiguous(), row_cos[sl].contiguous(),
-                    lse_g, g_g, inv_temp, gbuf, rbuf, dneg, r0, r1, M, K, D, *_pad3(grp),
-                    NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
-            launch(rows, cands, ir, ic, N, r0, r1, lse_g, g_g, ids, True, True, gbuf, rbuf, grp, True, S == 0)
-            if S:
-                launch(rows, shared_neg, ir, isn, S, r0, r1, lse_g, g_g, no_ids, False, False, gbuf, rbuf, grp,
-                       True, True)
-        d_rows[r0:r1] = gbuf
+    for r0, r1 in _ranges(M, row_chunk):
+        Cr = r1 - r0
+        racc = _Accumulator(out=d_rows[r0:r1])
+        rsum = torch.zeros(len(dims), Cr, **f32)
+        xr = rows[r0:r1].float() if low else rows[r0:r1]
         if K:
+            gbuf = torch.zeros(Cr, D, **f32)
+            dneg = torch.zeros(Cr, K, D, **f32)
+            for gi, (sl, grp) in enumerate(groups):
+                rbuf = torch.zeros(len(grp), Cr, **f32)
+                _row_negative_bwd_kernel[(triton.cdiv(Cr, bm),)](
+                    rows, row_neg, rows.stride(0), per_group[gi][3], inv_rowneg[sl].contiguous(),
+                    row_cos[sl].contiguous(), per_group[gi][0], per_group[gi][1], inv_temp, gbuf, rbuf, dneg,
+                    r0, r1, M, K, D, *_pad3(grp), NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+                rsum[sl] += rbuf
             d_rowneg[r0:r1] = dneg
-    # Targets against query-row tiles.
-    for c0, c1 in _chunks(N, D * 4, bm):
-        gbuf = torch.zeros(c1 - c0, D, **f32)
-        for sl, grp, lse_g, g_g, ir, ic, isn in per_group:
-            launch(cands, rows, ic, ir, M, c0, c1, lse_g, g_g, ids, True, True, gbuf,
-                   torch.zeros(len(grp), c1 - c0, **f32), grp, False, True)
-        d_cands[c0:c1] = gbuf
-    # Shared negatives against query-row tiles (never masked, never positive).
-    for c0, c1 in _chunks(S, D * 4, bm):
-        gbuf = torch.zeros(c1 - c0, D, **f32)
-        for sl, grp, lse_g, g_g, ir, ic, isn in per_group:
-            launch(shared_neg, rows, isn, ir, M, c0, c1, lse_g, g_g, no_ids, False, False, gbuf,
-                   torch.zeros(len(grp), c1 - c0, **f32), grp, False, True)
-        d_shared[c0:c1] = gbuf
+            racc.add(0, Cr, 0, D, gbuf)
+            del dneg, gbuf
+        for y, inv_idx, masked, acc, rc in sides:
+            n = y.shape[0]
+            for c0, c1 in _ranges(n, cand_chunk):
+                Cc = c1 - c0
+                yc = y[c0:c1].float() if low else y[c0:c1]
+                for gi, (sl, grp) in enumerate(groups):
+                    lse_g, g_g, z_g, ir, _, _ = per_group[gi]
+                    iy = per_group[gi][inv_idx]
+                    L = len(grp)
+                    bm_c, bn_c = (16, 16) if INTERPRET else (64, 64)  # the smallest config: buffer sizes
+                    e = torch.empty(L, Cr, Cc, dtype=e_dtype, device=dev)
+                    rpart = torch.empty(triton.cdiv(Cc, bn_c), L, Cr, **f32)
+                    cpart = torch.empty(triton.cdiv(Cr, bm_c), L, Cc, **f32)
+                    idp = ids if masked else (dummy,) * 4
+
+                    def grid(META, Cr=Cr, Cc=Cc):
+                        return (triton.cdiv(Cr, META["BLOCK_M"]), triton.cdiv(Cc, META["BLOCK_N"]))
+
+                    # rpart / cpart are sized for the smallest tile; a larger tile fills a prefix of them.
+                    rpart.zero_()
+                    cpart.zero_()
+                    _launch(_nce_bwd_coef_kernel, grid, rows, y, rows.stride(0), y.stride(0), ir, iy, M, n,
+                            r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0,
+                            e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
+                            HAS_IDS_B=masked and has_b, HAS_DIAG=masked, DOT=dot, _D=D)
+                    rsum[sl] += rpart.sum(0)
+                    rc[sl, c0:c1] += cpart.sum(0)
+                    for k, (lo, hi) in enumerate(_spans(grp)):
+                        for a, b in ((a, min(hi, a + GEMM_COLS)) for a in range(lo, hi, GEMM_COLS)):
+                            racc.add(0, Cr, a, b, _mm(e[k], yc[:, a:b]))
+                            acc.add(c0, c1, a, b, _mm(e[k].t(), xr[:, a:b]))
+                    del e
+        # The rows' normalization: - sum_{l >= k} a_l^2 R^l x on segment k.
+        a2r = inv_rows[:, r0:r1] * inv_rows[:, r0:r1] * rsum
+        for sl, grp in groups:
+            f = a2r[sl].flip(0).cumsum(0).flip(0)
+            for k, (lo, hi) in enumerate(_spans(grp)):
+                racc.add_scaled(0, Cr, lo, hi, f[k].contiguous(), rows[r0:r1, lo:hi])
+        racc.result()
+        del racc
+    outs = []
+    for y, inv_idx, masked, acc, rc in sides:
+        inv_y = inv_cands if inv_idx == 4 else inv_shared
+        b2r = inv_y * inv_y * rc
+        for sl, grp in groups:
+            f = b2r[sl].flip(0).cumsum(0).flip(0).contiguous()
+            for k, (lo, hi) in enumerate(_spans(grp)):
+                for c0, c1 in _ranges(y.shape[0], cand_chunk):
+                    acc.add_scaled(c0, c1, lo, hi, f[k, c0:c1], y[c0:c1, lo:hi])
+        outs.append(acc.result())
+    d_cands = outs[0]
+    d_shared = outs[1] if S else None
     return d_rows, d_cands, d_shared, d_rowneg

@@ -45,13 +45,13 @@ def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | Non
          weights: list[float], backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss [M] fp32, lse, pos, es [L, M], inverse norms of rows / cands / shared / row
+    """Returns (loss [M] fp32, lse, pos, es [L, M] in logit units, inverse norms of rows / cands / shared / row
     negatives, row-negative cosines [L, M, K]); absent inputs give empty tensors."""
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = _kernels(backend).nce_fwd(
         rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp, tuple(dims))
     # Python-float weights: no host-to-device copy (a stream sync on CUDA).
-    terms = lse - pos * inv_temp
+    terms = lse - pos  # the kernels' lse, pos and es are logits (cosine / tau)
     loss = sum(float(wt) * terms[lvl] for lvl, wt in enumerate(weights))
     return (loss, lse, pos, es, inv_r, inv_c, inv_s if inv_s is not None else _empty(rows),
             inv_n if inv_n is not None else _empty(rows), row_cos)
@@ -83,10 +83,10 @@ def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg
     g = torch.stack([grad.float() * float(wt) for wt in weights])                # [L, M], no host copy
     d_rows, d_cands, d_shared, d_neg = _kernels(backend).nce_bwd(
         g, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp,
-        tuple(dims), lse, inv_r, inv_c, inv_s if shared_neg is not None else None,
+        tuple(dims), lse, pos, inv_r, inv_c, inv_s if shared_neg is not None else None,
         inv_n if row_neg is not None else None, row_cos)
-    # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 at every level.
-    d_temp = -(g * (es - pos)).sum() * inv_temp[0] * inv_temp[0]
+    # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 = -(E_p[z] - z_pos) / tau at every level (z = s / tau).
+    d_temp = -(g * (es - pos)).sum() * inv_temp[0]
     return (d_rows, d_cands, d_shared if d_shared is not None else rows.new_empty(0),
             d_neg if d_neg is not None else rows.new_empty(0), d_temp.to(temperature.dtype).reshape(temperature.shape))
 
