@@ -510,14 +510,19 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Hopper tiles (sm_90a: 64K registers and 227 KiB of shared memory per CTA). Every M >= 64 tile runs
-# with a multiple of 4 warps (wgmma is issued per warpgroup of 4). _prune drops, per head dim, the
-# ones that do not fit (shared memory model below; register spills found by bench/static_report).
-_FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2),
-                _cfg(64, 32, 4, 2), _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
-# Backward: the dk / dv kernel's dots have M = BLOCK_N, the dq kernel's M = BLOCK_M.
-_BWD_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2),
-                _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
+# Hopper tiles (sm_90a: 64K registers and 227 KiB of shared memory per CTA), chosen from the static
+# sm_90a report: every config below compiles to wgmma where its dots have M >= 64 and, where it
+# is not listed in SM90_KNOWN_SPILLS, has no spill inside its main loop at head dims 64 / 128.
+# Tiles of 64+ rows run with a multiple of 4 warps (wgmma is issued per warpgroup of 4).
+_FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
+                _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
+# dk / dv: the dots have M = BLOCK_N (the resident key tile), so BLOCK_N >= 64 on long sequences;
+# square tiles of each length bucket for the fused-dq path of short sequences.
+_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(64, 64, 4, 2),
+                 _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
+# dq: M = BLOCK_M (the resident query tile).
+_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
+               _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 
 
 def length_bucket(max_seqlen: int) -> int:
@@ -546,19 +551,23 @@ def smem_estimate(kind: str, bm: int, bn: int, stages: int, head_dim: int, elem:
     backward kernels keep their resident tiles plus `stages` copies of the streamed ones and dS."""
     if kind == "fwd":
         return elem * (bm * head_dim + stages * 2 * bn * head_dim + bm * bn)
-    if kind == "dkdv":  # resident k, v; streamed q, dO (+ the fused dq's dS^T)
+    if kind in ("dkdv", "dkdv_dq"):  # resident k, v; streamed q, dO (+ the fused dq's dS^T)
         return elem * (2 * bn * head_dim + stages * 2 * bm * head_dim + 2 * bm * bn)
     return elem * (2 * bm * head_dim + stages * 2 * bn * head_dim + 2 * bm * bn)  # dq: resident q, dO
 
 
 # Configs that spill inside their main loop on sm_90a (bench/results/static-sm90a), by
-# (kernel kind, head dim tile) -> (BLOCK_M, BLOCK_N, num_warps): dropped on a GPU.
-SM90_KNOWN_SPILLS: dict[tuple[str, int], set[tuple[int, int, int]]] = {}
+# (kernel kind, head dim tile, rotary) -> {(BLOCK_M, BLOCK_N, num_warps)}: dropped on a GPU.
+SM90_KNOWN_SPILLS: dict[tuple[str, int, bool], set[tuple[int, int, int]]] = {
+    ("fwd", 128, True): {(128, 128, 8)},
+    ("dkdv", 128, True): {(32, 128, 8), (64, 64, 8), (64, 64, 4)},
+    ("dkdv", 128, False): {(64, 64, 4)},
+}
 
 
 def _kind_of(named_args, kwargs) -> str:
     if "FUSED_DQ" in kwargs or "FUSED_DQ" in named_args:
-        return "dkdv"
+        return "dkdv_dq" if kwargs.get("FUSED_DQ", named_args.get("FUSED_DQ")) else "dkdv"
     return "dq" if "sm_scale" in named_args else "fwd"
 
 
@@ -570,7 +579,8 @@ def _prune(configs, named_args, **kwargs):
     bucket = named_args["LEN_BUCKET"]
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")) or 64
     kind = _kind_of(named_args, kwargs)
-    spills = SM90_KNOWN_SPILLS.get((kind, head_dim), set())
+    rotary = bool(kwargs.get("ROTARY", named_args.get("ROTARY", False)))
+    spills = SM90_KNOWN_SPILLS.get((kind, head_dim, rotary), set())
 
     def fits(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -581,7 +591,13 @@ def _prune(configs, named_args, **kwargs):
         keep = [c for c in configs if c.kwargs["BLOCK_M"] == bucket and c.kwargs["BLOCK_N"] == bucket]
         assert keep, f"no backward config with {bucket} x {bucket} tiles for the fused dq path"
         return [c for c in keep if fits(c)] or keep[-1:]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket and fits(c)]
+    def useful(c):  # on long sequences, small tiles only add programs and re-reads
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        big = bucket < 256 or (min(bm, bn) >= 32 and max(bm, bn) >= 64)
+        return big and (head_dim < 256 or bm * bn <= 64 * 64)
+
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket and fits(c) and useful(c)]
     if not keep:
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
     return keep
@@ -595,9 +611,9 @@ else:  # keyed on head dim and length bucket (plus the flags that change the ker
     _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "ROT_W", "REST_W", "DOT_DTYPE"]
     _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _attn_fwd_kernel)
-    _dkdv_launch = triton.autotune(_BWD_CONFIGS, key=_KEY + ["FUSED_DQ"],
+    _dkdv_launch = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["FUSED_DQ"],
                                    prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _dq_launch = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _attn_bwd_dq_kernel)
 
 
@@ -620,7 +636,7 @@ _SCHED_HEADER = 257  # entry BLOCK (<= 256) of the header: where the pair list f
 
 def _sched_blocks() -> tuple[int, ...]:
     sizes = {16, 32, 64, 128}
-    for cfgs in (_FWD_CONFIGS, _BWD_CONFIGS):
+    for cfgs in (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS):
         sizes |= {c.kwargs[k] for c in cfgs for k in ("BLOCK_M", "BLOCK_N")}
     if INTERPRET:
         sizes |= {INTERPRET_CONFIG["BLOCK_M"], INTERPRET_CONFIG["BLOCK_N"]}
