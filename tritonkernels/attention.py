@@ -3,13 +3,28 @@
 Layout (flash-attn varlen): q [T, Hq, D], k / v [T, Hkv, D], sequences addressed by cu_seqlens
 [B+1]; out [T, Hq, D]; lse [Hq, T] fp32, natural log. Hq % Hkv == 0: query head h reads kv head
 h // (Hq / Hkv). Rotary (rotate-half, first R = 2 * HALF dims) is applied to q / k tiles as they
-are loaded, from cos / sin tables [T, HALF] fp32; the backward applies the inverse rotation to the
-accumulated dq / dk before storing them. No rotated copy of q or k is ever written to memory.
+are loaded, from half-width cos / sin tables [T, HALF] read in their own dtype; the backward applies
+the transposed rotation to the accumulated dq / dk once, before storing them. No rotated copy of q
+or k is ever written to memory.
 
-Forward: one program per (query tile of one sequence, query head); online softmax in fp32 with
-exp2 (the scale is folded with log2(e)); keys loop over the program's own sequence only (up to the
-tile's diagonal when causal), so nothing is computed past a sequence's end and no token ever sees
-another sequence.
+Rotary design (issue 14): q / k tiles are held as column pieces [0, HALF), [HALF, 2 HALF) and
+[2 HALF, D), each loaded contiguously; the rotation is elementwise work between the first two
+pieces and a score is the sum of three dots on one accumulator. So there is no second (partner)
+load, no gather of the tables over the full head dim, no permutation product for partial rotary:
+partial (R < D) and full rotary compile to the same instructions. Rotating q and k once in a
+separate pass was rejected: it reads q and k and writes them back (+100% of a forward's DRAM bytes;
++20-50% for k alone at GQA 4 / MHA), where the tables in the kernel add 1.6-5% (static model in
+bench/bench_attention.py).
+
+Grid: one program per (tile of one sequence, head), from an exact list of (sequence, tile) pairs
+built once per cu_seqlens tensor (tile_schedule; one host read per batch, not per layer), with
+the query head (kv head for dk / dv) fastest so a GQA group's programs are neighbours and share
+K / V through L2.
+
+Forward: online softmax in fp32 with exp2 (scale * log2(e) applied in one FMA); keys loop over the
+program's own sequence only (up to the tile's diagonal when causal): full key blocks without a
+score mask, then the masked tail / diagonal blocks; nothing is computed past a sequence's end and
+no token ever sees another sequence.
 
 Backward (deterministic by construction, no atomics):
   1. delta[h, t] = rowsum(dO * O) (minus dlse when the LSE itself receives a gradient);
@@ -17,11 +32,11 @@ Backward (deterministic by construction, no atomics):
      query blocks of its sequence and accumulates in registers;
   3. dq: one program per (query tile, query head) loops over the key blocks of its sequence.
 Both loops are written for the bidirectional and the causal case. When every sequence fits in one
-tile (max_seqlen <= FUSED_DQ_MAX_SEQLEN), step 3 is folded into step 2: the dk / dv program then
+key tile (max_seqlen <= FUSED_DQ_MAX_SEQLEN), step 3 is folded into step 2: the dk / dv program then
 holds all the scores of its sequence and writes each dq element exactly once.
 
 Head dims that are not powers of two (80, 96, ...) run in a tile padded to the next power of two
-(masked loads / stores); D is any multiple of 8 up to 256.
+(masked loads / stores); D is any size up to 256.
 
 Short sequences -- why tiles are sized from max_seqlen rather than packed block-diagonally:
 embedding batches are dominated by many short sequences (8192 x ~34 tokens). There attention is
@@ -518,8 +533,8 @@ _FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _
                 _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
 # dk / dv: the dots have M = BLOCK_N (the resident key tile), so BLOCK_N >= 64 on long sequences;
 # square tiles of each length bucket for the fused-dq path of short sequences.
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(64, 64, 4, 2),
-                 _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
+_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2),
+                 _cfg(16, 16, 2, 2)]
 # dq: M = BLOCK_M (the resident query tile).
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
@@ -536,7 +551,7 @@ FUSED_DQ_MAX_SEQLEN = 64
 
 def fuse_dq(max_seqlen: int) -> bool:
     """Whether the backward computes dq inside the dk / dv kernel: every sequence must fit in one
-    tile; on GPU the autotuner then only tries square tiles of exactly the length bucket."""
+    key tile; on GPU the autotuner then only tries key tiles of exactly the length bucket."""
     if INTERPRET:
         return max_seqlen <= min(INTERPRET_CONFIG["BLOCK_M"], INTERPRET_CONFIG["BLOCK_N"])
     return max_seqlen <= FUSED_DQ_MAX_SEQLEN
@@ -560,8 +575,7 @@ def smem_estimate(kind: str, bm: int, bn: int, stages: int, head_dim: int, elem:
 # (kernel kind, head dim tile, rotary) -> {(BLOCK_M, BLOCK_N, num_warps)}: dropped on a GPU.
 SM90_KNOWN_SPILLS: dict[tuple[str, int, bool], set[tuple[int, int, int]]] = {
     ("fwd", 128, True): {(128, 128, 8)},
-    ("dkdv", 128, True): {(32, 128, 8), (64, 64, 8), (64, 64, 4)},
-    ("dkdv", 128, False): {(64, 64, 4)},
+    ("dkdv", 128, True): {(32, 128, 8), (64, 64, 8)},
 }
 
 
@@ -588,12 +602,17 @@ def _prune(configs, named_args, **kwargs):
                 and (bm, bn, c.num_warps) not in spills)
 
     if kwargs.get("FUSED_DQ", named_args.get("FUSED_DQ")):
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] == bucket and c.kwargs["BLOCK_N"] == bucket]
-        assert keep, f"no backward config with {bucket} x {bucket} tiles for the fused dq path"
+        # One key tile per sequence (BLOCK_N = bucket) makes each dq block complete in one program;
+        # the query blocks may be shorter (fewer registers for the transient dS / dq tiles).
+        keep = [c for c in configs if c.kwargs["BLOCK_N"] == bucket and c.kwargs["BLOCK_M"] <= bucket
+                and (bucket < 64 or c.kwargs["BLOCK_M"] >= 32)]
+        assert keep, f"no backward config with {bucket}-row key tiles for the fused dq path"
         return [c for c in keep if fits(c)] or keep[-1:]
     def useful(c):  # on long sequences, small tiles only add programs and re-reads
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        big = bucket < 256 or (min(bm, bn) >= 32 and max(bm, bn) >= 64)
+        resident, streamed = (bn, bm) if kind.startswith("dkdv") else (bm, bn)
+        big = (bucket < 64 or max(bm, bn) >= 32) and \
+            (bucket < 256 or (resident >= (64 if kind.startswith("dkdv") else 128) and streamed >= 32))
         return big and (head_dim < 256 or bm * bn <= 64 * 64)
 
     keep = [c for c in configs
