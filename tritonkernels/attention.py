@@ -576,6 +576,9 @@ def smem_estimate(kind: str, bm: int, bn: int, stages: int, head_dim: int, elem:
 SM90_KNOWN_SPILLS: dict[tuple[str, int, bool], set[tuple[int, int, int]]] = {
     ("fwd", 128, True): {(128, 128, 8)},
     ("dkdv", 128, True): {(32, 128, 8), (64, 64, 8)},
+    ("dkdv", 128, False): {(64, 64, 8)},        # at GROUP 4 (GROUP 1 does not)
+    ("dkdv_dq", 128, False): {(64, 64, 8)},
+    ("dkdv_dq", 128, True): {(64, 64, 8)},
 }
 
 
@@ -858,62 +861,7 @@ __all__ = ["attention_fwd", "attention_bwd", "length_bucket", "tile_schedule"]
 
 
 # ---- sm_90a waivers (bench/static_report.py, tests/test_static_report.py) ---------------------------
-# The configs below fail the static sm_90a checks today (bench/results/static-sm90a/report.md): they
-# spill inside their main loop, exceed 227 KiB of shared memory, or compile to mma.sync at M >= 64.
-# Issue 14 (attention on Hopper: rotary redesign, new tiles, pruning) is to remove them; each entry
-# matches only failing configs of the report (generated from it, one or two keys where that suffices).
-_SMEM = ("issue 14 (open): needs more than 227 KiB of shared memory at this tile; the autotuner skips it on a GPU (out of resources), the launcher's prune is to drop it")
-_SPILL = ("issue 14 (open): spills inside its main loop at this tile (rotary tables and fp32 tiles held live); the rotary redesign / new tile configs are to remove it")
-_HMMA = ("issue 14 (open): compiles to mma.sync (HMMA) at M >= 64; the tile/layout fix is to come")
-SM90_WAIVERS = [
-    {"kernel": "_attn_fwd_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_N": 128, "ROTARY": True}},
-    {"kernel": "_attn_fwd_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": False, "GROUP": 1, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 3, "num_warps": 4}},
-    {"kernel": "_attn_fwd_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 128, "BLOCK_N": 64, "CAUSAL": False, "GROUP": 1, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 3, "num_warps": 4}},
-    {"kernel": "_attn_fwd_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": False, "GROUP": 4, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 3, "num_warps": 4}},
-    {"kernel": "_attn_fwd_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 128, "BLOCK_N": 64, "CAUSAL": False, "GROUP": 4, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 3, "num_warps": 4}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"HEAD_DIM": 128, "ROTARY": True}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 128, "num_stages": 3}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "HEAD_DIM": 128}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "ROTARY": True}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"HEAD_DIM": 128, "num_warps": 1}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"ROTARY": True, "num_warps": 1}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 32, "BLOCK_N": 32, "HEAD_DIM": 128}},
-    {"kernel": "_attn_fwd_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 32, "BLOCK_N": 32, "ROTARY": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 128, "CAUSAL": False, "FUSED_DQ": False, "GROUP": 1, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 2, "num_warps": 8}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": False, "FUSED_DQ": False, "GROUP": 1, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 2, "num_warps": 4}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 128, "CAUSAL": False, "FUSED_DQ": False, "GROUP": 4, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 2, "num_warps": 8}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": False, "FUSED_DQ": False, "GROUP": 4, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 2, "num_warps": 4}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"HALF_SWAP": False, "ROTARY": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"HALF_SWAP": True, "HEAD_DIM": 128}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "BLOCK_N": 64}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "HEAD_DIM": 128}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 32, "GROUP": 1, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"GROUP": 1, "num_warps": 1}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_N": 64, "HEAD_DIM": 128}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 16, "BLOCK_N": 32, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 32, "BLOCK_N": 16, "HEAD_DIM": 128}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_N": 128, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_N": 64, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"HALF_SWAP": True, "num_warps": 1}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"HEAD_DIM": 128, "num_warps": 1}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP": 1}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 32, "BLOCK_N": 16, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_N": 128, "GROUP": 1, "HEAD_DIM": 128}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 16, "BLOCK_N": 32, "CAUSAL": False, "FUSED_DQ": False, "GROUP": 1, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": False, "num_stages": 2, "num_warps": 2}},
-    {"kernel": "_attn_bwd_dkdv_kernel", "check": "wgmma", "reason": _HMMA, "match": {"BLOCK_M": 64, "BLOCK_N": 32}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_N": 128, "HEAD_DIM": 128, "ROTARY": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": False, "GROUP": 1, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 2, "num_warps": 4}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "smem", "reason": _SMEM, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": False, "GROUP": 4, "HALF_SWAP": False, "HAS_DLSE": False, "HEAD_DIM": 128, "ROTARY": True, "num_stages": 2, "num_warps": 4}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"HALF_SWAP": False, "ROTARY": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"HALF_SWAP": True, "HEAD_DIM": 128}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "BLOCK_N": 128}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_N": 128, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_N": 64, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"HALF_SWAP": True, "num_warps": 1}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"HEAD_DIM": 128, "num_warps": 1}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 16, "BLOCK_N": 32, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 32, "BLOCK_N": 16, "HALF_SWAP": True}},
-    {"kernel": "_attn_bwd_dq_kernel", "check": "spill", "reason": _SPILL, "match": {"BLOCK_M": 64, "BLOCK_N": 64, "HEAD_DIM": 128}},
-]
+# Configs a launcher may pick that fail a static sm_90a check (bench/results/static-sm90a/report.md),
+# each with its reason. The launcher's prune (_prune: shared-memory model, SM90_KNOWN_SPILLS) keeps
+# failing configs out of the autotuner, so this list is meant to stay empty.
+SM90_WAIVERS: list[dict] = []
