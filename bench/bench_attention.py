@@ -347,7 +347,8 @@ def static_model(out_dir=None) -> str:
              "charged 1 us per wave of 132 x 2 CTAs -- a crude bound, to be replaced by bench_attention on a GPU.",
              "Rotary (R = D): bytes added to DRAM and to the L2 -> SM traffic of the pass, old design / new with fp32 "
              "tables / new with bf16 tables.",
-             "", "| mix | D | Hkv | grid | programs | idle | MMA eff | est. frac of floor | rotary +DRAM old / new32 / new16 "
+             "", "| mix | D | Hkv | grid | programs | idle | MMA eff | est. frac of floor "
+             "| rotary +DRAM old / new32 / new16 "
              "| rotary +L2 old / new32 / new16 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     mixes = {"a": _mix("a", gen, False), "b": _mix("b", gen, False)}
@@ -362,7 +363,8 @@ def static_model(out_dir=None) -> str:
                     floor_t = max(floor_b / H100_HBM_BYTES, m["useful_flops"] / H100_BF16_FLOPS)
                     waves = m["launched"] * (m["idle_frac"]) / (132 * 2)
                     t = max(floor_b / H100_HBM_BYTES, m["issued_flops"] / H100_BF16_FLOPS) + waves * 1e-6
-                    rot = [_rotary_bytes_model(lens, 16, Hkv, D, D, bm, e, d) for d, e in (("old", 4), ("new", 4), ("new", 2))]
+                    rot = [_rotary_bytes_model(lens, 16, Hkv, D, D, bm, e, d)
+                           for d, e in (("old", 4), ("new", 4), ("new", 2))]
                     dram = " / ".join(f"{r['dram_rel']:.1%}" for r in rot)
                     l2 = " / ".join(f"{r['l2_rel']:.0%}" for r in rot)
                     lines.append(f"| {mix} | {D} | {Hkv} | {'exact' if exact else 'B x cdiv'} | {m['launched']} | "
