@@ -295,3 +295,88 @@ def run(bench: BenchRun, *, mixes: list[str] | None = None, head_dims: list[int]
                                     rec["speedup"] = rec["ms"] / mine[i]
                 del c
                 torch.cuda.empty_cache()
+
+
+# ---- static model (no GPU): programs, tile work and rotary bytes, old design vs new --------------
+# Estimates, not measurements: H100 SXM datasheet rates, tiles as the autotuner's likely pick.
+
+H100_BF16_FLOPS = 989e12
+H100_HBM_BYTES = 3.35e12
+
+
+def _tiles_model(lens, Hq, Hkv, D, bm, bn, exact_grid: bool) -> dict:
+    """Programs launched / holding work and the MMA work issued by a forward of query tiles bm and
+    key blocks bn (bidirectional), against the useful 4 * len^2 * D per head."""
+    import math
+
+    n_work = sum(math.ceil(n / bm) for n in lens) * Hq
+    launched = n_work if exact_grid else len(lens) * math.ceil(max(lens) / bm) * Hq
+    issued = sum(math.ceil(n / bm) * bm * math.ceil(n / bn) * bn * 4.0 * D for n in lens) * Hq
+    useful = sum(4.0 * n * n * D for n in lens) * Hq
+    return {"launched": launched, "idle_frac": 1 - n_work / launched, "mma_eff": useful / issued,
+            "useful_flops": useful, "issued_flops": issued}
+
+
+def _rotary_bytes_model(lens, Hq, Hkv, D, R, bm, table_elem: int, design: str) -> dict:
+    """Bytes the rotary adds to a forward. DRAM: the tables once per token (L2 keeps them for the
+    other heads / tiles). L2 -> SM: per q and k tile load, relative to the attention's own L2 traffic
+    (K and V re-read per query tile and head, q read and o written once). old: fp32 cos / sin over the
+    full head dim (the gather) and a second load of the partner columns; new: half-width tables in
+    their own dtype, no partner load."""
+    import math
+
+    T = sum(lens)
+    dram = T * D * 2 * (2 * Hq + 2 * Hkv)
+    k_rows = sum(math.ceil(n / bm) * n for n in lens) * Hq   # key rows loaded (per query tile, per head)
+    q_rows = T * Hq
+    l2 = (2 * k_rows + 2 * q_rows) * D * 2
+    if design == "old":
+        per_row, tables = 2 * D * 4 + R * 2, T * R * 4
+    else:
+        per_row, tables = 2 * (R // 2) * table_elem, T * R * table_elem
+    return {"dram_rel": tables / dram, "l2_rel": (k_rows + q_rows) * per_row / l2}
+
+
+def static_model(out_dir=None) -> str:
+    """Markdown table of the model for the benchmark mixes (a, b) at D 64 / 128, Hkv 16 / 4."""
+    gen = torch.Generator().manual_seed(0)
+    lines = ["# Attention static model (estimates, no GPU; H100 SXM datasheet 989 TFLOP/s bf16, 3.35 TB/s)", "",
+             "Forward, bidirectional, Hq = 16. Old: B x cdiv(max_seqlen, BLOCK_M) grid. New: exact (sequence, "
+             "tile) grid. Tiles: the largest the prune keeps for the mix (a: 64 x 64, b: 128 x 64). "
+             "est. frac of floor = floor time / max(DRAM bytes time, issued MMA time at peak), idle programs "
+             "charged 1 us per wave of 132 x 2 CTAs -- a crude bound, to be replaced by bench_attention on a GPU.",
+             "Rotary (R = D): bytes added to DRAM and to the L2 -> SM traffic of the pass, old design / new with fp32 "
+             "tables / new with bf16 tables.",
+             "", "| mix | D | Hkv | grid | programs | idle | MMA eff | est. frac of floor "
+             "| rotary +DRAM old / new32 / new16 "
+             "| rotary +L2 old / new32 / new16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    mixes = {"a": _mix("a", gen, False), "b": _mix("b", gen, False)}
+    for mix, lens in mixes.items():
+        bm, bn = (64, 64) if mix == "a" else (128, 64)
+        T = sum(lens)
+        for D in (64, 128):
+            for Hkv in (16, 4):
+                floor_b = T * D * 2 * (2 * 16 + 2 * Hkv)
+                for exact in (False, True):
+                    m = _tiles_model(lens, 16, Hkv, D, bm, bn, exact)
+                    floor_t = max(floor_b / H100_HBM_BYTES, m["useful_flops"] / H100_BF16_FLOPS)
+                    waves = m["launched"] * (m["idle_frac"]) / (132 * 2)
+                    t = max(floor_b / H100_HBM_BYTES, m["issued_flops"] / H100_BF16_FLOPS) + waves * 1e-6
+                    rot = [_rotary_bytes_model(lens, 16, Hkv, D, D, bm, e, d)
+                           for d, e in (("old", 4), ("new", 4), ("new", 2))]
+                    dram = " / ".join(f"{r['dram_rel']:.1%}" for r in rot)
+                    l2 = " / ".join(f"{r['l2_rel']:.0%}" for r in rot)
+                    lines.append(f"| {mix} | {D} | {Hkv} | {'exact' if exact else 'B x cdiv'} | {m['launched']} | "
+                                 f"{m['idle_frac']:.0%} | {m['mma_eff']:.2f} | {floor_t / t:.2f} | {dram} | {l2} |")
+    text = "\n".join(lines) + "\n"
+    if out_dir is not None:
+        from pathlib import Path
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "attention_model.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    import sys
+    print(static_model(sys.argv[1] if len(sys.argv) > 1 else None))

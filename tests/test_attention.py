@@ -115,7 +115,8 @@ ROTARY_CASES = [(kind, D, torch.float16) for kind, D in
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("rotary,D,dtype", ROTARY_CASES, ids=lambda c: str(c).replace("torch.", ""))
 def test_rotary(rotary, D, causal, dtype):
-    # R = D with a power-of-two D takes the half-swap inverse rotation, the others the permutation product.
+    # Full (R = D) and partial (R < D) rotary take the same path: the two rotary halves and the rest
+    # of the head are separate column pieces.
     check_against_reference([7, 20, 2], 4, 2, D, dtype, causal=causal, rotary=rotary, seed=11)
 
 
@@ -227,23 +228,30 @@ def test_non_contiguous_inputs():
 
 def test_autotune_prune_sizes_tiles_from_length_bucket():
     """GPU autotuning only considers tiles no larger than the length bucket (short sequences get
-    one small tile per sequence), and small tiles for 256-wide heads; there is always a config."""
+    one small tile per sequence) that fit Hopper's shared memory and are not known to spill (the
+    static sm_90a report); there is always a config."""
     from tritonkernels import attention as kernels
 
     assert [kernels.length_bucket(n) for n in (1, 16, 17, 40, 64, 1000, 100000)] == [16, 16, 32, 64, 64, 1024, 4096]
-    for configs in (kernels._FWD_CONFIGS, kernels._BWD_CONFIGS):
+    for kind, configs, named in (("fwd", kernels._FWD_CONFIGS, {}), ("dq", kernels._DQ_CONFIGS, {"sm_scale": 1.0}),
+                                 ("dkdv", kernels._DKDV_CONFIGS, {"FUSED_DQ": False})):
         for bucket in (16, 32, 64, 1024):
             for head_dim in (64, 128, 256):
-                kept = kernels._prune(configs, {"LEN_BUCKET": bucket}, HEAD_DIM=head_dim)
-                assert kept
-                assert all(c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket for c in kept)
-                if head_dim == 256:
-                    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
-        assert len(kernels._prune(configs, {"LEN_BUCKET": 1024}, HEAD_DIM=128)) == len(configs)
+                for rotary in (False, True):
+                    kept = kernels._prune(configs, {"LEN_BUCKET": bucket, **named}, HEAD_DIM=head_dim, ROTARY=rotary)
+                    assert kept
+                    spills = kernels.SM90_KNOWN_SPILLS.get((kind, head_dim, rotary), set())
+                    for c in kept:
+                        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                        assert bm <= bucket and bn <= bucket
+                        if len(kept) > 1 or bucket > 16:
+                            smem = kernels.smem_estimate(kind, bm, bn, c.num_stages, head_dim)
+                            assert smem <= kernels.SM90_SMEM_LIMIT
+                            assert (bm, bn, c.num_warps) not in spills
     for max_seqlen in range(1, kernels.FUSED_DQ_MAX_SEQLEN + 1):  # the fused-dq backward always has a config
         bucket = kernels.length_bucket(max_seqlen)
-        kept = kernels._prune(kernels._BWD_CONFIGS, {"LEN_BUCKET": bucket}, HEAD_DIM=128, FUSED_DQ=True)
-        assert kept and all(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == bucket >= max_seqlen for c in kept)
+        kept = kernels._prune(kernels._DKDV_CONFIGS, {"LEN_BUCKET": bucket}, HEAD_DIM=128, FUSED_DQ=True)
+        assert kept and all(c.kwargs["BLOCK_M"] <= c.kwargs["BLOCK_N"] == bucket >= max_seqlen for c in kept)
 
 
 # ---- bad inputs -------------------------------------------------------------------------------

@@ -206,3 +206,98 @@ def test_flash_attn_same_cu_seqlens_view_does_not_compare_contents(monkeypatch):
         assert calls == [1]
     finally:
         embedkit.set_validation(True)
+
+
+# ---- the exact (sequence, tile) grid (issue 14) -----------------------------------------------------
+
+def _expected_pairs(lens, block):
+    pairs = []
+    for i, n in enumerate(lens):
+        nt = -(-n // block)
+        if i in (0, len(lens) - 1):
+            nt = max(nt, 1)  # a placeholder tile zeroes the rows no sequence covers
+        pairs += [(i, t) for t in range(nt)]
+    return pairs
+
+
+@pytest.mark.parametrize("lens", [[0, 1, 33, 0, 16, 17, 1, 0, 5, 0], [40], [0], [1, 0, 0, 64, 2]])
+def test_tile_schedule_lists_exactly_the_tiles_that_hold_tokens(lens):
+    from tritonkernels import attention as kernels
+
+    cu = _cu(lens, "cpu")
+    sched = kernels.TileSchedule(cu, sum(lens))
+    table = sched.table.tolist()
+    assert sched.longest == max(lens)
+    for block in kernels._sched_blocks():
+        want = _expected_pairs(lens, block)
+        off = table[block]
+        got = [tuple(table[off + 2 * i: off + 2 * i + 2]) for i in range(sched.programs(block))]
+        assert got == want, block
+
+
+def test_tile_schedule_clamps_like_the_kernels():
+    """Validation off: lengths from the clamped cu_seqlens (negative / decreasing / past T)."""
+    from tritonkernels import attention as kernels
+
+    sched = kernels.TileSchedule(torch.tensor([0, -30, 50, 20], dtype=torch.int32), 24)
+    # starts 0, 0, 24 and ends 0, 24, 24 -> lengths 0, 24, 0
+    assert sched.longest == 24
+    table = sched.table.tolist()
+    off = table[16]
+    assert [tuple(table[off + 2 * i: off + 2 * i + 2]) for i in range(sched.programs(16))] == \
+        [(0, 0), (1, 0), (1, 1), (2, 0)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("group", [1, 2])
+def test_exact_grid_lengths_zero_one_and_tile_borders(causal, group):
+    """Values and gradients on the exact grid: empty sequences (first, last, inside), single
+    tokens, lengths at and across the 16-row tile borders, GQA."""
+    check_against_reference([0, 1, 33, 0, 16, 17, 1, 0, 5, 0], 2 * group, 2, 16, torch.float16, causal=causal,
+                            seed=30 + group)
+
+
+def test_exact_grid_rotary_partial_gqa_causal():
+    check_against_reference([0, 1, 18, 0, 3], 4, 1, 32, torch.float16, causal=True, rotary="1d-partial", seed=40)
+
+
+def test_tile_schedule_built_once_per_batch(monkeypatch):
+    """The schedule's host read happens once per cu_seqlens tensor (and again after an in-place
+    write), not once per layer: forward + backward of four 'layers' read it once."""
+    from tests.test_safety_memory import _count_syncs
+    from tritonkernels import attention as kernels
+
+    lens = [3, 0, 17, 9]
+    (q, k, v, g), _ = _inputs(lens, 2, 1, 16, seed=3)
+    cu = _cu(lens)
+
+    def layers(n):
+        for _ in range(n):
+            _run("triton", q, k, v, g, cu, max(lens), dtype=torch.float32)
+
+    embedkit.set_validation(False)  # count the kernels' own syncs only
+    try:
+        kernels._schedules.clear()
+        assert _count_syncs(lambda: layers(1), monkeypatch) == 1
+        assert _count_syncs(lambda: layers(3), monkeypatch) == 0
+        cu[-1] = cu[-1].item()  # an in-place write moves the version counter: built again
+        assert _count_syncs(lambda: layers(2), monkeypatch) == 1
+    finally:
+        embedkit.set_validation(True)
+
+
+def test_model_forward_syncs_do_not_grow_with_depth_on_triton(monkeypatch):
+    """The issue's check with the Triton attention (exact grid + validation on): a model forward
+    makes the same number of host syncs at 1 and 3 layers."""
+    from tests.test_safety_memory import _count_syncs
+    from tritonkernels import attention as kernels
+
+    counts = {}
+    for layers in (1, 3):
+        torch.manual_seed(0)
+        model = embedkit.Embedder(embedkit.EmbedderConfig.tiny(num_layers=layers)).eval()
+        with torch.no_grad(), embedkit.use_backend("triton"):
+            inputs = model.processor(["a short text", "another, somewhat longer, text input"], task="search")
+            kernels._schedules.clear()
+            counts[layers] = _count_syncs(lambda: model(inputs, dim=32), monkeypatch)
+    assert counts[1] == counts[3], f"host syncs per forward by depth: {counts}"
