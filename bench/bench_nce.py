@@ -72,7 +72,7 @@ def _naive_bytes(B: int, D: int, levels: int, elem: int) -> int:
 
 
 def _kernels():
-    from tritonkernels import nce as kernels
+    from embedkit._triton import nce as kernels
 
     return kernels
 
@@ -98,7 +98,7 @@ def run(bench: BenchRun, *, batches: list[int] | None = None, dims: list[int] | 
 
 
 def _run(bench: BenchRun, batches, dims, chunks) -> None:
-    from tritonkernels import INTERPRET
+    from embedkit._triton import INTERPRET
 
     dev = bench.device
     gpu_batches, gpu_dims = batches, dims

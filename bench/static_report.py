@@ -5,7 +5,7 @@ the JIT would compile it on an H100 / H200, without a GPU.
 
 How kernels are found: triton's JITFunction.run and Autotuner.run are patched to record (not launch)
 each launch -- the autotuner's configs after its own prune function, the JIT's real specialization
-(bench/sm90.py) -- and the real launchers in tritonkernels/ are called with CPU tensors of the
+(bench/sm90.py) -- and the real launchers in embedkit/_triton/ are called with CPU tensors of the
 benchmark dtypes at the benchmark's head counts, head dims, max_seqlen and widths (small T / B
 where they do not change the specialization). Each distinct spec is compiled once (cached on disk,
 see bench/sm90.py) and its SASS read. Checks (the CI test, tests/test_static_report.py): a config
@@ -75,7 +75,7 @@ def attention_cases(quick: bool):
 
 
 def _run_attention(D, Hq, Hkv, L, rot, dtype):
-    from tritonkernels import attention as A
+    from embedkit._triton import attention as A
 
     T = 2 * L  # two sequences of max_seqlen: T, strides and offsets keep their divisibility by 16
     q = torch.empty(T, Hq, D, dtype=dtype)
@@ -96,7 +96,7 @@ def pool_project_cases(quick: bool):
 
 
 def _run_pool(H, B=64, out_dim=768, dtype=torch.bfloat16):
-    from tritonkernels import pool_project as P
+    from embedkit._triton import pool_project as P
 
     T = B * 32
     hidden = torch.empty(T, H, dtype=dtype)
@@ -117,7 +117,7 @@ def nce_cases(quick: bool):
 
 
 def _run_nce(D, dims, B=256, dtype=torch.bfloat16):
-    from tritonkernels import nce as N
+    from embedkit._triton import nce as N
 
     q = torch.empty(B, D, dtype=dtype)
     t = torch.empty(B, D, dtype=dtype)

@@ -1,7 +1,7 @@
 """Test setup shared by every test module.
 
 Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
-triton decorates the kernels, i.e. before embedkit / tritonkernels are first imported, so it is
+triton decorates the kernels, i.e. before embedkit (and its Triton kernels, embedkit._triton) is first imported, so it is
 set here, at conftest import time.
 """
 import os

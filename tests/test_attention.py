@@ -5,7 +5,7 @@ Checked: out, lse, dq, dk, dv; bidirectional and causal; GQA groups 1, 2, 4, 8; 
 80, 128, 256; rotary from 1-D and 3-axis positions; hypothesis-generated length lists; isolation
 between sequences; deterministic backward; every bad input; torch.compile(fullgraph=True).
 
-Under the interpreter the kernels run with 16 x 16 tiles (tritonkernels.attention.INTERPRET_CONFIG),
+Under the interpreter the kernels run with 16 x 16 tiles (embedkit._triton.attention.INTERPRET_CONFIG),
 so lengths 15, 16, 17, 31, 32, 33 straddle tile borders.
 """
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_hypothesis_lengths(lens, causal, group, seed, dtype):
 def test_many_short_sequences(monkeypatch):
     """The issue's case: 200 sequences of 1-40 tokens, small head count and dim to keep it quick, with
     64 x 64 tiles: one tile per sequence, the regime the GPU autotuner picks for short sequences."""
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     monkeypatch.setitem(kernels.INTERPRET_CONFIG, "BLOCK_M", 64)
     monkeypatch.setitem(kernels.INTERPRET_CONFIG, "BLOCK_N", 64)
@@ -156,7 +156,7 @@ def test_many_short_sequences(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_fused_dq_backward(monkeypatch, causal):
     """Sequences that fit in one tile: dq comes out of the dk / dv kernel (no separate dq kernel)."""
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     monkeypatch.setitem(kernels.INTERPRET_CONFIG, "BLOCK_M", 32)
     monkeypatch.setitem(kernels.INTERPRET_CONFIG, "BLOCK_N", 32)
@@ -230,7 +230,7 @@ def test_autotune_prune_sizes_tiles_from_length_bucket():
     """GPU autotuning only considers tiles no larger than the length bucket (short sequences get
     one small tile per sequence) that fit Hopper's shared memory and are not known to spill (the
     static sm_90a report); there is always a config."""
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     assert [kernels.length_bucket(n) for n in (1, 16, 17, 40, 64, 1000, 100000)] == [16, 16, 32, 64, 64, 1024, 4096]
     for kind, configs, named in (("fwd", kernels._FWD_CONFIGS, {}), ("dq", kernels._DQ_CONFIGS, {"sm_scale": 1.0}),

@@ -47,7 +47,7 @@ def test_bad_cu_seqlens_stay_in_bounds(name, causal):
     """Validation off, hostile cu_seqlens: every kernel reads and writes inside its tensors only.
     Inputs live in NaN-padded buffers (an out-of-bounds read would bring NaN into the results),
     outputs and gradients in canary-padded buffers (an out-of-bounds write would change them)."""
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     T, Hq, Hkv, D = 24, 4, 2, 16
     cu = torch.tensor(BAD_CU[name], dtype=torch.int32, device=DEVICE)
@@ -222,7 +222,7 @@ def _expected_pairs(lens, block):
 
 @pytest.mark.parametrize("lens", [[0, 1, 33, 0, 16, 17, 1, 0, 5, 0], [40], [0], [1, 0, 0, 64, 2]])
 def test_tile_schedule_lists_exactly_the_tiles_that_hold_tokens(lens):
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     cu = _cu(lens, "cpu")
     sched = kernels.TileSchedule(cu, sum(lens))
@@ -237,7 +237,7 @@ def test_tile_schedule_lists_exactly_the_tiles_that_hold_tokens(lens):
 
 def test_tile_schedule_clamps_like_the_kernels():
     """Validation off: lengths from the clamped cu_seqlens (negative / decreasing / past T)."""
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     sched = kernels.TileSchedule(torch.tensor([0, -30, 50, 20], dtype=torch.int32), 24)
     # starts 0, 0, 24 and ends 0, 24, 24 -> lengths 0, 24, 0
@@ -265,7 +265,7 @@ def test_tile_schedule_built_once_per_batch(monkeypatch):
     """The schedule's host read happens once per cu_seqlens tensor (and again after an in-place
     write), not once per layer: forward + backward of four 'layers' read it once."""
     from tests.test_safety_memory import _count_syncs
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     lens = [3, 0, 17, 9]
     (q, k, v, g), _ = _inputs(lens, 2, 1, 16, seed=3)
@@ -290,7 +290,7 @@ def test_model_forward_syncs_do_not_grow_with_depth_on_triton(monkeypatch):
     """The issue's check with the Triton attention (exact grid + validation on): a model forward
     makes the same number of host syncs at 1 and 3 layers."""
     from tests.test_safety_memory import _count_syncs
-    from tritonkernels import attention as kernels
+    from embedkit._triton import attention as kernels
 
     counts = {}
     for layers in (1, 3):

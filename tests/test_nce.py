@@ -209,7 +209,7 @@ def test_kernel_backward_in_owner_chunks(backend, monkeypatch):
     """The backward works on one bounded block of rows x candidates at a time (bounded extra memory):
     with 16-row blocks, rows, targets, own and shared negatives all span several chunks
     (tests/test_nce_chunked.py goes further)."""
-    from tritonkernels import nce as kernels
+    from embedkit._triton import nce as kernels
 
     monkeypatch.setattr(kernels, "ROW_CHUNK", 16)
     monkeypatch.setattr(kernels, "CAND_CHUNK", 16)
@@ -561,10 +561,10 @@ def _single_process(c):
 def test_distributed_matches_single_process_on_concatenated_batch(world, tmp_path):
     # One spawn per world size (process start-up dominates): the reference backend on 4 ranks, the
     # reference and the Triton kernels (interpreter) on 2.
-    import tritonkernels
+    import embedkit._triton as triton_kernels
 
     # Workers run on CPU (gloo): the Triton kernels take CPU tensors only under the interpreter.
-    cpu_kernels = ["triton"] if ("triton" in KERNEL_BACKENDS and tritonkernels.INTERPRET) else []
+    cpu_kernels = ["triton"] if ("triton" in KERNEL_BACKENDS and triton_kernels.INTERPRET) else []
     backends = ["reference"] + (cpu_kernels if world == 2 else [])
     cases = _dist_cases(world)
     cases_path = tmp_path / "cases.pt"
@@ -620,7 +620,7 @@ _COMPILE_SCRIPT = r"""
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
-from tritonkernels import nce as K
+from embedkit._triton import nce as K
 
 EMB = {"x", "y", "neg", "hi", "lo", "part", "src"}
 IDS = {"ids_a_r", "ids_b_r", "ids_a_c", "ids_b_c"}

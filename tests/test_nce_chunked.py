@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no trit
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    from tritonkernels import nce as kernels
+    from embedkit._triton import nce as kernels
 
     monkeypatch.setattr(kernels, "ROW_CHUNK", 7)
     monkeypatch.setattr(kernels, "CAND_CHUNK", 11)
@@ -45,7 +45,7 @@ def test_chunked_one_label_masks_everything_but_the_positive(small_chunks):
 def test_chunk_sizes_as_launcher_arguments_give_the_same_gradients():
     """Every row chunk adds to every candidate's gradient: the accumulation across chunks (fp32, and the
     bf16 hi + lo pair) matches one big block to rounding, and is bitwise deterministic run to run."""
-    from tritonkernels import nce as K
+    from embedkit._triton import nce as K
 
     g = torch.Generator().manual_seed(5)
     M, D, dims = 29, 24, (8, 24)
@@ -108,7 +108,7 @@ def test_backward_temporaries_are_bounded_by_the_chunk_not_the_batch():
     the bf16 candidates' residual), no temporary exceeds one chunk's [L, 16, 16] coefficient block, its
     [16, K, D] buffers or a per-row vector [L, B] -- a [B, B] block (16,384 elements) or a [B, chunk]
     one (2,048) would. With one chunk of all 128 rows the same instrument sees the [L, B, B] block."""
-    from tritonkernels import nce as K
+    from embedkit._triton import nce as K
 
     B, D, L, C = 128, 8, 2, 16
     bound = max(L * C * C, C * D, L * B)

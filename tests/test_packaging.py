@@ -68,7 +68,7 @@ def test_build_backend_is_made_for_native_code():
     assert data["build-system"]["build-backend"] == "scikit_build_core.build"
     skb = data["tool"]["scikit-build"]
     assert skb["wheel"]["py-api"] == "py3"  # ctypes libraries: py3-none-<platform>, never py3-none-any
-    assert set(skb["wheel"]["packages"]) == {"embedkit", "tritonkernels"}
+    assert set(skb["wheel"]["packages"]) == {"embedkit"}
     cmake = (ROOT / "CMakeLists.txt").read_text()
     assert "install(TARGETS ${target} LIBRARY DESTINATION embedkit/_lib)" in cmake
 
@@ -135,3 +135,22 @@ def test_import_embedkit_does_not_import_the_compiler():
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_triton_kernels_never_import_the_rest_of_embedkit():
+    """embedkit/_triton holds only kernels and launchers (torch + triton): an import of any other
+    embedkit module from there would make the kernels depend on the layers that call them."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "embedkit" / "_triton"
+    files = sorted(root.glob("*.py"))
+    assert files, root
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            bad += [f"{f.name}: {n}" for n in names if n == "embedkit" or (n.startswith("embedkit.")
+                                                                         and not n.startswith("embedkit._triton"))]
+    assert not bad, bad
+    assert not (root.parents[1] / "tritonkernels").exists(), "the old top-level package is back"

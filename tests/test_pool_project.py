@@ -246,7 +246,7 @@ def test_validation_off_skips_sync_checks_only():
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_triton_token_splits_match_reference(splits):
     """Sequences cut into chunks (the GPU path for few long sequences), reduced deterministically."""
-    from tritonkernels import pool_project as kernels
+    from embedkit._triton import pool_project as kernels
 
     cu, hidden, weight, bias, pool_mask = _case([1, 40, 9, 2], 24, 16, random_mask=True)
     h32, w32, b32 = hidden.float(), weight.float(), bias.float()

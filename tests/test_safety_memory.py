@@ -28,7 +28,7 @@ import torch
 import embedkit
 from embedkit import PackedBatch
 from embedkit.ops import _checks, _native, reference
-from tritonkernels import pool_project as pp
+from embedkit._triton import pool_project as pp
 
 from tests.test_native import _ensure_library
 

@@ -42,7 +42,7 @@ def test_ci_subset_has_no_unwaived_failure(tmp_path):
 
 
 def _spec(**constexprs):
-    return {"module": "tritonkernels.attention", "name": "_attn_fwd_kernel", "constexprs": constexprs,
+    return {"module": "embedkit._triton.attention", "name": "_attn_fwd_kernel", "constexprs": constexprs,
             "options": {"num_warps": 4, "num_stages": 2}}
 
 

@@ -33,12 +33,12 @@ def _triton_problem(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        import tritonkernels
+        import embedkit._triton as triton_kernels
 
-        if tritonkernels.INTERPRET:
+        if triton_kernels.INTERPRET:
             return None
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return ("TRITON_INTERPRET=1 was set after tritonkernels was imported; set it before "
+            return ("TRITON_INTERPRET=1 was set after embedkit._triton was imported; set it before "
                     "importing embedkit to run Triton kernels on CPU tensors")
         return ("Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
                 "importing embedkit (slow, for testing), or use backend 'native' or 'reference'")

@@ -23,7 +23,7 @@ MAX_HEAD_DIM = 256
 
 def _kernels(backend: str):
     if backend == "triton":
-        from tritonkernels import attention as kernels
+        from embedkit._triton import attention as kernels
 
         return kernels
     raise AssertionError(f"no {backend} kernels for {OP}")

@@ -1,6 +1,6 @@
 """masked_mean: the mean of the pooled tokens of each packed sequence (pool_project's pooling half).
 
-Two kernels: Triton (tritonkernels.pool_project.masked_mean_fwd, the same kernel pool_project
+Two kernels: Triton (embedkit._triton.pool_project.masked_mean_fwd, the same kernel pool_project
 uses) and the native CUDA / C++ one in csrc/, held against each other and the reference.
 Backward is a broadcast: d_hidden[t] = pool_mask[t] * d_out[b(t)] / count[b(t)] (torch ops).
 """
@@ -27,7 +27,7 @@ def _fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor
         mask = None if pool_mask is None else pool_mask.view(torch.uint8)
         return _native.masked_mean(hidden, cu_seqlens, mask)
     if backend == "triton":
-        from tritonkernels.pool_project import masked_mean_fwd
+        from embedkit._triton.pool_project import masked_mean_fwd
 
         pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask)
         return pooled.to(hidden.dtype), counts

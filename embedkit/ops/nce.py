@@ -28,7 +28,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def _kernels(backend: str):
     if backend == "triton":
-        from tritonkernels import nce as kernels
+        from embedkit._triton import nce as kernels
 
         return kernels
     raise AssertionError(f"no {backend} kernels for {OP}")

@@ -20,7 +20,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 def _kernels(backend: str):
     if backend == "triton":
-        from tritonkernels import pool_project as kernels
+        from embedkit._triton import pool_project as kernels
 
         return kernels
     raise AssertionError(f"no {backend} kernels for {OP}")

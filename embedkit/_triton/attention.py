@@ -640,7 +640,7 @@ else:  # keyed on head dim and length bucket (plus the flags that change the ker
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operand dtype (see tritonkernels._dtypes.dot_code) and precision: fp32 operands use
+    """tl.dot operand dtype (see embedkit._triton._dtypes.dot_code) and precision: fp32 operands use
     exact IEEE products (no TF32) so fp32 inputs keep fp32 accuracy."""
     code = dot_code(dtype)
     dot_dtype = {DOT_FP16: tl.float16, DOT_BF16: tl.bfloat16, DOT_FP32: tl.float32}[code]
