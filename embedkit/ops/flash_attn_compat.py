@@ -18,9 +18,14 @@ Packed inputs are split with unbind (views): the gradient flows back into qkv / 
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from .attention import flash_attn_varlen_func
+
+# out, or (out, softmax_lse, empty probs) with return_attn_probs=True, as flash-attn 2 returns
+Result = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _check_dense(name: str, x, rank: int, shape_doc: str) -> None:
@@ -37,8 +42,11 @@ def _packed(name: str, x, n: int, rank: int, axis: int, shape_doc: str) -> tuple
     return x.unbind(axis)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> Result:
     """flash-attn's `flash_attn_func`: q [B, S, Hq, D], k / v [B, S, Hk, D] -> out [B, S, Hq, D]."""
     _check_dense("q", q, 4, "[batch, seqlen, nheads, headdim]")
     _check_dense("k", k, 4, "[batch, seqlen, nheads_k, headdim]")
@@ -55,40 +63,51 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     flat = lambda x: x.reshape(B * S, *x.shape[2:])  # noqa: E731
     res = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, S, S, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
-    if not return_attn_probs:
+    if isinstance(res, torch.Tensor):  # return_attn_probs=False
         return res.view(B, S, *res.shape[1:])
     out, lse, probs = res
     return out.view(B, S, *out.shape[1:]), lse.view(H, B, S).transpose(0, 1), probs
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_qkvpacked_func(qkv: torch.Tensor,
+                              dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                              window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False) -> Result:
     """flash-attn's `flash_attn_qkvpacked_func`: qkv [B, S, 3, H, D] -> out [B, S, H, D]."""
     q, k, v = _packed("qkv", qkv, 3, 5, 2, "[batch, seqlen, 3, nheads, headdim]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor,
+                             dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False) -> Result:
     """flash-attn's `flash_attn_kvpacked_func`: q [B, S, Hq, D], kv [B, S, 2, Hk, D] -> out [B, S, Hq, D]."""
     k, v = _packed("kv", kv, 2, 5, 2, "[batch, seqlen, 2, nheads_k, headdim]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
 
 
-def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                                     window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                                     alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                                     return_attn_probs: bool = False) -> Result:
     """flash-attn's `flash_attn_varlen_qkvpacked_func`: qkv [T, 3, H, D] -> out [T, H, D]."""
     q, k, v = _packed("qkv", qkv, 3, 4, 1, "[total, 3, nheads, headdim]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
-def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                                    window_size: tuple[int, int] | None = (-1, -1), softcap: float = 0.0,
+                                    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                                    return_attn_probs: bool = False) -> Result:
     """flash-attn's `flash_attn_varlen_kvpacked_func`: q [T, Hq, D], kv [T, 2, Hk, D] -> out [T, Hq, D]
     (self-attention: cu_seqlens_k must equal cu_seqlens_q)."""
     k, v = _packed("kv", kv, 2, 4, 1, "[total_k, 2, nheads_k, headdim]")
