@@ -358,14 +358,14 @@ def _level_coef(acc, lvl, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g
 
 # Coefficient tiles. Each level's coefficients are formed when the dot crosses its width, so the live tiles
 # are the accumulator, E_0's running sum and the level being formed; each level's scales are loaded when
-# used. Static sm_90a report (Triton 3.9): 1 level 128 x 128 / 8 warps without spills; 3 levels (widths
-# multiples of 64) 128 x 64 and 64 x 128 / 8 warps with about 20 spilled words in the once-per-tile
-# epilogue, none in the D loop; 128 x 128 at 3 levels spills about 400 words and is not offered.
+# used. Static sm_90a report: 1 level 128 x 128 / 8 warps without spills; 3 levels (widths multiples of
+# 64) 128 x 64 / 8 warps with about 20 spilled words in the once-per-tile epilogue (Triton 3.9 and 3.6),
+# none in the D loop; 64 x 128 / 8 spills about 100 words under 3.6 and 128 x 128 about 500: not offered.
 _COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
-                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3),
-                                    (64, 128, 4, 4), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4))]
+                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 4, 4),
+                                    (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4))]
 _COEF_1LEVEL = {(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4)}
-_COEF_LEVELS = {(128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 8, 4)}
+_COEF_LEVELS = {(128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 4)}
 
 
 def _cfg_key(c):
