@@ -640,12 +640,14 @@ build(K._prefix_inv_norm_kernel, dict(NUM_LEVELS=3, **blk))
 build(K._row_negative_cos_kernel, dict(NUM_LEVELS=3, **blk))
 build(K._row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk), warps=4)
 flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True)
-build(K._nce_fwd_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, DOT=2, **flags))
-build(K._nce_fwd_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, **flags), emb="*fp16",
-      warps=4)
-build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, DOT=2, **flags))
-build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, **flags), emb="*fp16",
-      e="*fp32", warps=4)
+for aligned in (True, False):
+    build(K._nce_fwd_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, DOT=2, ALIGNED=aligned, **flags))
+    build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, DOT=2, ALIGNED=aligned,
+                                       **flags))
+build(K._nce_fwd_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, ALIGNED=False, **flags),
+      emb="*fp16", warps=4)
+build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, ALIGNED=False, **flags),
+      emb="*fp16", e="*fp32", warps=4)
 build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=False, BLOCK_R=32, BLOCK_C=128), warps=4)
 build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=True, BLOCK_R=32, BLOCK_C=128), warps=4)
 print("compiled")

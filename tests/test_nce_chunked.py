@@ -31,6 +31,40 @@ def test_chunked_levels_own_negatives_ids_learnable_temperature(small_chunks, dt
           mrl_weights=[1.0, 0.5, 2.0], temperature=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_aligned_levels(small_chunks, dtype):
+    """Level widths multiples of 64 take the kernels' unpredicated D loop (ALIGNED), the path of the GPU's
+    3-level 128 x 64 tiles: values and every gradient against the oracle, own negatives, duplicate ids."""
+    assert small_chunks._aligned((64, 128, 192)) and not small_chunks._aligned((8, 21, 40))
+    check("triton", dtype, 13, 192, 1, ids="dups", tensor_temp=True, mrl_dims=[64, 128, 192],
+          mrl_weights=[1.0, 0.5, 2.0], temperature=0.05)
+
+
+def test_chunked_aligned_one_label_gradient_is_exactly_zero(small_chunks):
+    """Every candidate but the positive masked: loss and every gradient exactly 0 on the aligned path too."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(11, 128, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randn(11, 128, generator=g).to(DEVICE).requires_grad_()
+    temp = torch.tensor(1e-3, device=DEVICE, requires_grad=True)
+    ids = torch.zeros(11, dtype=torch.int64, device=DEVICE)
+    with embedkit.use_backend("triton"):
+        loss = embedkit.nce_loss(q, t, temperature=temp, query_ids=ids, target_ids=ids, symmetric=True,
+                                 mrl_dims=[64, 128])
+    grads = torch.autograd.grad(loss, [q, t, temp])
+    assert loss.item() == 0.0
+    for gr in grads:
+        assert torch.count_nonzero(gr).item() == 0
+
+
+def test_coefficient_block_too_large_for_int32_offsets_is_rejected():
+    from tritonkernels import nce as K
+
+    rows = torch.empty(30000, 1)
+    with pytest.raises(ValueError, match="row_chunk \\* cand_chunk"):
+        K.nce_bwd(None, rows, rows, None, None, None, None, None, None, 0, None, (1,), None, None, None, None,
+                  None, None, None, row_chunk=30000, cand_chunk=30000)
+
+
 def test_chunked_symmetric_shared_negatives_four_levels(small_chunks):
     # Shared negatives (3 x 23 = 69 more candidates, their own chunks and accumulator), both directions,
     # 4 levels = two level groups whose segments both start at 0.

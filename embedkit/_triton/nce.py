@@ -63,40 +63,28 @@ def _mma(acc, a, b, DOT: tl.constexpr):
 
 @triton.jit
 def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi,
-               BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+               BLOCK_D: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr):
     """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>; rows / candidates outside x_ok / y_ok
     give garbage dots that the callers never use (the score mask includes them)."""
     # Rows past the end read row 0 instead of being masked: a [BLOCK, BLOCK_D] predicate per operand
     # held through the pipelined loop cost registers (the callers drop those rows' scores anyway).
     rx = tl.where(x_ok, offs_x, 0).to(tl.int64) * stride_x
     ry = tl.where(y_ok, offs_y, 0).to(tl.int64) * stride_y
-    for d0 in range(lo, hi, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < hi
-        xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        acc = _mma(acc, xt, yt, DOT)
+    if ALIGNED:
+        # Every level width a multiple of BLOCK_D: no D predicate, one pointer tile per operand
+        # advanced by the scalar d0.
+        px = x + rx[:, None] + tl.arange(0, BLOCK_D)[None, :]
+        py = y + ry[None, :] + tl.arange(0, BLOCK_D)[:, None]
+        for d0 in range(lo, hi, BLOCK_D):
+            acc = _mma(acc, tl.load(px + d0), tl.load(py + d0), DOT)
+    else:
+        for d0 in range(lo, hi, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < hi
+            xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            acc = _mma(acc, xt, yt, DOT)
     return acc
-
-
-@triton.jit
-def _level_dots(x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D0, D1, D2,
-                NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """Raw dot tiles of the d_0, d_1, d_2 prefixes in one pass over D."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, 0, D0, BLOCK_D, DOT)
-    dot0 = acc
-    dot1 = acc
-    dot2 = acc
-    if NUM_LEVELS > 1:
-        acc = _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D0, D1, BLOCK_D, DOT)
-        dot1 = acc
-        dot2 = acc
-    if NUM_LEVELS > 2:
-        acc = _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, D1, D2, BLOCK_D, DOT)
-        dot2 = acc
-    return dot0, dot1, dot2
 
 
 @triton.jit
@@ -240,13 +228,15 @@ def _gpu_autotune(configs, key, prune, reset_to_zero=None):
 
 # Forward tiles. One fp32 score tile is live at a time (each level's online update runs as soon as the dot
 # crosses that level's width) and only masked logits, no cosine or predicate tile, live through the update.
-# Checked with the static sm_90a report (Triton 3.9, ptxas): 1 level 128 x 128 / 8 warps at 254 registers,
-# no spills; 3 levels spill at 128 x 128 and 128 x 64 but not at 64 x 128 / 8 warps (241 registers) or
-# 64 x 64 / 8 (192); 128 x 256 and 16 warps (128-register cap) spill everywhere. BLOCK_D = 64: 128-byte
-# rows of bf16; the pipeline depth is tuned.
+# Checked with the static sm_90a report (Triton 3.9, ptxas): 1 level 128 x 128 / 8 warps, no spills;
+# 3 levels spill at 128 x 128 (the accumulator stays live through each level's update) but not at
+# 128 x 64 / 8 warps when the widths are multiples of 64 (ALIGNED: no D predicate, one pointer tile per
+# operand; unaligned 128 x 64 spills in the loop) or at 64 x 128 / 8, 3 stages (4 stages spill a few words
+# in the loop); 128 x 256 and 16 warps (128-register cap) spill everywhere. BLOCK_D = 64: 128-byte rows of
+# bf16; the pipeline depth is tuned.
 _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
-                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 8, 3), (64, 128, 8, 4),
-                                   (64, 64, 8, 3), (64, 64, 4, 3))]
+                for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+                                   (64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3))]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -255,12 +245,16 @@ def _prune_fwd(configs, named_args, **kwargs):
     kept = configs
     if dot == 0:  # fp32 operands: twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB)
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    aligned = named_args.get("ALIGNED", kwargs.get("ALIGNED"))
     if levels is not None and levels > 1:  # the spill-free ones (see above)
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8]
+        kept = [c for c in kept if c.num_warps == 8 and c.num_stages == 3
+                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 and (aligned or c.kwargs["BLOCK_M"] == 64)]
+    else:  # 128 x 64 is for the level groups; one level has 128 x 128
+        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 64)]
     return kept or configs[-1:]
 
 
-@_gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B"],
+@_gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B", "ALIGNED"],
                prune=_prune_fwd)
 @triton.jit
 def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, inv_temp,
@@ -268,7 +262,7 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
                     part_m, part_l, part_t, part_pos, D0, D1, D2,
                     NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                     HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                    BLOCK_D: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr):
     """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
 
     Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
@@ -303,7 +297,7 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
         # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
         # two predicate tiles held through the D loop made ptxas spill).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT)
+        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT, ALIGNED)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
         z0 = acc * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :] * it
@@ -311,7 +305,7 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
             p0 += tl.sum(tl.where(is_pos, z0, 0.0), axis=1)
         m0, l0, t0 = _online_update(m0, l0, t0, z0, valid)
         if NUM_LEVELS > 1:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT, ALIGNED)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
             z1 = acc * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :] * it
@@ -319,7 +313,7 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
                 p1 += tl.sum(tl.where(is_pos, z1, 0.0), axis=1)
             m1, l1, t1 = _online_update(m1, l1, t1, z1, valid)
         if NUM_LEVELS > 2:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT, ALIGNED)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
             z2 = acc * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :] * it
@@ -350,42 +344,60 @@ def _coef(s, a, b, lse, g, zpos, it, valid, is_pos, HAS_DIAG: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(ptr, stride_r, offs_r, r_ok, offs_c, c_ok, v):
-    tl.store(ptr + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :], v.to(ptr.dtype.element_ty),
-             mask=r_ok[:, None] & c_ok[None, :])
+def _level_coef(acc, lvl, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid, is_pos,
+                HAS_DIAG: tl.constexpr):
+    """_coef of level lvl from its raw dot tile, the level's per-row / per-candidate values loaded here:
+    in the MMA layout a thread holds a quarter of a 128-wide candidate vector, so three levels' scales
+    loaded up front cost about 100 registers (the 3-level 128 x 64 tiles spilled)."""
+    a = tl.load(inv_x + lvl * M + offs_m, mask=m_ok, other=0.0)
+    b = tl.load(inv_y + lvl * N + offs_n, mask=n_ok, other=0.0)
+    return _coef(acc * a[:, None] * b[None, :], a, b, tl.load(lse + lvl * M + offs_m, mask=m_ok, other=0.0),
+                 tl.load(g + lvl * M + offs_m, mask=m_ok, other=0.0),
+                 tl.load(zpos + lvl * M + offs_m, mask=m_ok, other=0.0), it, valid, is_pos, HAS_DIAG)
 
 
-# Coefficient tiles: up to three fp32 [BLOCK_M, BLOCK_N] level tiles are live (E_k = sum_{l >= k} C^l needs
-# every level before E_0 is stored), so more than one level takes smaller tiles. Static sm_90a report:
-# 1 level 128 x 128 / 8 warps at 246 registers, no spills; 3 levels spill-free only at 64 x 64 / 8 (194).
+# Coefficient tiles. Each level's coefficients are formed when the dot crosses its width, so the live tiles
+# are the accumulator, E_0's running sum and the level being formed; each level's scales are loaded when
+# used. Static sm_90a report: 1 level 128 x 128 / 8 warps without spills; 3 levels (widths multiples of
+# 64) 128 x 64 / 8 warps with about 20 spilled words in the once-per-tile epilogue (Triton 3.9 and 3.6),
+# none in the D loop; 64 x 128 / 8 spills about 100 words under 3.6 and 128 x 128 about 500: not offered.
 _COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
-                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4),
-                                    (64, 64, 8, 3), (64, 64, 8, 4))]
+                 for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 4, 4),
+                                    (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4))]
+_COEF_1LEVEL = {(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4)}
+_COEF_LEVELS = {(128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 4)}
+
+
+def _cfg_key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def _prune_coef(configs, named_args, **kwargs):
     levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
     dot = named_args.get("DOT", kwargs.get("DOT"))
+    aligned = named_args.get("ALIGNED", kwargs.get("ALIGNED"))
     kept = configs
     if dot == 0:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
     if levels is not None and levels > 1:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_warps == 8]
+        kept = [c for c in kept if _cfg_key(c) in _COEF_LEVELS
+                and (aligned or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
     else:
-        kept = [c for c in kept if c.num_warps != 8 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64]
+        kept = [c for c in kept if _cfg_key(c) in _COEF_1LEVEL]
     return kept or configs[-1:]
 
 
 # rpart / cpart are sized for the smallest tile and a larger tile fills a prefix: zeroed before every
 # tuning run and the final one, so no config's leftovers are summed.
-@_gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B"],
+@_gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B",
+                                     "ALIGNED"],
                prune=_prune_coef, reset_to_zero=["rpart", "cpart"])
 @triton.jit
 def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c0, Cc, lse, g, zpos, inv_temp,
                          ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, e_buf, rpart, cpart, D0, D1, D2,
                          NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                          HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                         BLOCK_D: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr):
     """The backward's coefficient block of rows [r0, r0 + Cr) x candidates [c0, c0 + Cc).
 
     Recomputes the score tiles (all levels in one pass over D, as the forward), and writes
@@ -405,36 +417,46 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     offs_m = r0 + loc_m
     offs_n = c0 + loc_n
     it = tl.load(inv_temp).to(tl.float32)
-    dot0, dot1, dot2 = _level_dots(x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, D2,
-                                   NUM_LEVELS, BLOCK_M, BLOCK_N, BLOCK_D, DOT)
-    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-    a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
-    lse0, lse1, lse2 = _load_levels(lse, M, offs_m, m_ok, NUM_LEVELS)
-    g0, g1, g2 = _load_levels(g, M, offs_m, m_ok, NUM_LEVELS)
-    z0, z1, z2 = _load_levels(zpos, M, offs_m, m_ok, NUM_LEVELS)
-    b0, b1, b2 = _load_levels(inv_y, N, offs_n, n_ok, NUM_LEVELS)
+    # One int32 offset tile for every E access (L Cr Cc < 2^31, checked by the launcher).
+    e_off = loc_m[:, None] * Cc + loc_n[None, :]
+    e_ok = m_ok[:, None] & n_ok[None, :]
+    e_ty = e_buf.dtype.element_ty
     rp = rpart + pid_n * NUM_LEVELS * Cr
     cp = cpart + pid_m * NUM_LEVELS * Cc
-    s0 = dot0 * a0[:, None] * b0[None, :]
-    e0, q0 = _coef(s0, a0, b0, lse0, g0, z0, it, valid, is_pos, HAS_DIAG)
+    # Each level's coefficients are formed as soon as the dot crosses its width (as in the forward), and
+    # only E_0's running sum stays live through the later D loops: the live tiles are the accumulator and
+    # E_0 whatever the level count (with three raw dot tiles live, 3 levels spilled above 64 x 64).
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT, ALIGNED)
+    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+    e0, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
+                         is_pos, HAS_DIAG)
     tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
     tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
     if NUM_LEVELS > 1:
-        s1 = dot1 * a1[:, None] * b1[None, :]
-        e1, q1 = _coef(s1, a1, b1, lse1, g1, z1, it, valid, is_pos, HAS_DIAG)
+        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT, ALIGNED)
+        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                   diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+        e1, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
+                             is_pos, HAS_DIAG)
         tl.store(rp + Cr + loc_m, tl.sum(q1, axis=1), mask=m_ok)
         tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
+        e0 += e1
         if NUM_LEVELS > 2:
-            s2 = dot2 * a2[:, None] * b2[None, :]
-            e2, q2 = _coef(s2, a2, b2, lse2, g2, z2, it, valid, is_pos, HAS_DIAG)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT,
+                             ALIGNED)
+            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+            e2, q2 = _level_coef(acc, 2, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it,
+                                 valid, is_pos, HAS_DIAG)
             tl.store(rp + 2 * Cr + loc_m, tl.sum(q2, axis=1), mask=m_ok)
             tl.store(cp + 2 * Cc + loc_n, tl.sum(q2, axis=0), mask=n_ok)
-            _store_tile(e_buf + 2 * Cr * Cc, Cc, loc_m, m_ok, loc_n, n_ok, e2)
+            e0 += e2
             e1 += e2
-        _store_tile(e_buf + Cr * Cc, Cc, loc_m, m_ok, loc_n, n_ok, e1)
-        e0 += e1
-    _store_tile(e_buf, Cc, loc_m, m_ok, loc_n, n_ok, e0)
+            tl.store(e_buf + 2 * Cr * Cc + e_off, e2.to(e_ty), mask=e_ok)
+        tl.store(e_buf + Cr * Cc + e_off, e1.to(e_ty), mask=e_ok)
+    tl.store(e_buf + e_off, e0.to(e_ty), mask=e_ok)
 
 
 @triton.jit
@@ -540,6 +562,11 @@ def _groups(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [tuple(dims[i:i + MAX_LEVELS]) for i in range(0, len(dims), MAX_LEVELS)]
 
 
+def _aligned(grp: tuple[int, ...]) -> bool:
+    """Every width of the group a multiple of 64, hence of every BLOCK_D (powers of 2 up to 64)."""
+    return all(d % 64 == 0 for d in grp)
+
+
 def _pad3(dims: tuple[int, ...]) -> tuple[int, int, int]:
     d = list(dims) + [dims[-1]] * (MAX_LEVELS - len(dims))
     return d[0], d[1], d[2]
@@ -601,7 +628,7 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
     _launch(_nce_fwd_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), split),
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
             *idp, diag_offset, pm, pl, pt, pp, *_pad3(grp),
-            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, DOT=dot, _D=D)
+            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, DOT=dot, ALIGNED=_aligned(grp), _D=D)
     return pm, pl, pt, (pp if has_diag else None)
 
 
@@ -744,6 +771,11 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     cand_chunk = int(cand_chunk or (CAND_CHUNK if len(dims) == 1 else max(1, CAND_CHUNK // 2)))
     if row_chunk < 1 or cand_chunk < 1:
         raise ValueError(f"row_chunk and cand_chunk must be >= 1, got {row_chunk}, {cand_chunk}")
+    # The coefficient kernel addresses its [L, Cr, Cc] block with int32 offsets.
+    n_cand = max(N, shared_neg.shape[0] if shared_neg is not None else 0, 1)
+    if MAX_LEVELS * min(row_chunk, max(M, 1)) * min(cand_chunk, n_cand) >= 2 ** 31:
+        raise ValueError(f"row_chunk * cand_chunk too large for the coefficient block: {row_chunk} x {cand_chunk} "
+                         f"(at most {(2 ** 31 - 1) // MAX_LEVELS} elements)")
     bm, _, bd = _blocks(D)
     dot = dot_code(rows.dtype)
     # fp16 coefficients P a b are tiny at large B (P ~ p / (B tau)) and would flush in fp16's exponent
@@ -812,7 +844,8 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                     _launch(_nce_bwd_coef_kernel, grid, rows, y, rows.stride(0), y.stride(0), ir, iy, M, n,
                             r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
-                            HAS_IDS_B=masked and has_b, HAS_DIAG=masked, DOT=dot, _D=D)
+                            HAS_IDS_B=masked and has_b, HAS_DIAG=masked, DOT=dot,
+                            ALIGNED=_aligned(grp), _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
