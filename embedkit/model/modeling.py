@@ -360,6 +360,9 @@ class Embedder(nn.Module):
         sentence-transformers' default include_prompt=True; `task` is the unpooled instruction);
         prompt_name: a key of `self.prompts`; convert_to_numpy=True: a NumPy array;
         convert_to_tensor=False alone also gives NumPy, both False a list of 1-D tensors.
+
+        After model.compile() (see Embedder.compile) each batch's forward runs compiled; batches
+        are packed on the host either way.
         """
         dim = _alias("dim", dim, "truncate_dim", truncate_dim)
         normalize = _alias("normalize", normalize, "normalize_embeddings", normalize_embeddings)
