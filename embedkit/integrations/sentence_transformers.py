@@ -78,18 +78,28 @@ _POOL_MODES = ("mean", "cls", "lasttoken")
 _TOKEN_KEYS = {"input_ids", "attention_mask", "token_type_ids", "modality", "prompt_length"}
 
 
-def accelerate(model: SentenceTransformer, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> SentenceTransformer:
+def accelerate(model: SentenceTransformer, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               compile: bool | dict = False) -> SentenceTransformer:
     """Switch a SentenceTransformer to embedkit's packed encode path. In place; returns the model.
 
     The model's first module must be a sentence-transformers Transformer over a Hugging Face model
     that routes attention through transformers' AttentionInterface (BERT family, Llama, Qwen2/3,
     Mistral, Gemma, ...). Its attention implementation becomes "embedkit" for every call.
+
+    compile: run each packed step's transformer forward through torch.compile(fullgraph=True,
+    dynamic=True): True for torch.compile's defaults (inductor), or a dict of torch.compile
+    keywords (e.g. {"backend": "aot_eager"}, {"mode": "max-autotune"}). The step is packed on the
+    host, outside the compiled call, so one graph serves every step (any number of inputs, any
+    lengths); the first encode pays the compile. Only the packed path is compiled (the fallback
+    for other outputs runs sentence-transformers' code eagerly). False (default): eager.
     """
     check_version()
     if not isinstance(model, SentenceTransformer):
         raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile keywords, got {type(compile).__name__}")
     first = model[0]
     if not isinstance(first, Transformer):
         raise ValueError(f"accelerate needs a Transformer as first module, got {type(first).__name__}")
@@ -107,6 +117,8 @@ def accelerate(model: SentenceTransformer, *, max_tokens: int = DEFAULT_MAX_TOKE
     if not isinstance(model, _AcceleratedMixin):
         model.__class__ = _accelerated_class(type(model))
     model._embedkit_max_tokens = max_tokens
+    model._embedkit_compile = None if compile is False else ({} if compile is True else dict(compile))
+    model.__dict__.pop("_embedkit_compiled", None)  # compiled lazily, on the first packed encode
     return model
 
 
@@ -114,6 +126,13 @@ class _AcceleratedMixin:
     """Overrides SentenceTransformer._inference (what encode* call after resolving their arguments)."""
 
     _embedkit_max_tokens: int = DEFAULT_MAX_TOKENS
+    _embedkit_compile: dict | None = None  # torch.compile keywords for the packed forward; None: eager
+
+    def __getstate__(self):
+        # The compiled forward does not pickle (nor deepcopy): it is rebuilt from the options.
+        state = super().__getstate__().copy()
+        state.pop("_embedkit_compiled", None)
+        return state
 
     def _inference(self, inputs, *, prompt, batch_size, show_progress_bar, output_value, save_to_cpu,
                    normalize_embeddings, truncate_dim, device=None, **kwargs):
@@ -129,7 +148,8 @@ class _AcceleratedMixin:
         device = self._resolve_inference_device(device)
         self.eval()
         with torch.inference_mode():
-            out = _encode_packed(self, tokens, head, device, self._embedkit_max_tokens, show_progress_bar)
+            out = _encode_packed(self, tokens, head, device, self._embedkit_max_tokens, show_progress_bar,
+                                 self._embedkit_compile)
         if truncate_dim is not None:
             out = out[:, :truncate_dim]
         if normalize_embeddings:
@@ -235,9 +255,32 @@ def _token_budget_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarr
 
 # ---- the packed encode ------------------------------------------------------------------------
 
-def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int, progress: bool):
+def _packed_forward(hf):
+    """The transformer on one packed row -> [T, H] last hidden state (eager)."""
+    def forward(model_inputs: dict, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        return hf(**model_inputs, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
+                  max_length_k=max_len, use_cache=False, return_dict=True).last_hidden_state[0]
+    return forward
+
+
+def _forward(model, compile_options: dict | None):
+    """The packed forward of model[0].model: eager, or compiled once per accelerate() call."""
+    hf = model[0].model
+    if compile_options is None:
+        return _packed_forward(hf)
+    fn = model.__dict__.get("_embedkit_compiled")
+    if fn is None:
+        from embedkit._compile import compile_packed
+
+        fn = model.__dict__["_embedkit_compiled"] = compile_packed(_packed_forward(hf), compile_options)
+    return fn
+
+
+def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int, progress: bool,
+                   compile_options: dict | None = None):
     transformer = model[0]
     hf = transformer.model
+    forward = _forward(model, compile_options)
     offset = ek_transformers.position_offset(hf)
     prompt_length = 0 if head.include_prompt else tokens.prompt_length
     batches = _token_budget_batches(tokens.lengths, max_tokens)
@@ -248,14 +291,14 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
     out = None
     try:
         for sel in batches:
-            out = _encode_step(hf, tokens, head, device, offset, prompt_length, sel, out)
+            out = _encode_step(hf, forward, tokens, head, device, offset, prompt_length, sel, out)
             bar.update(len(sel))
     finally:
         bar.close()
     return out
 
 
-def _encode_step(hf, tokens: _Tokens, head: _Head, device, offset: int, prompt_length: int, sel, out):
+def _encode_step(hf, forward, tokens: _Tokens, head: _Head, device, offset: int, prompt_length: int, sel, out):
     """One token-budget step: the inputs `sel`, packed, through the model and the fused head."""
     lens = tokens.lengths[sel]
     cu = np.zeros(len(sel) + 1, dtype=np.int64)
@@ -273,8 +316,7 @@ def _encode_step(hf, tokens: _Tokens, head: _Head, device, offset: int, prompt_l
         model_inputs["token_type_ids"] = tokens.token_types[gather][None].to(device, non_blocking=True)
     cu_t = torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True)
     max_len = int(lens.max())
-    hidden = hf(**model_inputs, cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len,
-                max_length_k=max_len, use_cache=False, return_dict=True).last_hidden_state[0]
+    hidden = forward(model_inputs, cu_t, max_len)
     emb = _pool_head(head, hidden, cu_t, pos_t, lens, prompt_length, device)
     if out is None:
         out = emb.new_empty(len(tokens.lengths), emb.shape[1])

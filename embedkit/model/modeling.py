@@ -304,6 +304,19 @@ class Embedder(nn.Module):
         emb = self.pool(hidden, inputs.batch, dim=dim, normalize=normalize)
         return (emb, hidden) if return_hidden else emb
 
+    def compile(self, *args, fullgraph: bool = True, dynamic: bool | None = True, **kwargs) -> None:
+        """nn.Module.compile (in place: calling the model, and so `encode`, runs compiled) with the
+        packed-batch defaults fullgraph=True, dynamic=True; other arguments go to torch.compile.
+
+        The batch is built outside the compiled call (encode packs on the host), so one graph
+        serves every batch of every size and length, a one-input batch included (see
+        embedkit._compile). torch.compile(model) returns a wrapper whose `encode` is NOT compiled
+        (it calls the plain module): use model.compile() for encode."""
+        from .._compile import size_oblivious
+
+        super().compile(*args, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        self._compiled_call_impl = size_oblivious(self._compiled_call_impl)
+
     def embed_packed(self, batch: PackedBatch, input_ids: torch.Tensor, vision_patches=None, vision_index=None,
                      audio_patches=None, audio_index=None, *, dim: int | None = None,
                      normalize: bool = False) -> torch.Tensor:
@@ -347,6 +360,9 @@ class Embedder(nn.Module):
         sentence-transformers' default include_prompt=True; `task` is the unpooled instruction);
         prompt_name: a key of `self.prompts`; convert_to_numpy=True: a NumPy array;
         convert_to_tensor=False alone also gives NumPy, both False a list of 1-D tensors.
+
+        After model.compile() (see Embedder.compile) each batch's forward runs compiled; batches
+        are packed on the host either way.
         """
         dim = _alias("dim", dim, "truncate_dim", truncate_dim)
         normalize = _alias("normalize", normalize, "normalize_embeddings", normalize_embeddings)
