@@ -57,7 +57,7 @@ def test_chunked_aligned_one_label_gradient_is_exactly_zero(small_chunks):
 
 
 def test_coefficient_block_too_large_for_int32_offsets_is_rejected():
-    from tritonkernels import nce as K
+    from embedkit._triton import nce as K
 
     rows = torch.empty(30000, 1)
     with pytest.raises(ValueError, match="row_chunk \\* cand_chunk"):
