@@ -313,6 +313,64 @@ def _attn_multi_key(offs_m, start, end, CAUSAL: tl.constexpr, HAS_DLSE: tl.const
 
 
 @triton.jit
+def _attn_dkdv_block(dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
+                     stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
+                     qk_scale, sm_scale, offs_d,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, ROT_W: tl.constexpr,
+                     REST_W: tl.constexpr, HAS_DLSE: tl.constexpr, FUSED_DQ: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block of head `head` against the resident key tile: dk / dv accumulated (and with
+    FUSED_DQ this block's complete dq stored). Not MASKED: the key tile and the query block are
+    full and every query row is at or past the tile's last key, so no score mask is needed (and
+    every row has more than one key: no single-key rows, see _attn_multi_key)."""
+    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    d_ok = offs_d < D
+    qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
+                          ROTARY, ROT_W, REST_W, DOT_DTYPE)
+    do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = do.to(DOT_DTYPE)
+    lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
+    # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
+    s_t = _dot_qk(ka, kb, kr, qa, qb, qr, ROTARY, REST_W, DOT_PREC)
+    p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+    if MASKED:
+        valid = n_ok[:, None] & m_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[None, :] >= offs_n[:, None])
+        p_t = tl.where(valid, p_t, 0.0)
+    dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if MASKED:
+        multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
+        ds_t = tl.where(multi[None, :], ds_t, 0.0)
+    ds_t = ds_t.to(DOT_DTYPE)
+    if ROTARY:
+        dka = tl.dot(ds_t, qa, dka, input_precision=DOT_PREC)
+        dkb = tl.dot(ds_t, qb, dkb, input_precision=DOT_PREC)
+    if REST_W > 0:
+        dkr = tl.dot(ds_t, qr, dkr, input_precision=DOT_PREC)
+    if FUSED_DQ:
+        ds = tl.trans(ds_t)
+        if ROTARY:
+            dqa = tl.dot(ds, ka, input_precision=DOT_PREC)
+            dqb = tl.dot(ds, kb, input_precision=DOT_PREC)
+        else:
+            dqa = 0
+            dqb = 0
+        if REST_W > 0:
+            dqr = tl.dot(ds, kr, input_precision=DOT_PREC)
+        else:
+            dqr = 0
+        _store_grad(DQ + head * stride_dqh, stride_dqt, offs_m, m_ok, D, COS, SIN, HALF, dqa, dqb, dqr,
+                    sm_scale, ROTARY, ROT_W, REST_W)
+    return dka, dkb, dkr, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, SIN, SCHED,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -362,58 +420,47 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
         if ROTARY:
             dka = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
             dkb = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
+        else:
+            dka = 0
+            dkb = 0
         if REST_W > 0:
             dkr = tl.zeros([BLOCK_N, REST_W], dtype=tl.float32)
+        else:
+            dkr = 0
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         lo = start
         if CAUSAL:  # query blocks (aligned to the sequence start) wholly before this key tile see none of it
             lo = start + ((k_lo - start) // BLOCK_M) * BLOCK_M
+        # Query blocks in ascending order (so the sums are those of one plain loop): [lo, diag_hi)
+        # straddle the causal diagonal, [diag_hi, full_hi) need no score mask, [full_hi, end) is the
+        # sequence's tail. A key tile past the sequence end masks every block.
+        full_hi = start + ((end - start) // BLOCK_M) * BLOCK_M
+        diag_hi = lo
+        if CAUSAL:  # first block whose first row sees the tile's last key
+            diag_hi = start + tl.cdiv(k_lo + BLOCK_N - 1 - start, BLOCK_M) * BLOCK_M
+        if k_lo + BLOCK_N > end:
+            diag_hi = full_hi
+        diag_hi = tl.minimum(diag_hi, full_hi)
         for g in range(GROUP):
             head = (kv_head * GROUP + g).to(tl.int64)
-            for q_lo in range(lo, end, BLOCK_M):
-                offs_m = q_lo + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < end
-                multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
-                qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
-                                      ROTARY, ROT_W, REST_W, DOT_DTYPE)
-                do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                do = do.to(DOT_DTYPE)
-                lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
-                # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
-                s_t = _dot_qk(ka, kb, kr, qa, qb, qr, ROTARY, REST_W, DOT_PREC)
-                valid = n_ok[:, None] & m_ok[None, :]
-                if CAUSAL:
-                    valid = valid & (offs_m[None, :] >= offs_n[:, None])
-                p_t = tl.where(valid, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
-                dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                ds_t = tl.where(multi[None, :], p_t * (dp_t - delta[None, :]), 0.0).to(DOT_DTYPE)
-                if ROTARY:
-                    dka = tl.dot(ds_t, qa, dka, input_precision=DOT_PREC)
-                    dkb = tl.dot(ds_t, qb, dkb, input_precision=DOT_PREC)
-                if REST_W > 0:
-                    dkr = tl.dot(ds_t, qr, dkr, input_precision=DOT_PREC)
-                if FUSED_DQ:
-                    ds = tl.trans(ds_t)
-                    if ROTARY:
-                        dqa = tl.dot(ds, ka, input_precision=DOT_PREC)
-                        dqb = tl.dot(ds, kb, input_precision=DOT_PREC)
-                    else:
-                        dqa = 0
-                        dqb = 0
-                    if REST_W > 0:
-                        dqr = tl.dot(ds, kr, input_precision=DOT_PREC)
-                    else:
-                        dqr = 0
-                    _store_grad(DQ + head * stride_dqh, stride_dqt, offs_m, m_ok, D, COS, SIN, HALF, dqa, dqb, dqr,
-                                sm_scale, ROTARY, ROT_W, REST_W)
-        if not ROTARY:
-            dka = 0
-            dkb = 0
-        if REST_W == 0:
-            dkr = 0
+            for q_lo in range(lo, diag_hi, BLOCK_M):
+                dka, dkb, dkr, dv = _attn_dkdv_block(
+                    dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
+                    qk_scale, sm_scale, offs_d, True, CAUSAL, ROTARY, ROT_W, REST_W, HAS_DLSE, FUSED_DQ, DOT_DTYPE,
+                    DOT_PREC, BLOCK_M)
+            for q_lo in range(diag_hi, full_hi, BLOCK_M):
+                dka, dkb, dkr, dv = _attn_dkdv_block(
+                    dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
+                    qk_scale, sm_scale, offs_d, False, CAUSAL, ROTARY, ROT_W, REST_W, HAS_DLSE, FUSED_DQ, DOT_DTYPE,
+                    DOT_PREC, BLOCK_M)
+            for q_lo in range(full_hi, end, BLOCK_M):
+                dka, dkb, dkr, dv = _attn_dkdv_block(
+                    dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
+                    qk_scale, sm_scale, offs_d, True, CAUSAL, ROTARY, ROT_W, REST_W, HAS_DLSE, FUSED_DQ, DOT_DTYPE,
+                    DOT_PREC, BLOCK_M)
         _store_grad(dk_base, stride_dkt, offs_n, n_ok, D, COS, SIN, HALF, dka, dkb, dkr, sm_scale,
                     ROTARY, ROT_W, REST_W)
         tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvt + offs_d[None, :],
@@ -533,8 +580,10 @@ _FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _
                 _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
 # dk / dv: the dots have M = BLOCK_N (the resident key tile), so BLOCK_N >= 64 on long sequences;
 # square tiles of each length bucket for the fused-dq path of short sequences.
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2),
-                 _cfg(16, 16, 2, 2)]
+# 32x64 w8 with one stage: the fused-dq tile that does not spill at GQA 4 + rotary under Triton 3.6
+# (the fused path has one query block per head, so a second stage buys nothing there).
+_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 1),
+                 _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 # dq: M = BLOCK_M (the resident query tile).
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
@@ -571,15 +620,33 @@ def smem_estimate(kind: str, bm: int, bn: int, stages: int, head_dim: int, elem:
     return elem * (2 * bm * head_dim + stages * 2 * bn * head_dim + 2 * bm * bn)  # dq: resident q, dO
 
 
-# Configs that spill inside their main loop on sm_90a (bench/results/static-sm90a), by
-# (kernel kind, head dim tile, rotary) -> {(BLOCK_M, BLOCK_N, num_warps)}: dropped on a GPU.
-SM90_KNOWN_SPILLS: dict[tuple[str, int, bool], set[tuple[int, int, int]]] = {
-    ("fwd", 128, True): {(128, 128, 8)},
-    ("dkdv", 128, True): {(32, 128, 8), (64, 64, 8)},
-    ("dkdv", 128, False): {(64, 64, 8)},        # at GROUP 4 (GROUP 1 does not)
-    ("dkdv_dq", 128, False): {(64, 64, 8)},
-    ("dkdv_dq", 128, True): {(64, 64, 8)},
-}
+# Configs that spill inside their main loop on sm_90a (bench/results/static-sm90a and, for the GPU
+# image's Triton, static-sm90a-triton3.6): dropped on a GPU. Rows: (kernel kind, head dim tile,
+# rotary, smallest GROUP it spills at (1: any; the query-head loop only exists for GROUP > 1),
+# Triton major.minor versions it spills under (None: every version seen),
+# {(BLOCK_M, BLOCK_N, num_warps, num_stages)}).
+SM90_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = [
+    ("fwd", 128, True, 1, None, frozenset({(128, 128, 8, 2)})),
+    ("dkdv", 128, True, 1, None, frozenset({(32, 128, 8, 2), (64, 64, 8, 2)})),
+    ("dkdv", 128, False, 2, None, frozenset({(64, 64, 8, 2)})),       # GROUP 1 does not spill
+    ("dkdv_dq", 128, False, 1, None, frozenset({(64, 64, 8, 2)})),
+    ("dkdv_dq", 128, True, 1, None, frozenset({(64, 64, 8, 2)})),
+    # Triton 3.6 only: 1-3 words reloaded per query block at GQA 4 with rotary (3.9 allocates them).
+    ("dkdv_dq", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2)})),
+    ("dkdv_dq", 64, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2), (64, 64, 8, 2)})),
+]
+
+TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
+
+
+def known_spills(kind: str, head_dim: int, rotary: bool, group: int, version: str = TRITON_VERSION) -> set:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) that spill in their loop for this kernel and Triton version."""
+    out: set = set()
+    for k, hd, rot, min_group, versions, cfgs in SM90_KNOWN_SPILLS:
+        if (k, hd, rot) == (kind, head_dim, rotary) and group >= min_group and \
+                (versions is None or version in versions):
+            out |= cfgs
+    return out
 
 
 def _kind_of(named_args, kwargs) -> str:
@@ -588,23 +655,23 @@ def _kind_of(named_args, kwargs) -> str:
     return "dq" if "sm_scale" in named_args else "fwd"
 
 
-def _prune(configs, named_args, **kwargs):
+def prune_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON_VERSION) -> list:
     """Tiles no larger than the length bucket (see the module docstring) that fit Hopper: shared
-    memory by smem_estimate, no known in-loop spill (SM90_KNOWN_SPILLS); exactly one
+    memory by smem_estimate, no known in-loop spill under this Triton (known_spills); exactly one
     bucket-sized tile per sequence when the backward fuses dq (FUSED_DQ). Never empty: the
     smallest tile is the fallback."""
+    arg = lambda name, default=None: kwargs.get(name, named_args.get(name, default))  # noqa: E731
     bucket = named_args["LEN_BUCKET"]
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")) or 64
+    head_dim = arg("HEAD_DIM") or 64
     kind = _kind_of(named_args, kwargs)
-    rotary = bool(kwargs.get("ROTARY", named_args.get("ROTARY", False)))
-    spills = SM90_KNOWN_SPILLS.get((kind, head_dim, rotary), set())
+    spills = known_spills(kind, head_dim, bool(arg("ROTARY", False)), int(arg("GROUP", 1)), version)
 
     def fits(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         return (smem_estimate(kind, bm, bn, c.num_stages, head_dim) <= SM90_SMEM_LIMIT
-                and (bm, bn, c.num_warps) not in spills)
+                and (bm, bn, c.num_warps, c.num_stages) not in spills)
 
-    if kwargs.get("FUSED_DQ", named_args.get("FUSED_DQ")):
+    if arg("FUSED_DQ"):
         # One key tile per sequence (BLOCK_N = bucket) makes each dq block complete in one program;
         # the query blocks may be shorter (fewer registers for the transient dS / dq tiles).
         keep = [c for c in configs if c.kwargs["BLOCK_N"] == bucket and c.kwargs["BLOCK_M"] <= bucket
@@ -616,13 +683,18 @@ def _prune(configs, named_args, **kwargs):
         resident, streamed = (bn, bm) if kind.startswith("dkdv") else (bm, bn)
         big = (bucket < 64 or max(bm, bn) >= 32) and \
             (bucket < 256 or (resident >= (64 if kind.startswith("dkdv") else 128) and streamed >= 32))
-        return big and (head_dim < 256 or bm * bn <= 64 * 64)
+        # one stage only where there is one query block per head (fused dq); loops want two
+        return big and (head_dim < 256 or bm * bn <= 64 * 64) and c.num_stages > 1
 
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket and fits(c) and useful(c)]
     if not keep:
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
     return keep
+
+
+def _prune(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, kwargs)
 
 
 if INTERPRET:
