@@ -303,15 +303,16 @@ def test_model_forward_syncs_do_not_grow_with_depth_on_triton(monkeypatch):
     assert counts[1] == counts[3], f"host syncs per forward by depth: {counts}"
 
 
-# ---- dk / dv: unmasked full query blocks, masked diagonal / tail blocks --------------------------
+# ---- dk / dv over diagonal, full and tail query blocks ---------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("rotary", [None, "1d"], ids=["norot", "rot"])
 @pytest.mark.parametrize("lens", [[0, 1, 16, 17, 33, 0], [16, 1, 0, 16, 5]], ids=["split-dq", "fused-dq"])
 def test_dkdv_full_and_masked_blocks(lens, rotary, causal):
-    """The dk / dv kernel's three query-block ranges (diagonal, unmasked full, tail) against the
-    oracle: 33 tokens give two full key tiles with full query blocks past the diagonal and a partial
-    key tile whose blocks are all masked; the 16-token sequences run the fused-dq path's full block."""
+    """dk / dv (and dq) against the oracle where query blocks straddle the causal diagonal, lie
+    wholly past it, or hold the sequence's tail: 33 tokens give two full key tiles with full query
+    blocks past the diagonal and a partial key tile; the 16-token sequences run the fused-dq path
+    with one full block. (The guard for a kernel that skips the score mask on full blocks.)"""
     check_against_reference(lens, 4, 2, 32, torch.float16, causal=causal, rotary=rotary, seed=50 + len(lens))
 
 

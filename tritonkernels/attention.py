@@ -313,64 +313,6 @@ def _attn_multi_key(offs_m, start, end, CAUSAL: tl.constexpr, HAS_DLSE: tl.const
 
 
 @triton.jit
-def _attn_dkdv_block(dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
-                     stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
-                     qk_scale, sm_scale, offs_d,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, ROT_W: tl.constexpr,
-                     REST_W: tl.constexpr, HAS_DLSE: tl.constexpr, FUSED_DQ: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One query block of head `head` against the resident key tile: dk / dv accumulated (and with
-    FUSED_DQ this block's complete dq stored). Not MASKED: the key tile and the query block are
-    full and every query row is at or past the tile's last key, so no score mask is needed (and
-    every row has more than one key: no single-key rows, see _attn_multi_key)."""
-    offs_m = q_lo + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < end
-    d_ok = offs_d < D
-    qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
-                          ROTARY, ROT_W, REST_W, DOT_DTYPE)
-    do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = do.to(DOT_DTYPE)
-    lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
-    # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
-    s_t = _dot_qk(ka, kb, kr, qa, qb, qr, ROTARY, REST_W, DOT_PREC)
-    p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
-    if MASKED:
-        valid = n_ok[:, None] & m_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_m[None, :] >= offs_n[:, None])
-        p_t = tl.where(valid, p_t, 0.0)
-    dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if MASKED:
-        multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
-        ds_t = tl.where(multi[None, :], ds_t, 0.0)
-    ds_t = ds_t.to(DOT_DTYPE)
-    if ROTARY:
-        dka = tl.dot(ds_t, qa, dka, input_precision=DOT_PREC)
-        dkb = tl.dot(ds_t, qb, dkb, input_precision=DOT_PREC)
-    if REST_W > 0:
-        dkr = tl.dot(ds_t, qr, dkr, input_precision=DOT_PREC)
-    if FUSED_DQ:
-        ds = tl.trans(ds_t)
-        if ROTARY:
-            dqa = tl.dot(ds, ka, input_precision=DOT_PREC)
-            dqb = tl.dot(ds, kb, input_precision=DOT_PREC)
-        else:
-            dqa = 0
-            dqb = 0
-        if REST_W > 0:
-            dqr = tl.dot(ds, kr, input_precision=DOT_PREC)
-        else:
-            dqr = 0
-        _store_grad(DQ + head * stride_dqh, stride_dqt, offs_m, m_ok, D, COS, SIN, HALF, dqa, dqb, dqr,
-                    sm_scale, ROTARY, ROT_W, REST_W)
-    return dka, dkb, dkr, dv
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, SIN, SCHED,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -420,47 +362,58 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
         if ROTARY:
             dka = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
             dkb = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
-        else:
-            dka = 0
-            dkb = 0
         if REST_W > 0:
             dkr = tl.zeros([BLOCK_N, REST_W], dtype=tl.float32)
-        else:
-            dkr = 0
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         lo = start
         if CAUSAL:  # query blocks (aligned to the sequence start) wholly before this key tile see none of it
             lo = start + ((k_lo - start) // BLOCK_M) * BLOCK_M
-        # Query blocks in ascending order (so the sums are those of one plain loop): [lo, diag_hi)
-        # straddle the causal diagonal, [diag_hi, full_hi) need no score mask, [full_hi, end) is the
-        # sequence's tail. A key tile past the sequence end masks every block.
-        full_hi = start + ((end - start) // BLOCK_M) * BLOCK_M
-        diag_hi = lo
-        if CAUSAL:  # first block whose first row sees the tile's last key
-            diag_hi = start + tl.cdiv(k_lo + BLOCK_N - 1 - start, BLOCK_M) * BLOCK_M
-        if k_lo + BLOCK_N > end:
-            diag_hi = full_hi
-        diag_hi = tl.minimum(diag_hi, full_hi)
         for g in range(GROUP):
             head = (kv_head * GROUP + g).to(tl.int64)
-            for q_lo in range(lo, diag_hi, BLOCK_M):
-                dka, dkb, dkr, dv = _attn_dkdv_block(
-                    dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
-                    qk_scale, sm_scale, offs_d, True, CAUSAL, ROTARY, ROT_W, REST_W, HAS_DLSE, FUSED_DQ, DOT_DTYPE,
-                    DOT_PREC, BLOCK_M)
-            for q_lo in range(diag_hi, full_hi, BLOCK_M):
-                dka, dkb, dkr, dv = _attn_dkdv_block(
-                    dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
-                    qk_scale, sm_scale, offs_d, False, CAUSAL, ROTARY, ROT_W, REST_W, HAS_DLSE, FUSED_DQ, DOT_DTYPE,
-                    DOT_PREC, BLOCK_M)
-            for q_lo in range(full_hi, end, BLOCK_M):
-                dka, dkb, dkr, dv = _attn_dkdv_block(
-                    dka, dkb, dkr, dv, ka, kb, kr, v, q_lo, offs_n, n_ok, start, end, head, Q, DO, LSE, DELTA, DQ,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, D, COS, SIN, HALF,
-                    qk_scale, sm_scale, offs_d, True, CAUSAL, ROTARY, ROT_W, REST_W, HAS_DLSE, FUSED_DQ, DOT_DTYPE,
-                    DOT_PREC, BLOCK_M)
+            for q_lo in range(lo, end, BLOCK_M):
+                offs_m = q_lo + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < end
+                multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
+                qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
+                                      ROTARY, ROT_W, REST_W, DOT_DTYPE)
+                do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                do = do.to(DOT_DTYPE)
+                lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
+                # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
+                s_t = _dot_qk(ka, kb, kr, qa, qb, qr, ROTARY, REST_W, DOT_PREC)
+                valid = n_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_m[None, :] >= offs_n[:, None])
+                p_t = tl.where(valid, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+                dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                ds_t = tl.where(multi[None, :], p_t * (dp_t - delta[None, :]), 0.0).to(DOT_DTYPE)
+                if ROTARY:
+                    dka = tl.dot(ds_t, qa, dka, input_precision=DOT_PREC)
+                    dkb = tl.dot(ds_t, qb, dkb, input_precision=DOT_PREC)
+                if REST_W > 0:
+                    dkr = tl.dot(ds_t, qr, dkr, input_precision=DOT_PREC)
+                if FUSED_DQ:
+                    ds = tl.trans(ds_t)
+                    if ROTARY:
+                        dqa = tl.dot(ds, ka, input_precision=DOT_PREC)
+                        dqb = tl.dot(ds, kb, input_precision=DOT_PREC)
+                    else:
+                        dqa = 0
+                        dqb = 0
+                    if REST_W > 0:
+                        dqr = tl.dot(ds, kr, input_precision=DOT_PREC)
+                    else:
+                        dqr = 0
+                    _store_grad(DQ + head * stride_dqh, stride_dqt, offs_m, m_ok, D, COS, SIN, HALF, dqa, dqb, dqr,
+                                sm_scale, ROTARY, ROT_W, REST_W)
+        if not ROTARY:
+            dka = 0
+            dkb = 0
+        if REST_W == 0:
+            dkr = 0
         _store_grad(dk_base, stride_dkt, offs_n, n_ok, D, COS, SIN, HALF, dka, dkb, dkr, sm_scale,
                     ROTARY, ROT_W, REST_W)
         tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvt + offs_d[None, :],
