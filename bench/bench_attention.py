@@ -36,6 +36,35 @@ from .harness import BenchRun
 
 OP = "attention"
 
+# FA3-class anchors from the literature: context for the report, never measured rows (not run here,
+# other shapes and machines). Sources:
+#  - Shah et al., "FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision",
+#    arXiv:2407.08608 (2024), abstract: H100, 1.5-2.0x over FlashAttention-2, FP16 forward up to
+#    740 TFLOP/s (75% utilization), FP8 close to 1.2 PFLOP/s; FlashAttention-2 reaches ~35% on H100.
+#  - pytorch/benchmark PR #2391 (tritonbench flash_attention, D 128, Hq 16, B * S = 16K, H100):
+#    flash_v3 forward 430 TFLOP/s at S = 512 up to 621 TFLOP/s at S = 16K.
+LITERATURE_ANCHORS = [
+    {"what": "FlashAttention-3 forward, FP16, H100 SXM, peak point", "tflops": 740, "utilization": 0.75,
+     "source": "Shah et al. 2024, arXiv:2407.08608 (abstract)"},
+    {"what": "FlashAttention-3 forward, FP8, H100 SXM, peak point", "tflops": 1200, "utilization": None,
+     "source": "Shah et al. 2024, arXiv:2407.08608 (abstract)"},
+    {"what": "FlashAttention-2 on H100 (for scale)", "tflops": None, "utilization": 0.35,
+     "source": "Shah et al. 2024, arXiv:2407.08608 (abstract)"},
+    {"what": "FlashAttention-3 forward, D 128, Hq 16, S 512 / 16K (B * S = 16K), H100", "tflops": "430 / 621",
+     "utilization": None, "source": "pytorch/benchmark PR #2391 (tritonbench flash_attention)"},
+]
+
+
+def literature_notes() -> list[str]:
+    """The anchors as report notes, each labelled "literature, not measured"."""
+    out = []
+    for a in LITERATURE_ANCHORS:
+        fig = [f"{a['tflops']} TFLOP/s"] if a["tflops"] is not None else []
+        if a["utilization"] is not None:
+            fig.append(f"{a['utilization']:.0%} of peak")
+        out.append(f"literature, not measured: {a['what']}: {', '.join(fig)} ({a['source']})")
+    return out
+
 
 def _mix(name: str, gen: torch.Generator, quick: bool) -> list[int]:
     if name == "a":
@@ -232,6 +261,8 @@ def run(bench: BenchRun, *, mixes: list[str] | None = None, head_dims: list[int]
         bench.note("attention: CPU run covers the reference and padded SDPA only; the Triton kernel is not "
                    "timed under the interpreter")
         return
+    for n in literature_notes():  # context next to the measured rows, never a row
+        bench.note(n)
     dtype = torch.bfloat16
     head_dims = head_dims or ([128] if bench.quick else [64, 128])
     kv_heads = [16, 4]
@@ -369,6 +400,8 @@ def static_model(out_dir=None) -> str:
                     l2 = " / ".join(f"{r['l2_rel']:.0%}" for r in rot)
                     lines.append(f"| {mix} | {D} | {Hkv} | {'exact' if exact else 'B x cdiv'} | {m['launched']} | "
                                  f"{m['idle_frac']:.0%} | {m['mma_eff']:.2f} | {floor_t / t:.2f} | {dram} | {l2} |")
+    lines += ["", "FA3-class anchors (literature, not measured; other shapes, H100 SXM):", ""]
+    lines += [f"- {n}" for n in literature_notes()]
     text = "\n".join(lines) + "\n"
     if out_dir is not None:
         from pathlib import Path

@@ -238,16 +238,17 @@ def test_autotune_prune_sizes_tiles_from_length_bucket():
         for bucket in (16, 32, 64, 1024):
             for head_dim in (64, 128, 256):
                 for rotary in (False, True):
-                    kept = kernels._prune(configs, {"LEN_BUCKET": bucket, **named}, HEAD_DIM=head_dim, ROTARY=rotary)
+                    kept = kernels._prune(configs, {"LEN_BUCKET": bucket, **named}, HEAD_DIM=head_dim, ROTARY=rotary,
+                                          GROUP=4)
                     assert kept
-                    spills = kernels.SM90_KNOWN_SPILLS.get((kind, head_dim, rotary), set())
+                    spills = kernels.known_spills(kind, head_dim, rotary, 4)
                     for c in kept:
                         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                         assert bm <= bucket and bn <= bucket
                         if len(kept) > 1 or bucket > 16:
                             smem = kernels.smem_estimate(kind, bm, bn, c.num_stages, head_dim)
                             assert smem <= kernels.SM90_SMEM_LIMIT
-                            assert (bm, bn, c.num_warps) not in spills
+                            assert (bm, bn, c.num_warps, c.num_stages) not in spills
     for max_seqlen in range(1, kernels.FUSED_DQ_MAX_SEQLEN + 1):  # the fused-dq backward always has a config
         bucket = kernels.length_bucket(max_seqlen)
         kept = kernels._prune(kernels._DKDV_CONFIGS, {"LEN_BUCKET": bucket}, HEAD_DIM=128, FUSED_DQ=True)

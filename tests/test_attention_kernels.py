@@ -301,3 +301,57 @@ def test_model_forward_syncs_do_not_grow_with_depth_on_triton(monkeypatch):
             kernels._schedules.clear()
             counts[layers] = _count_syncs(lambda: model(inputs, dim=32), monkeypatch)
     assert counts[1] == counts[3], f"host syncs per forward by depth: {counts}"
+
+
+# ---- dk / dv over diagonal, full and tail query blocks ---------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("rotary", [None, "1d"], ids=["norot", "rot"])
+@pytest.mark.parametrize("lens", [[0, 1, 16, 17, 33, 0], [16, 1, 0, 16, 5]], ids=["split-dq", "fused-dq"])
+def test_dkdv_full_and_masked_blocks(lens, rotary, causal):
+    """dk / dv (and dq) against the oracle where query blocks straddle the causal diagonal, lie
+    wholly past it, or hold the sequence's tail: 33 tokens give two full key tiles with full query
+    blocks past the diagonal and a partial key tile; the 16-token sequences run the fused-dq path
+    with one full block. (The guard for a kernel that skips the score mask on full blocks.)"""
+    check_against_reference(lens, 4, 2, 32, torch.float16, causal=causal, rotary=rotary, seed=50 + len(lens))
+
+
+def test_dkdv_full_blocks_deterministic():
+    (q, k, v, g), rot = _inputs([33, 17], 4, 2, 32, seed=60, rotary="1d")
+    cu = _cu([33, 17])
+    a = _run("triton", q, k, v, g, cu, 33, dtype=torch.float16, causal=True, rotary=rot)
+    b = _run("triton", q, k, v, g, cu, 33, dtype=torch.float16, causal=True, rotary=rot)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ---- the Hopper prune: version- and group-aware known spills --------------------------------------
+
+def _prune_kept(kind, bucket, head_dim, rotary, group, version, fused=False):
+    from embedkit._triton import attention as kernels
+
+    configs = {"fwd": kernels._FWD_CONFIGS, "dq": kernels._DQ_CONFIGS}.get(kind, kernels._DKDV_CONFIGS)
+    named = {"LEN_BUCKET": bucket, **({"sm_scale": 1.0} if kind == "dq" else {}),
+             **({"FUSED_DQ": fused} if kind.startswith("dkdv") else {})}
+    kw = {"HEAD_DIM": head_dim, "ROTARY": rotary, "GROUP": group}
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in kernels.prune_configs(configs, named, kw, version=version)}
+
+
+def test_prune_drops_known_spills_per_triton_version_and_group():
+    from embedkit._triton import attention as kernels
+
+    # fused dq, GQA 4, rotary, 64-row key tiles: the w8 s2 tiles spill under Triton 3.6 only
+    for hd in (64, 128):
+        k36 = _prune_kept("dkdv_dq", 64, hd, True, 4, "3.6", fused=True)
+        k39 = _prune_kept("dkdv_dq", 64, hd, True, 4, "3.9", fused=True)
+        assert (32, 64, 8, 2) not in k36 and (32, 64, 8, 2) in k39, (hd, k36, k39)
+        assert k36 and all(c[1] == 64 for c in k36)
+        for c in k36:
+            assert c not in kernels.known_spills("dkdv_dq", hd, True, 4, "3.6")
+        # MHA keeps them under 3.6 too
+        assert (32, 64, 8, 2) in _prune_kept("dkdv_dq", 64, hd, True, 1, "3.6", fused=True)
+    # dk / dv 64x64 w8 at D128 without rotary spills at GROUP 4, not at GROUP 1
+    assert (64, 64, 8, 2) in _prune_kept("dkdv", 1024, 128, False, 1, "3.9")
+    assert (64, 64, 8, 2) not in _prune_kept("dkdv", 1024, 128, False, 4, "3.9")
+    assert kernels.known_spills("dkdv_dq", 64, True, 4, "3.6") and not kernels.known_spills("dkdv_dq", 64, True, 4, "3.9")

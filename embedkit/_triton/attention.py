@@ -533,8 +533,10 @@ _FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _
                 _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
 # dk / dv: the dots have M = BLOCK_N (the resident key tile), so BLOCK_N >= 64 on long sequences;
 # square tiles of each length bucket for the fused-dq path of short sequences.
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2),
-                 _cfg(16, 16, 2, 2)]
+# 32x64 w8 with one stage: the fused-dq tile that does not spill at GQA 4 + rotary under Triton 3.6
+# (the fused path has one query block per head, so a second stage buys nothing there).
+_DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 1),
+                 _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 # dq: M = BLOCK_M (the resident query tile).
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
@@ -571,15 +573,33 @@ def smem_estimate(kind: str, bm: int, bn: int, stages: int, head_dim: int, elem:
     return elem * (2 * bm * head_dim + stages * 2 * bn * head_dim + 2 * bm * bn)  # dq: resident q, dO
 
 
-# Configs that spill inside their main loop on sm_90a (bench/results/static-sm90a), by
-# (kernel kind, head dim tile, rotary) -> {(BLOCK_M, BLOCK_N, num_warps)}: dropped on a GPU.
-SM90_KNOWN_SPILLS: dict[tuple[str, int, bool], set[tuple[int, int, int]]] = {
-    ("fwd", 128, True): {(128, 128, 8)},
-    ("dkdv", 128, True): {(32, 128, 8), (64, 64, 8)},
-    ("dkdv", 128, False): {(64, 64, 8)},        # at GROUP 4 (GROUP 1 does not)
-    ("dkdv_dq", 128, False): {(64, 64, 8)},
-    ("dkdv_dq", 128, True): {(64, 64, 8)},
-}
+# Configs that spill inside their main loop on sm_90a (bench/results/static-sm90a and, for the GPU
+# image's Triton, static-sm90a-triton3.6): dropped on a GPU. Rows: (kernel kind, head dim tile,
+# rotary, smallest GROUP it spills at (1: any; the query-head loop only exists for GROUP > 1),
+# Triton major.minor versions it spills under (None: every version seen),
+# {(BLOCK_M, BLOCK_N, num_warps, num_stages)}).
+SM90_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = [
+    ("fwd", 128, True, 1, None, frozenset({(128, 128, 8, 2)})),
+    ("dkdv", 128, True, 1, None, frozenset({(32, 128, 8, 2), (64, 64, 8, 2)})),
+    ("dkdv", 128, False, 2, None, frozenset({(64, 64, 8, 2)})),       # GROUP 1 does not spill
+    ("dkdv_dq", 128, False, 1, None, frozenset({(64, 64, 8, 2)})),
+    ("dkdv_dq", 128, True, 1, None, frozenset({(64, 64, 8, 2)})),
+    # Triton 3.6 only: 1-3 words reloaded per query block at GQA 4 with rotary (3.9 allocates them).
+    ("dkdv_dq", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2)})),
+    ("dkdv_dq", 64, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2), (64, 64, 8, 2)})),
+]
+
+TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
+
+
+def known_spills(kind: str, head_dim: int, rotary: bool, group: int, version: str = TRITON_VERSION) -> set:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) that spill in their loop for this kernel and Triton version."""
+    out: set = set()
+    for k, hd, rot, min_group, versions, cfgs in SM90_KNOWN_SPILLS:
+        if (k, hd, rot) == (kind, head_dim, rotary) and group >= min_group and \
+                (versions is None or version in versions):
+            out |= cfgs
+    return out
 
 
 def _kind_of(named_args, kwargs) -> str:
@@ -588,23 +608,23 @@ def _kind_of(named_args, kwargs) -> str:
     return "dq" if "sm_scale" in named_args else "fwd"
 
 
-def _prune(configs, named_args, **kwargs):
+def prune_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON_VERSION) -> list:
     """Tiles no larger than the length bucket (see the module docstring) that fit Hopper: shared
-    memory by smem_estimate, no known in-loop spill (SM90_KNOWN_SPILLS); exactly one
+    memory by smem_estimate, no known in-loop spill under this Triton (known_spills); exactly one
     bucket-sized tile per sequence when the backward fuses dq (FUSED_DQ). Never empty: the
     smallest tile is the fallback."""
+    arg = lambda name, default=None: kwargs.get(name, named_args.get(name, default))  # noqa: E731
     bucket = named_args["LEN_BUCKET"]
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")) or 64
+    head_dim = arg("HEAD_DIM") or 64
     kind = _kind_of(named_args, kwargs)
-    rotary = bool(kwargs.get("ROTARY", named_args.get("ROTARY", False)))
-    spills = SM90_KNOWN_SPILLS.get((kind, head_dim, rotary), set())
+    spills = known_spills(kind, head_dim, bool(arg("ROTARY", False)), int(arg("GROUP", 1)), version)
 
     def fits(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         return (smem_estimate(kind, bm, bn, c.num_stages, head_dim) <= SM90_SMEM_LIMIT
-                and (bm, bn, c.num_warps) not in spills)
+                and (bm, bn, c.num_warps, c.num_stages) not in spills)
 
-    if kwargs.get("FUSED_DQ", named_args.get("FUSED_DQ")):
+    if arg("FUSED_DQ"):
         # One key tile per sequence (BLOCK_N = bucket) makes each dq block complete in one program;
         # the query blocks may be shorter (fewer registers for the transient dS / dq tiles).
         keep = [c for c in configs if c.kwargs["BLOCK_N"] == bucket and c.kwargs["BLOCK_M"] <= bucket
@@ -616,13 +636,18 @@ def _prune(configs, named_args, **kwargs):
         resident, streamed = (bn, bm) if kind.startswith("dkdv") else (bm, bn)
         big = (bucket < 64 or max(bm, bn) >= 32) and \
             (bucket < 256 or (resident >= (64 if kind.startswith("dkdv") else 128) and streamed >= 32))
-        return big and (head_dim < 256 or bm * bn <= 64 * 64)
+        # one stage only where there is one query block per head (fused dq); loops want two
+        return big and (head_dim < 256 or bm * bn <= 64 * 64) and c.num_stages > 1
 
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= bucket and c.kwargs["BLOCK_N"] <= bucket and fits(c) and useful(c)]
     if not keep:
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
     return keep
+
+
+def _prune(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, kwargs)
 
 
 if INTERPRET:
