@@ -29,7 +29,7 @@ from .. import ops
 from .._config import validation_enabled
 from ..batch import PackedBatch
 from ..ops.reference import segment_ids
-from .config import SPECIAL_TOKENS, EmbedderConfig
+from .config import SPECIAL_TOKENS, EmbedderConfig, default_mrl_dims  # noqa: F401 (re-exported: it lived here)
 from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
 from .processor import HFTokenizer, ModelInputs, Processor
 
@@ -527,10 +527,6 @@ class Embedder(nn.Module):
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
         return n
-
-
-def default_mrl_dims(out_dim: int) -> tuple[int, ...]:
-    return tuple(sorted({max(1, out_dim // 4), max(1, out_dim // 2), out_dim}))
 
 
 def _alias(name: str, value, st_name: str, st_value):
