@@ -30,8 +30,9 @@ from .._config import validation_enabled
 from ..batch import PackedBatch
 from ..ops.reference import segment_ids
 from .config import SPECIAL_TOKENS, EmbedderConfig, default_mrl_dims  # noqa: F401 (re-exported: it lived here)
-from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
-from .processor import HFTokenizer, ModelInputs, Processor
+from .inputs import SEGMENT_TYPES, Interleaved, ModelInputs, Text, as_input_list
+from .processor import Processor
+from .tokenizers import HFTokenizer
 
 if TYPE_CHECKING:
     import numpy as np
