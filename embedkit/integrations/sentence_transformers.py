@@ -71,6 +71,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: 
 
 import embedkit.ops as ops  # noqa: E402
 from embedkit.integrations import transformers as ek_transformers  # noqa: E402
+from embedkit.model._batching import token_budget_batches  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 16384
 _TOKENIZE_CHUNK = 1024
@@ -239,20 +240,6 @@ def _tokenize(model, inputs, prompt, kwargs) -> _Tokens | None:
                    prompt_length)
 
 
-def _token_budget_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Input indices, longest first, cut into consecutive groups of at most max_tokens tokens
-    (a longer input forms a group of its own)."""
-    order = np.argsort(-lengths, kind="stable")
-    batches, start, used = [], 0, 0
-    for i, n in enumerate(lengths[order].tolist()):
-        if used and used + n > max_tokens:
-            batches.append(order[start:i])
-            start, used = i, 0
-        used += n
-    batches.append(order[start:])
-    return batches
-
-
 # ---- the packed encode ------------------------------------------------------------------------
 
 def _packed_forward(hf):
@@ -283,7 +270,7 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
     forward = _forward(model, compile_options)
     offset = ek_transformers.position_offset(hf)
     prompt_length = 0 if head.include_prompt else tokens.prompt_length
-    batches = _token_budget_batches(tokens.lengths, max_tokens)
+    batches = token_budget_batches(tokens.lengths, max_tokens)
     from embedkit._progress import Progress
 
     # Counts inputs, not steps: one token-budget step can hold hundreds of sentences.
