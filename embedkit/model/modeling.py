@@ -255,7 +255,7 @@ class Embedder(nn.Module):
             x = x.index_copy(0, inputs.audio_index, self.audio_embed(inputs.audio_patches.to(x.dtype)))
         b = inputs.batch
         if self.position_embed is not None:
-            T = x.shape[0]  # (not b.total_tokens: that would sync with the device)
+            T = x.shape[0]  # (x's rows rather than b.total_tokens: a traced size under torch.compile)
             seq_pos = torch.arange(T, device=x.device) - b.cu_seqlens.long()[segment_ids(b.cu_seqlens, T)]
             x = x + self.position_embed(seq_pos)
         if self.embed_norm is not None:
