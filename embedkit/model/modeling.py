@@ -355,8 +355,8 @@ class Embedder(nn.Module):
         batch_tokens: inputs are packed, longest first, into batches of at most this many tokens (an
         input longer than that is a batch of its own); the embeddings come back in input order. The
         sort runs within windows of 8 batches' worth of inputs (ENCODE_WINDOW_BATCHES), so that only
-        one window of processed images / audio is held. show_progress: a bar counting inputs (default: on for
-        >= 256 inputs) on a terminal, else one final line on stderr.
+        one window of processed images / audio is held. show_progress: a bar counting inputs
+        (default: on for >= 256 inputs) on a terminal, else one final line on stderr.
         truncate: an input longer than config.max_seq_len keeps its first text tokens (plus bos /
         eos), as sentence-transformers truncates; False makes it a ValueError. Image / video /
         audio tokens are never cut (that is an error either way).

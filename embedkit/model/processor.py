@@ -48,6 +48,8 @@ __all__ = ["ByteTokenizer", "HFTokenizer", "ModelInputs", "Processor", "audio_pa
            "load_tokenizer", "log_mel_spectrogram", "mel_filterbank", "vision_patches", "vision_positions"]
 
 
+# ---- one item, before packing -------------------------------------------------------------------
+
 @dataclass
 class _Item:
     """One item's tokens before packing."""
