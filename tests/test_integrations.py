@@ -52,11 +52,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class OpSpy:
-    """Wraps embedkit.ops.varlen_attention / pool_project to record how the integrations call them."""
+    """Wraps embedkit.ops.varlen_attention / pool_project / masked_mean to record how the integrations
+    call them. `pool` holds both pooling ops: (hidden shape, weight shape, keywords), the weight shape
+    None for masked_mean (pooling with no projection)."""
 
     def __init__(self, monkeypatch):
         self.attention, self.pool = [], []
-        attention, pool = ops.varlen_attention, ops.pool_project
+        attention, pool, mean = ops.varlen_attention, ops.pool_project, ops.masked_mean
 
         def spy_attention(q, k, v, cu_seqlens, max_seqlen, **kw):
             self.attention.append((q.shape, cu_seqlens.detach().cpu(), max_seqlen, kw.get("causal")))
@@ -66,8 +68,13 @@ class OpSpy:
             self.pool.append((hidden.shape, weight.shape, kw))
             return pool(hidden, cu_seqlens, weight, bias, **kw)
 
+        def spy_mean(hidden, cu_seqlens, pool_mask=None):
+            self.pool.append((hidden.shape, None, {"pool_mask": pool_mask, "normalize": False}))
+            return mean(hidden, cu_seqlens, pool_mask)
+
         monkeypatch.setattr(ops, "varlen_attention", spy_attention)
         monkeypatch.setattr(ops, "pool_project", spy_pool)
+        monkeypatch.setattr(ops, "masked_mean", spy_mean)
 
 
 # ---- registration ---------------------------------------------------------------------------------
@@ -152,7 +159,9 @@ def test_minilm_accelerate_matches_sentence_transformers(minilm_reference, monke
         assert causal is False
     assert sum(s[0][0] for s in spy.pool) == sum(len(model.tokenizer(s, truncation=True, max_length=256)
                                                      ["input_ids"]) for s in sentences)
-    assert all(kw["normalize"] for _, _, kw in spy.pool)  # Normalize fused into pool_project
+    # Pooling + Normalize, no Dense: masked_mean (no identity projection), then Normalize
+    assert all(weight is None for _, weight, _ in spy.pool)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(got)), rtol=0, atol=1e-5)
     # numpy output, single string, normalize_embeddings / truncate_dim as sentence-transformers does
     with embedkit.use_backend("reference"):
         single = model.encode(sentences[7])
@@ -164,7 +173,7 @@ def test_minilm_accelerate_matches_sentence_transformers(minilm_reference, monke
 
 @pytest.mark.parametrize("mode,include_prompt,activation,normalize", [
     ("mean", False, "identity", True),    # prompt -> pool_mask, Dense + Normalize fused
-    ("mean", False, "tanh", False),       # Dense with an activation runs after pool_project
+    ("mean", False, "tanh", False),       # Dense with an activation runs after masked_mean
     ("cls", False, "identity", False),
     ("lasttoken", True, None, True),
 ])

@@ -406,3 +406,28 @@ def test_random_mixes_match_padded_reference(tiny64, items, task):
     ref_emb, ref_hidden, valid = padded_forward(tiny64, inp)
     torch.testing.assert_close(emb, ref_emb, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(hidden, ref_hidden[valid], rtol=1e-9, atol=1e-10)
+
+
+def test_token_budget_batches_longest_first_within_budget():
+    from embedkit.model._batching import token_budget_batches, windowed_batches
+
+    lengths = np.array([3, 9, 1, 5, 5, 20, 2])
+    batches = token_budget_batches(lengths, 10)
+    # Longest first (ties in input order), each group within the budget unless one input exceeds it.
+    assert [b.tolist() for b in batches] == [[5], [1], [3, 4], [0, 6, 2]]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    # Windows of about 12 tokens: sorted within each window, indices still the inputs' own.
+    got = list(windowed_batches(list(lengths), int, 10, 12))
+    assert [(sel.tolist(), items) for sel, items in got] == [
+        ([1], [9]), ([0], [3]), ([5], [20]), ([3, 4], [5, 5]), ([2], [1]), ([6], [2])]
+
+
+def test_encode_sorted_batches_come_back_in_input_order(tiny, monkeypatch):
+    from embedkit.model import modeling
+
+    items = ["a", "a much longer piece of text than the others", embedkit.Image(torch.rand(6, 6, 3)), "bb",
+             "medium length text", "c"]
+    one_by_one = torch.stack([tiny.encode(x) for x in items])
+    torch.testing.assert_close(tiny.encode(items, batch_tokens=40), one_by_one, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(modeling, "ENCODE_WINDOW_BATCHES", 1)  # several windows
+    torch.testing.assert_close(tiny.encode(items, batch_tokens=40), one_by_one, rtol=1e-5, atol=1e-6)

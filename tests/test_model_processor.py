@@ -252,3 +252,16 @@ def test_too_many_tokens_is_a_clear_error():
 def test_empty_input_list(proc):
     with pytest.raises(ValueError, match="empty"):
         proc([])
+
+
+def test_processor_reexports_what_moved_out_of_it():
+    """The tokenizers, the feature math and ModelInputs have files of their own; the names stay
+    importable from embedkit.model.processor, as the same objects."""
+    from embedkit.model import features, inputs, processor, tokenizers
+
+    for name in ("ByteTokenizer", "HFTokenizer", "load_tokenizer"):
+        assert getattr(processor, name) is getattr(tokenizers, name)
+    for name in ("fit_image_size", "vision_patches", "vision_positions", "mel_filterbank", "log_mel_spectrogram",
+                 "audio_patches"):
+        assert getattr(processor, name) is getattr(features, name)
+    assert processor.ModelInputs is inputs.ModelInputs is embedkit.ModelInputs

@@ -14,8 +14,10 @@ attention):
 2. The transformer runs padding-free on the varlen kernel (`embedkit.integrations.transformers`:
    attention implementation "embedkit", one packed row, cu_seqlens in kwargs).
 3. Pooling (mean, cls or last token) + Dense (identity activation) + Normalize run as one
-   `embedkit.ops.pool_project`; a prompt excluded from pooling (``include_prompt=False``) becomes its
-   ``pool_mask``, and so do cls / last-token pooling (a mask that keeps one token).
+   `embedkit.ops.pool_project`; Pooling with no such Dense runs as `embedkit.ops.masked_mean`
+   (then sentence-transformers' Normalize, if the model has one). A prompt excluded from pooling
+   (``include_prompt=False``) becomes the ``pool_mask``, and so do cls / last-token pooling (a
+   mask that keeps one token).
 
 ``batch_size`` is ignored on the packed path (``max_tokens`` bounds the step instead).
 
@@ -71,6 +73,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: 
 
 import embedkit.ops as ops  # noqa: E402
 from embedkit.integrations import transformers as ek_transformers  # noqa: E402
+from embedkit.model._batching import token_budget_batches  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 16384
 _TOKENIZE_CHUNK = 1024
@@ -239,20 +242,6 @@ def _tokenize(model, inputs, prompt, kwargs) -> _Tokens | None:
                    prompt_length)
 
 
-def _token_budget_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Input indices, longest first, cut into consecutive groups of at most max_tokens tokens
-    (a longer input forms a group of its own)."""
-    order = np.argsort(-lengths, kind="stable")
-    batches, start, used = [], 0, 0
-    for i, n in enumerate(lengths[order].tolist()):
-        if used and used + n > max_tokens:
-            batches.append(order[start:i])
-            start, used = i, 0
-        used += n
-    batches.append(order[start:])
-    return batches
-
-
 # ---- the packed encode ------------------------------------------------------------------------
 
 def _packed_forward(hf):
@@ -283,7 +272,7 @@ def _encode_packed(model, tokens: _Tokens, head: _Head, device, max_tokens: int,
     forward = _forward(model, compile_options)
     offset = ek_transformers.position_offset(hf)
     prompt_length = 0 if head.include_prompt else tokens.prompt_length
-    batches = _token_budget_batches(tokens.lengths, max_tokens)
+    batches = token_budget_batches(tokens.lengths, max_tokens)
     from embedkit._progress import Progress
 
     # Counts inputs, not steps: one token-budget step can hold hundreds of sentences.
@@ -351,14 +340,15 @@ def _pool_head(head: _Head, hidden: torch.Tensor, cu: torch.Tensor, pos: torch.T
     if pool_mask is not None:
         pool_mask = pool_mask.to(device, non_blocking=True)
     dense = head.dense
-    fuse = dense is not None and dense.linear.weight.dtype == hidden.dtype and not len(empty)
-    if fuse:
-        weight, bias, rest = dense.linear.weight, dense.linear.bias, head.rest
-    else:  # pooling alone: the identity projection (an [H, H] matmul per step, negligible)
-        weight = torch.eye(hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-        bias, rest = None, ([dense] if dense is not None else []) + head.rest
-    normalize = head.normalize and not rest and not len(empty)
-    x = ops.pool_project(hidden, cu, weight, bias, pool_mask=pool_mask, normalize=normalize)
+    if dense is not None and dense.linear.weight.dtype == hidden.dtype and not len(empty):
+        # Pooling + Dense (+ Normalize when nothing follows the Dense) as one pool_project
+        rest = head.rest
+        normalize = head.normalize and not rest
+        x = ops.pool_project(hidden, cu, dense.linear.weight, dense.linear.bias, pool_mask=pool_mask,
+                             normalize=normalize)
+    else:  # pooling alone; the Dense (if any) and Normalize run as sentence-transformers' modules
+        rest, normalize = ([dense] if dense is not None else []) + head.rest, False
+        x = ops.masked_mean(hidden, cu, pool_mask)
     if len(empty):
         x[torch.from_numpy(empty).to(device)] = 0
     if head.normalize and not normalize:

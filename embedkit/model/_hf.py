@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EmbedderConfig
+from .config import EmbedderConfig, default_mrl_dims
 
 DECODER_TYPES = ("llama", "qwen2", "qwen3", "gemma")
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -134,8 +134,6 @@ def from_encoder(model_cls, path_or_model, *, tokenizer=None, out_dim=None, dtyp
     H = c.hidden_size
     identity = out_dim is None
     out = H if identity else int(out_dim)
-    from .modeling import default_mrl_dims
-
     cfg = dict(
         vocab_size=c.vocab_size, hidden_size=H, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
         num_kv_heads=c.num_attention_heads, head_dim=H // c.num_attention_heads,

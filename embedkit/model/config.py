@@ -33,6 +33,11 @@ _MAX_INT = dict(vocab_size=MAX_VOCAB_SIZE, hidden_size=2 ** 16, num_layers=1024,
                 audio_frames_per_patch=1024, max_position_embeddings=2 ** 24)
 
 
+def default_mrl_dims(out_dim: int) -> tuple[int, ...]:
+    """The MRL prefixes of a fresh projection to out_dim: out_dim / 4, out_dim / 2 and out_dim."""
+    return tuple(sorted({max(1, out_dim // 4), max(1, out_dim // 2), out_dim}))
+
+
 @dataclass
 class EmbedderConfig:
     # ---- backbone ----

@@ -1,4 +1,5 @@
-"""The input segments of the Embedder: Text, Image, Video and Audio, interleaved in any order.
+"""The Embedder's inputs: the user's segments (Text, Image, Video and Audio, interleaved in any
+order) and ModelInputs, the packed token stream the Processor makes of them and forward reads.
 
 Segments only hold and check what the user gave; turning them into tokens is the Processor's job.
 Arrays may be NumPy arrays or torch tensors (anything with `__array__`, e.g. a PIL image, works
@@ -6,11 +7,13 @@ for Image too).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Union
 
 import numpy as np
 import torch
+
+from ..batch import PackedBatch
 
 _PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WAVE_DTYPES = (torch.int16, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -188,3 +191,37 @@ def as_input_list(inputs) -> tuple[bool, list]:
         raise TypeError("inputs must be a str, an embedkit.Interleaved, a segment (Text, Image, Video, Audio) or "
                         f"a list of them, got {kind}")
     return False, list(inputs)
+
+
+@dataclass
+class ModelInputs:
+    """What Embedder.forward reads: the packing plus the token ids and patch values.
+
+    batch: PackedBatch with cu_seqlens, max_seqlen, position_ids [3, T], modality_ids [T], pool_mask [T].
+    input_ids: int64 [T] (vocabulary ids; 0 at patch tokens, whose rows are replaced by patch embeddings).
+    vision_patches [Nv, vision_patch_dim] at rows vision_index (int64 [Nv]) of the stream;
+    audio_patches [Na, audio_patch_dim] at rows audio_index.
+    """
+    batch: PackedBatch
+    input_ids: torch.Tensor
+    vision_patches: torch.Tensor | None = None
+    vision_index: torch.Tensor | None = None
+    audio_patches: torch.Tensor | None = None
+    audio_index: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch.batch_size
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ModelInputs":
+        """Moved to `device`; patch values cast to `dtype` (ids and indices keep theirs)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        mvf = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+        return replace(self, batch=self.batch.to(device) if device is not None else self.batch,
+                       input_ids=mv(self.input_ids), vision_patches=mvf(self.vision_patches),
+                       vision_index=mv(self.vision_index), audio_patches=mvf(self.audio_patches),
+                       audio_index=mv(self.audio_index))

@@ -29,9 +29,11 @@ from .. import ops
 from .._config import validation_enabled
 from ..batch import PackedBatch
 from ..ops.reference import segment_ids
-from .config import SPECIAL_TOKENS, EmbedderConfig
-from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
-from .processor import HFTokenizer, ModelInputs, Processor
+from ._batching import windowed_batches
+from .config import SPECIAL_TOKENS, EmbedderConfig, default_mrl_dims  # noqa: F401 (re-exported: it lived here)
+from .inputs import SEGMENT_TYPES, Interleaved, ModelInputs, Text, as_input_list
+from .processor import Processor
+from .tokenizers import HFTokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +42,9 @@ WEIGHTS_NAME = "model.safetensors"
 SAVE_ID_KEY = "embedkit_save_id"  # one random id per save_pretrained, in config and weights
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
+# encode sorts its inputs by length within windows of this many batches (batch_tokens each): the
+# processed inputs of one window are held at once (see _batching.windowed_batches).
+ENCODE_WINDOW_BATCHES = 8
 
 
 class Norm(nn.Module):
@@ -250,7 +255,7 @@ class Embedder(nn.Module):
             x = x.index_copy(0, inputs.audio_index, self.audio_embed(inputs.audio_patches.to(x.dtype)))
         b = inputs.batch
         if self.position_embed is not None:
-            T = x.shape[0]  # (not b.total_tokens: that would sync with the device)
+            T = x.shape[0]  # (x's rows rather than b.total_tokens: a traced size under torch.compile)
             seq_pos = torch.arange(T, device=x.device) - b.cu_seqlens.long()[segment_ids(b.cu_seqlens, T)]
             x = x + self.position_embed(seq_pos)
         if self.embed_norm is not None:
@@ -347,9 +352,11 @@ class Embedder(nn.Module):
         that is not an input or a list of inputs.
         task: an instruction attended to by every input but left out of the pooled mean.
         dim: an MRL prefix (one of config.mrl_dims); None: the model's own output size, out_dim.
-        batch_tokens: inputs are packed in order into batches of at most this many tokens (an input
-        longer than that is a batch of its own). show_progress: a bar counting inputs (default: on
-        for >= 256 inputs) on a terminal, else one final line on stderr.
+        batch_tokens: inputs are packed, longest first, into batches of at most this many tokens (an
+        input longer than that is a batch of its own); the embeddings come back in input order. The
+        sort runs within windows of 8 batches' worth of inputs (ENCODE_WINDOW_BATCHES), so that only
+        one window of processed images / audio is held. show_progress: a bar counting inputs
+        (default: on for >= 256 inputs) on a terminal, else one final line on stderr.
         truncate: an input longer than config.max_seq_len keeps its first text tokens (plus bos /
         eos), as sentence-transformers truncates; False makes it a ValueError. Image / video /
         audio tokens are never cut (that is an error either way).
@@ -387,26 +394,20 @@ class Embedder(nn.Module):
         from .._progress import Progress
 
         bar = Progress(len(items), "encode", enabled=show_progress or (show_progress is None and len(items) >= 256))
-        outs, pending, pending_tokens = [], [], 0
-
-        def flush():
-            packed = self.processor.pack(pending).to(self.device, self.dtype)
-            outs.append(self(packed, dim=dim, normalize=normalize).float().cpu())
-            bar.update(len(pending))
-
+        processed = (self.processor.item(x, task, i, truncate=truncate) for i, x in enumerate(items))
+        emb = None
         try:
-            for i, x in enumerate(items):
-                it = self.processor.item(x, task, i, truncate=truncate)
-                if pending and pending_tokens + it.length > batch_tokens:
-                    flush()
-                    pending, pending_tokens = [], 0
-                pending.append(it)
-                pending_tokens += it.length
-            flush()
+            for sel, batch in windowed_batches(processed, lambda it: it.length, batch_tokens,
+                                               ENCODE_WINDOW_BATCHES * batch_tokens):
+                packed = self.processor.pack(batch).to(self.device, self.dtype)
+                out = self(packed, dim=dim, normalize=normalize).float().cpu()
+                if emb is None:
+                    emb = out.new_empty(len(items), out.shape[1])
+                emb[torch.from_numpy(sel)] = out
+                bar.update(len(batch))
         finally:
             bar.close()
             self.train(was_training)
-        emb = torch.cat(outs)
         emb = emb[0] if single else emb
         if output == "numpy":
             return emb.numpy()
@@ -527,10 +528,6 @@ class Embedder(nn.Module):
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
         return n
-
-
-def default_mrl_dims(out_dim: int) -> tuple[int, ...]:
-    return tuple(sorted({max(1, out_dim // 4), max(1, out_dim // 2), out_dim}))
 
 
 def _alias(name: str, value, st_name: str, st_value):

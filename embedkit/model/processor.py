@@ -31,107 +31,24 @@ An item with more than `max_seq_len` tokens is an error (ValueError naming the i
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..batch import PackedBatch
 from . import config as C
-from .inputs import Audio, Image, Text, Video, as_input_list, as_interleaved
+from .features import (audio_patches, fit_image_size, log_mel_spectrogram, mel_filterbank, resize_frames,
+                       to_frames, vision_patches, vision_positions)
+from .inputs import Audio, Image, ModelInputs, Text, Video, as_input_list, as_interleaved
+from .tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+
+# Re-exported: they lived here before the tokenizers, the feature math and ModelInputs got files
+# of their own, and `from embedkit.model.processor import ...` of them keeps working.
+__all__ = ["ByteTokenizer", "HFTokenizer", "ModelInputs", "Processor", "audio_patches", "fit_image_size",
+           "load_tokenizer", "log_mel_spectrogram", "mel_filterbank", "vision_patches", "vision_positions"]
 
 
-# ---- tokenizers ---------------------------------------------------------------------------------
-
-class ByteTokenizer:
-    """The built-in tokenizer: UTF-8 bytes are ids 0..255; pad 256, bos 257, eos 258. No download."""
-    vocab_size = 259
-    pad_token_id = 256
-    bos_token_id = 257
-    eos_token_id = 258
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer seen through the Processor's small interface.
-
-    bos is the tokenizer's cls token (BERT) or else its bos token; eos its sep token or else eos.
-    """
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.vocab_size = len(tokenizer)
-        cls_id = getattr(tokenizer, "cls_token_id", None)
-        sep_id = getattr(tokenizer, "sep_token_id", None)
-        self.bos_token_id = cls_id if cls_id is not None else getattr(tokenizer, "bos_token_id", None)
-        self.eos_token_id = sep_id if sep_id is not None else getattr(tokenizer, "eos_token_id", None)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-
-def load_tokenizer(spec):
-    """"bytes" -> ByteTokenizer; a path -> the Hugging Face tokenizer there; a tokenizer -> wrapped."""
-    if spec is None:
-        return None
-    if isinstance(spec, (ByteTokenizer, HFTokenizer)):
-        return spec
-    if isinstance(spec, str):
-        if spec == "bytes":
-            return ByteTokenizer()
-        import os
-
-        from transformers import AutoTokenizer
-
-        # Local directories only: a hub id would be fetched from the network.
-        if not os.path.isdir(spec):
-            raise ValueError(f"tokenizer {spec!r} is not a local directory (hub ids are not fetched; "
-                             f"download the tokenizer and pass its path, or pass a tokenizer object)")
-        return HFTokenizer(AutoTokenizer.from_pretrained(spec, local_files_only=True))
-    if callable(spec) and hasattr(spec, "convert_tokens_to_ids"):
-        return HFTokenizer(spec)
-    raise TypeError(f"tokenizer must be 'bytes', a path to a Hugging Face tokenizer, or a tokenizer object, "
-                    f"got {type(spec).__name__}")
-
-
-# ---- model inputs -------------------------------------------------------------------------------
-
-@dataclass
-class ModelInputs:
-    """What Embedder.forward reads: the packing plus the token ids and patch values.
-
-    batch: PackedBatch with cu_seqlens, max_seqlen, position_ids [3, T], modality_ids [T], pool_mask [T].
-    input_ids: int64 [T] (vocabulary ids; 0 at patch tokens, whose rows are replaced by patch embeddings).
-    vision_patches [Nv, vision_patch_dim] at rows vision_index (int64 [Nv]) of the stream;
-    audio_patches [Na, audio_patch_dim] at rows audio_index.
-    """
-    batch: PackedBatch
-    input_ids: torch.Tensor
-    vision_patches: torch.Tensor | None = None
-    vision_index: torch.Tensor | None = None
-    audio_patches: torch.Tensor | None = None
-    audio_index: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch.batch_size
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "ModelInputs":
-        """Moved to `device`; patch values cast to `dtype` (ids and indices keep theirs)."""
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        mvf = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
-        return replace(self, batch=self.batch.to(device) if device is not None else self.batch,
-                       input_ids=mv(self.input_ids), vision_patches=mvf(self.vision_patches),
-                       vision_index=mv(self.vision_index), audio_patches=mvf(self.audio_patches),
-                       audio_index=mv(self.audio_index))
-
+# ---- one item, before packing -------------------------------------------------------------------
 
 @dataclass
 class _Item:
@@ -190,108 +107,6 @@ class _Item:
         self.next_pos += advance
 
 
-# ---- signal processing --------------------------------------------------------------------------
-
-def fit_image_size(h: int, w: int, patch: int, max_side: int, max_tokens: int) -> tuple[int, int]:
-    """(H, W), multiples of `patch`, that an h x w image is resized to (see the module docstring)."""
-    scale = min(1.0, max_side / max(h, w))
-    cap = max(1, max_side // patch)
-    gh = min(cap, max(1, round(h * scale / patch)))
-    gw = min(cap, max(1, round(w * scale / patch)))
-    if gh * gw > max_tokens:
-        f = math.sqrt(max_tokens / (gh * gw))
-        gh, gw = max(1, math.floor(gh * f)), max(1, math.floor(gw * f))
-        while gh * gw > max_tokens:  # rounding / the 1-patch floor can still leave it a little over
-            if gh >= gw:
-                gh -= 1
-            else:
-                gw -= 1
-    return gh * patch, gw * patch
-
-
-def _to_frames(pixels: torch.Tensor) -> torch.Tensor:
-    """[F, H, W, C] pixels -> float32 [F, 3, H, W] in 0..1."""
-    x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
-    c = x.shape[-1]
-    if c == 1:
-        x = x.expand(*x.shape[:-1], 3)
-    elif c == 4:
-        x = x[..., :3]
-    return x.permute(0, 3, 1, 2).contiguous()
-
-
-def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(frames.shape[-2:]) == size:
-        return frames
-    return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-def vision_patches(frames: torch.Tensor, patch: int, temporal: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """[F, C, H, W] (F a multiple of `temporal`, H, W multiples of `patch`) -> (patches, (gt, gh, gw)).
-
-    patches [gt*gh*gw, temporal*C*patch*patch], ordered t, h, w (row-major); each flattened as
-    (frame in group, channel, row, column).
-    """
-    f, c, h, w = frames.shape
-    gt, gh, gw = f // temporal, h // patch, w // patch
-    x = frames.reshape(gt, temporal, c, gh, patch, gw, patch)
-    x = x.permute(0, 3, 5, 1, 2, 4, 6)
-    return x.reshape(gt * gh * gw, temporal * c * patch * patch), (gt, gh, gw)
-
-
-def vision_positions(grid: tuple[int, int, int]) -> torch.Tensor:
-    """int64 [3, gt*gh*gw]: (t, h, w) of each patch, in vision_patches' order."""
-    gt, gh, gw = grid
-    t, h, w = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
-    return torch.stack([t.flatten(), h.flatten(), w.flatten()]).long()
-
-
-def _hz_to_mel(f):
-    return 2595.0 * torch.log10(1.0 + f / 700.0)
-
-
-def _mel_to_hz(m):
-    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-
-def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
-    """[n_mels, n_freqs] triangular HTK-mel filters (peak 1) over an rfft's frequency bins."""
-    freqs = torch.linspace(0.0, sample_rate / 2.0, n_freqs, dtype=torch.float64)
-    m_pts = torch.linspace(float(_hz_to_mel(torch.tensor(f_min, dtype=torch.float64))),
-                           float(_hz_to_mel(torch.tensor(f_max, dtype=torch.float64))), n_mels + 2,
-                           dtype=torch.float64)
-    f_pts = _mel_to_hz(m_pts)
-    f_diff = f_pts[1:] - f_pts[:-1]
-    slopes = f_pts[None, :] - freqs[:, None]
-    down = -slopes[:, :-2] / f_diff[:-1]
-    up = slopes[:, 2:] / f_diff[1:]
-    return torch.clamp(torch.minimum(down, up), min=0.0).T.float().contiguous()
-
-
-def log_mel_spectrogram(waveform: torch.Tensor, sample_rate: int, n_mels: int, f_max: float) -> torch.Tensor:
-    """float32 [frames, n_mels]: Whisper-style log-mel of a mono waveform (25 ms window, 10 ms hop)."""
-    wave = waveform.float()
-    win = max(2, round(0.025 * sample_rate))
-    hop = max(1, round(0.010 * sample_rate))
-    n_fft = 1 << (win - 1).bit_length()
-    spec = torch.stft(wave, n_fft, hop_length=hop, win_length=win, window=torch.hann_window(win),
-                      center=True, pad_mode="constant", return_complex=True)
-    power = spec.abs() ** 2                                                  # [n_fft/2+1, frames]
-    fb = mel_filterbank(n_fft // 2 + 1, sample_rate, n_mels, 0.0, min(f_max, sample_rate / 2.0))
-    logmel = torch.clamp(fb @ power, min=1e-10).log10()
-    logmel = torch.maximum(logmel, logmel.max() - 8.0)
-    return ((logmel + 4.0) / 4.0).T.contiguous()
-
-
-def audio_patches(logmel: torch.Tensor, frames_per_patch: int) -> torch.Tensor:
-    """[frames, mels] -> [ceil(frames / k), k * mels] (padded with the spectrogram's floor value)."""
-    n, mels = logmel.shape
-    pad = (-n) % frames_per_patch
-    if pad:
-        logmel = torch.cat([logmel, logmel.min().expand(pad, mels)], dim=0)
-    return logmel.reshape(-1, frames_per_patch * mels)
-
-
 # ---- the processor ------------------------------------------------------------------------------
 
 class Processor:
@@ -322,10 +137,10 @@ class Processor:
     # -- segments --
     def _image(self, item: _Item, seg: Image) -> None:
         cfg = self.config
-        frames = _to_frames(seg.pixels[None])
+        frames = to_frames(seg.pixels[None])
         size = fit_image_size(frames.shape[2], frames.shape[3], cfg.patch_size, cfg.max_image_side,
                               cfg.max_image_tokens)
-        frames = self._normalize(_resize(frames, size))
+        frames = self._normalize(resize_frames(frames, size))
         frames = frames.expand(cfg.temporal_patch_size, *frames.shape[1:])
         patches, grid = vision_patches(frames, cfg.patch_size, cfg.temporal_patch_size)
         item.add_ids([cfg.special_token_id("image_start")], C.IMAGE)
@@ -338,10 +153,10 @@ class Processor:
         if x.shape[0] > cfg.max_video_frames:
             keep = torch.linspace(0, x.shape[0] - 1, cfg.max_video_frames).round().long()
             x = x[keep]
-        frames = _to_frames(x)
+        frames = to_frames(x)
         size = fit_image_size(frames.shape[2], frames.shape[3], cfg.patch_size, cfg.max_image_side,
                               cfg.max_image_tokens)
-        frames = self._normalize(_resize(frames, size))
+        frames = self._normalize(resize_frames(frames, size))
         tp = cfg.temporal_patch_size
         pad = (-frames.shape[0]) % tp
         if pad:
