@@ -228,7 +228,7 @@ class Trainer:
                 with self._autocast(stage):
                     e, t = module(self.collate(ci, ct))
                 outputs, grads = [e], [grad[start:start + e.shape[0]]]
-                if last and t is not None:
+                if last and t is not None and temp.grad is not None:  # (None would mean d/dt = 1)
                     outputs.append(t)
                     grads.append(temp.grad)
                 torch.autograd.backward(outputs, grads)
