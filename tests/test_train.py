@@ -136,6 +136,38 @@ def test_training_lowers_the_loss():
     assert len(hist) == 5 and all(k in hist[0] for k in ("loss", "temperature", "tokens_per_s", "memory_mb"))
 
 
+def test_only_log_steps_read_results_to_the_host_and_clipping_runs_every_step():
+    exs = text_examples(16)
+    stage = Stage("s", [Task("t", exs, batch_size=8)], steps=5, lr=3e-3, max_grad_norm=0.05, learn_temperature=True)
+    runs = {}
+    for every in (1, 2):
+        tr = Trainer(tiny_model(4), [stage], progress=False, log_every=every)
+        calls, step = [], tr.train_step
+
+        def spy(st, *, log=True, step=step, calls=calls):
+            rec = step(st, log=log)
+            calls.append((log, rec))
+            return rec
+
+        tr.train_step = spy
+        runs[every] = (tr, tr.fit(), calls)
+    tr, hist, calls = runs[2]
+    assert [log for log, _ in calls] == [False, True, False, True, True]  # every 2nd step and the last
+    assert [h["step"] for h in hist] == [1, 3, 4]
+    for log, rec in calls:
+        if log:
+            assert all(isinstance(rec[k], float) for k in ("loss", "grad_norm", "temperature", "seconds")), rec
+        else:  # nothing read back: the loss and the (applied) clip norm stay device tensors
+            assert isinstance(rec["loss"], torch.Tensor) and isinstance(rec["grad_norm"], torch.Tensor), rec
+            assert "seconds" not in rec and "temperature" not in rec
+    assert any(h["grad_norm"] > 0.05 for h in hist)  # clipping was active
+    # Skipping the reads changes nothing: the same weights and logged losses as logging every step.
+    every_step = runs[1]
+    for (k, a), b in zip(every_step[0].model.state_dict().items(), tr.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [every_step[1][i]["loss"] for i in (1, 3, 4)] == [h["loss"] for h in hist]
+
+
 def _two_stage(model, tmp=None, every=0):
     pre = Stage("pre", [Task("t", text_examples(20), task="q", batch_size=6),
                         Task("img", image_examples(8), batch_size=4, weight=0.5)],

@@ -1,18 +1,22 @@
-"""Stages and the Trainer: multi-task, multi-stage contrastive training of an embedding model.
+"""The Trainer: multi-task, multi-stage contrastive training of an embedding model (the stages
+themselves: stage.py; checkpoint files and the run state in them: checkpoint.py).
 
 The loss is embedkit.ops.nce_loss (in-batch negatives, hard negatives, all MRL levels), with
 duplicate masking ids from embedkit.ops.sequence_fingerprint of each query's / target's packed
 content. A step embeds the queries, positives and hard negatives of one single-task batch in one
 packed forward pass, or, with `Stage.chunk_size`, in chunks through the cached (GradCache-style)
 step, so that the batch size is bounded by the loss's O(B) memory rather than by activations.
+Across ranks, torch's DistributedDataParallel averages the gradients (once per step, also in the
+cached step).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import random
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,77 +26,7 @@ from torch import nn
 from .. import ops
 from . import checkpoint as ckpt_io
 from .data import Example, Task, TaskSampler
-
-
-@dataclass
-class Stage:
-    """One training phase.
-
-    Pre-fine-tuning: large batches, no hard negatives (hard_negatives=False). Fine-tuning: hard
-    negatives (hard_negatives=True; num_negatives per example, None: as many as every example of the
-    batch has), per-task batch sizes (Task.batch_size).
-    lr / weight_decay / betas / eps: AdamW; warmup_steps then `schedule` ("cosine" | "linear" |
-    "constant") down to min_lr_ratio * lr. mrl_dims / mrl_weights: nce_loss's MRL levels (None: the
-    model config's mrl_dims when it has them). temperature: the initial value; learn_temperature
-    makes it a trained parameter (as log temperature). task_drop_prob: the probability that a query
-    is embedded without its task string. chunk_size: sequences per chunk of the cached step (None:
-    one plain step). max_grad_norm: gradient clipping (None: off). freeze: parameter-name prefixes
-    not trained in this stage. lr_multipliers: {parameter-name prefix: factor} (e.g. a higher lr for
-    freshly initialized patch embedders). bf16: autocast to bfloat16 on CUDA.
-    """
-    name: str
-    tasks: Sequence[Task]
-    steps: int
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    mrl_dims: Sequence[int] | None = None
-    mrl_weights: Sequence[float] | None = None
-    temperature: float = 0.05
-    learn_temperature: bool = False
-    task_drop_prob: float = 0.0
-    hard_negatives: bool = False
-    num_negatives: int | None = None
-    symmetric: bool = False
-    chunk_size: int | None = None
-    max_grad_norm: float | None = 1.0
-    freeze: tuple[str, ...] = ()
-    lr_multipliers: dict | None = None
-    bf16: bool = True
-
-    def __post_init__(self):
-        self.tasks = list(self.tasks)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"Stage {self.name!r}: steps must be an int >= 0, got {self.steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"Stage {self.name!r}: lr must be > 0, got {self.lr!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"Stage {self.name!r}: schedule must be 'cosine', 'linear' or 'constant', "
-                             f"got {self.schedule!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"Stage {self.name!r}: temperature must be > 0, got {self.temperature!r}")
-        if not 0.0 <= self.task_drop_prob <= 1.0:
-            raise ValueError(f"Stage {self.name!r}: task_drop_prob must lie in [0, 1], got {self.task_drop_prob!r}")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"Stage {self.name!r}: chunk_size must be a positive int or None, got {self.chunk_size!r}")
-        if isinstance(self.freeze, str):
-            self.freeze = (self.freeze,)
-        self.freeze = tuple(self.freeze)
-        self.betas = tuple(self.betas)
-
-    def lr_factor(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        span = max(1, self.steps - self.warmup_steps)
-        frac = min(1.0, (step - self.warmup_steps) / span)
-        decay = 0.5 * (1 + math.cos(math.pi * frac)) if self.schedule == "cosine" else 1.0 - frac
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
+from .stage import Stage  # also importable from here, where it used to live
 
 
 def fingerprint_inputs(inputs) -> torch.Tensor:
@@ -123,8 +57,11 @@ class Trainer:
     drop and (at construction) torch's RNG. output_dir + checkpoint_every: periodic checkpoints
     (`step-<n>/`), plus one at the end of every stage (`stage-<name>/`). group: a torch.distributed
     process group (or True for the default one): each rank embeds its slice of every global batch,
-    nce_loss gathers the candidates of all ranks, and gradients are averaged across ranks (DDP's
-    rule) before clipping. log_every: steps between history records; progress: tqdm bars.
+    nce_loss gathers the candidates of all ranks, and torch's DistributedDataParallel averages the
+    gradients across ranks before clipping (see _wrap_ddp). log_every: steps between history
+    records, the only steps that read results back to the host (loss, grad norm, temperature,
+    timings: a read per step would stall the GPU's queue every step); progress: tqdm bars (their
+    figures change on those steps).
     """
 
     def __init__(self, model: nn.Module, stages: Sequence[Stage], *, collate: Callable | None = None,
@@ -166,6 +103,8 @@ class Trainer:
         self._sampler: TaskSampler | None = None
         self.optimizer = self.scheduler = None
         self.log_temperature: nn.Parameter | None = None
+        self._trained = _Trained(model, None)  # what a step runs forward (the stage's, once one starts)
+        self._ddp = None  # its DistributedDataParallel wrapper, when there are several ranks
         self._pending: dict | None = None  # loaded checkpoint state, applied when its stage starts
 
     # ---- inputs ----------------------------------------------------------------------------------
@@ -197,8 +136,13 @@ class Trainer:
         return queries + targets, q_tasks + [task.target_task] * len(targets), B, K
 
     def _embed(self, inputs, task_strings):
+        """(embeddings, fingerprints, model input) of a forward of the bare model (no DDP)."""
         x = self.collate(inputs, task_strings)
         return self.model(x), self.fingerprint(x), x
+
+    def _forward(self):
+        """The module a step backpropagates through: the DDP wrapper when distributed."""
+        return self._ddp if self._ddp is not None else self._trained
 
     # ---- loss ------------------------------------------------------------------------------------
     def _temperature(self, stage: Stage):
@@ -212,14 +156,18 @@ class Trainer:
                 dims = None
         return (tuple(dims) if dims is not None else None), stage.mrl_weights
 
-    def loss_from_embeddings(self, stage: Stage, task: Task, emb: torch.Tensor, ids: torch.Tensor, B: int, K: int):
+    def loss_from_embeddings(self, stage: Stage, task: Task, emb: torch.Tensor, ids: torch.Tensor, B: int, K: int,
+                             temperature: torch.Tensor | None = None):
+        """nce_loss of one batch's embeddings (queries, positives, negatives). temperature: the
+        tensor to use (the step's forward output); None: the stage's (fixed or learned) value."""
         q, t = emb[:B], emb[B:2 * B]
         negs = emb[2 * B:].view(B, K, -1) if K else None
         qid, tid = ids[:B], ids[B:2 * B]
         if not task.in_batch_negatives:  # every other row's target shares the query id: masked out
             qid = torch.zeros_like(qid)
         dims, weights = self._mrl(stage, emb.shape[1])
-        return ops.nce_loss(q, t, negatives=negs, temperature=self._temperature(stage), query_ids=qid,
+        temp = self._temperature(stage) if temperature is None else temperature
+        return ops.nce_loss(q, t, negatives=negs, temperature=temp, query_ids=qid,
                             target_ids=tid, symmetric=stage.symmetric, mrl_dims=dims, mrl_weights=weights,
                             group=self.group if self._distributed else None)
 
@@ -236,19 +184,27 @@ class Trainer:
         """Forward + backward of one batch in one packed pass. Returns (loss, tokens)."""
         inputs, tasks, B, K = self._batch_parts(stage, task, examples)
         with self._autocast(stage):
-            emb, ids, x = self._embed(inputs, tasks)
-        loss = self.loss_from_embeddings(stage, task, emb, ids, B, K)
-        loss.backward()
+            x = self.collate(inputs, tasks)
+            emb, temp = self._forward()(x)
+            ids = self.fingerprint(x)
+        loss = self.loss_from_embeddings(stage, task, emb, ids, B, K, temperature=temp)
+        loss.backward()  # under DDP: gradients all-reduced during this backward
         return loss.detach(), _num_tokens(x)
 
     def cached_step(self, stage: Stage, task: Task, examples: list[Example], chunk_size: int):
         """GradCache: embed every chunk without a graph, take the loss and its gradient w.r.t. the
         embeddings, then re-embed each chunk with a graph (same RNG state, so dropout matches) and
-        backpropagate that gradient. Gives the plain step's gradients with one chunk's activations."""
+        backpropagate that gradient. Gives the plain step's gradients with one chunk's activations.
+
+        The learned temperature enters the loss as a detached copy; its gradient is backpropagated
+        through the temperature output of the last chunk's forward. Under DDP every re-forward but
+        the last runs in no_sync, so gradients accumulate locally and are all-reduced once, in the
+        last chunk's backward, with the temperature's among them (DDP's find_unused_parameters also
+        reduces what only earlier chunks reached)."""
         inputs, tasks, B, K = self._batch_parts(stage, task, examples)
         chunks = [(inputs[i:i + chunk_size], tasks[i:i + chunk_size]) for i in range(0, len(inputs), chunk_size)]
         rng, embs, ids, tokens = [], [], [], 0
-        with torch.no_grad(), self._autocast(stage):
+        with torch.no_grad(), self._autocast(stage):  # no graph: the bare model, nothing for DDP to reduce
             for ci, ct in chunks:
                 rng.append(_get_rng(self.device))
                 e, fp, x = self._embed(ci, ct)
@@ -257,15 +213,25 @@ class Trainer:
                 tokens += _num_tokens(x)
         after = _get_rng(self.device)
         emb = torch.cat(embs).requires_grad_(True)
-        loss = self.loss_from_embeddings(stage, task, emb, torch.cat(ids), B, K)
+        temp = self._temperature(stage)
+        if isinstance(temp, torch.Tensor):
+            temp = temp.detach().requires_grad_(True)
+        loss = self.loss_from_embeddings(stage, task, emb, torch.cat(ids), B, K, temperature=temp)
         loss.backward()  # grads of the loss w.r.t. the embeddings (and the temperature)
         grad = emb.grad
-        start = 0
-        for (ci, ct), state in zip(chunks, rng):
+        module, start = self._forward(), 0
+        for i, ((ci, ct), state) in enumerate(zip(chunks, rng)):
+            last = i == len(chunks) - 1
             _set_rng(self.device, state)
-            with self._autocast(stage):
-                e, _, _ = self._embed(ci, ct)
-            e.backward(grad[start:start + e.shape[0]])
+            sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
+            with sync:  # the forward must run inside no_sync too (DDP decides there)
+                with self._autocast(stage):
+                    e, t = module(self.collate(ci, ct))
+                outputs, grads = [e], [grad[start:start + e.shape[0]]]
+                if last and t is not None and temp.grad is not None:  # (None would mean d/dt = 1)
+                    outputs.append(t)
+                    grads.append(temp.grad)
+                torch.autograd.backward(outputs, grads)
             start += e.shape[0]
         _set_rng(self.device, after)
         return loss.detach(), tokens
@@ -292,6 +258,10 @@ class Trainer:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(stage.temperature), device=self.device))
             groups.append({"params": [self.log_temperature], "lr": stage.lr, "weight_decay": 0.0})
         self._params = [p for g in groups for p in g["params"]]
+        self._trained = _Trained(self.model, self.log_temperature)
+        self._ddp = None  # the previous stage's: built for other trainable parameters
+        if self._distributed and self.world_size > 1:
+            self._ddp = _wrap_ddp(self._trained, self.device, self.group)  # broadcasts rank 0's weights
         self.optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps,
                                            weight_decay=stage.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: stage.lr_factor(s))
@@ -299,55 +269,44 @@ class Trainer:
         if self._pending is not None:
             self._apply_pending()
 
-    def _sync_grads(self) -> None:
-        import torch.distributed as dist
-
-        # A parameter no rank used keeps grad None (the optimizer skips it, as in one process); one
-        # that some rank used gets zeros on the others before averaging.
-        used = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32, device=self.device)
-        dist.all_reduce(used, group=self.group)
-        for p, u in zip(self._params, used.tolist()):
-            if not u:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=self.group)
-            p.grad.div_(self.world_size)
-
-    def train_step(self, stage: Stage) -> dict:
+    def train_step(self, stage: Stage, *, log: bool = True) -> dict:
+        """One optimizer step of `stage`. Returns its record. log=False (fit's steps between log
+        steps) reads nothing back to the host: no loss / grad norm / temperature values, no timing
+        (which needs a synchronize); the record then has only stage, task, step and lr, plus loss
+        and grad_norm as unread device tensors. Clipping itself runs on every step."""
         task, examples = self._sampler.next()
         examples = self._local(examples)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        cuda = self.device.type == "cuda"
+        if log and cuda:  # time this step, not the queue of the unsynchronized steps before it
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         if stage.chunk_size is None:
             loss, tokens = self.plain_step(stage, task, examples)
         else:
             loss, tokens = self.cached_step(stage, task, examples, stage.chunk_size)
-        if self._distributed:
-            self._sync_grads()
         grad_norm = None
-        if stage.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, stage.max_grad_norm))
+        if stage.max_grad_norm is not None:  # a device tensor: clipping does not read it
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, stage.max_grad_norm)
         lr = stage.lr * stage.lr_factor(self.stage_step)
         self.optimizer.step()
         self.scheduler.step()
-        if self.device.type == "cuda":
+        rec = {"stage": stage.name, "task": task.name, "step": self.global_step}
+        if not log:
+            return {**rec, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if cuda:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         temp = self._temperature(stage)
         temp = temp.detach() if isinstance(temp, torch.Tensor) else temp
-        return {"stage": stage.name, "task": task.name, "step": self.global_step, "loss": float(loss),
-                "temperature": float(temp), "lr": lr, "grad_norm": grad_norm, "seconds": dt,
+        return {**rec, "loss": float(loss), "temperature": float(temp), "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": dt,
                 "examples_per_s": len(examples) / dt, "tokens_per_s": tokens / dt, "memory_mb": _memory_mb(self.device)}
 
     def fit(self, *, max_steps: int | None = None) -> list[dict]:
-        """Runs the remaining steps of every stage (or at most max_steps of them). Returns the history."""
-        if self._distributed:
-            import torch.distributed as dist
-
-            for p in self.model.state_dict().values():  # same start on every rank, as DDP does
-                dist.broadcast(p, 0, group=self.group)
+        """Runs the remaining steps of every stage (or at most max_steps of them). Returns the history.
+        Distributed, every rank starts a stage from rank 0's weights (DDP's broadcast at wrapping)."""
         done = 0
         while self.stage_index < len(self.stages):
             stage = self.stages[self.stage_index]
@@ -365,18 +324,21 @@ class Trainer:
                 while self.stage_step < stage.steps:
                     if max_steps is not None and done >= max_steps:
                         return self.history
-                    rec = self.train_step(stage)
+                    n = self.stage_step + 1
+                    log = bool(self.log_every) and (n % self.log_every == 0 or n == stage.steps)
+                    rec = self.train_step(stage, log=log)
                     self.stage_step += 1
                     self.global_step += 1
                     done += 1
-                    if self.log_every and (self.stage_step % self.log_every == 0 or self.stage_step == stage.steps):
+                    if log:
                         self.history.append(rec)
                         if self.callback is not None:
                             self.callback(rec)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", T=f"{rec['temperature']:.3f}",
-                                        ex_s=f"{rec['examples_per_s']:.1f}")
+                        if log:
+                            bar.set_postfix(loss=f"{rec['loss']:.3f}", T=f"{rec['temperature']:.3f}",
+                                            ex_s=f"{rec['examples_per_s']:.1f}")
                     if (self.output_dir is not None and self.checkpoint_every
                             and self.global_step % self.checkpoint_every == 0):
                         self.save_checkpoint(self.output_dir / f"step-{self.global_step}")
@@ -387,7 +349,7 @@ class Trainer:
                 self.save_checkpoint(self.output_dir / f"stage-{stage.name}")
             self.stage_index += 1
             self.stage_step = 0
-            self.optimizer = self.scheduler = None
+            self.optimizer = self.scheduler = self._ddp = None
         for p, flag in zip(self.model.parameters(), self._requires_grad):  # undo the stages' freezing
             p.requires_grad_(flag)
         return self.history
@@ -397,165 +359,68 @@ class Trainer:
         """Writes model, optimizer, scheduler, RNG and data position (rank 0 only when distributed)."""
         if self.rank != 0:
             return None
-        tensors, meta = {}, {"stage_index": self.stage_index, "stage_step": self.stage_step,
-                             "global_step": self.global_step, "seed": self.seed, "history": self.history,
-                             "stages": [_stage_record(s) for s in self.stages]}
-        if self.optimizer is not None:
-            t, m = ckpt_io.flatten_optimizer(self.optimizer.state_dict())
-            tensors.update(t)
-            meta["optimizer"] = m
-            meta["scheduler"] = self.scheduler.state_dict()
-            s = self._sampler.state_dict()
-            tensors["trainer.sampler_generator"] = s.pop("generator")
-            meta["sampler"] = s
-        if self.log_temperature is not None:
-            tensors["trainer.log_temperature"] = self.log_temperature.detach()
-        tensors["trainer.torch_rng"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, st in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"trainer.cuda_rng.{i}"] = st
-        meta["python_rng"] = random.getstate()
-        meta["drop_rng"] = self._drop_rng.getstate()
-        return ckpt_io.save(path, self.model.state_dict(), tensors, meta, extra=_pretrained_files(self.model))
+        tensors, meta = ckpt_io.trainer_state(self)
+        return ckpt_io.save(path, self.model.state_dict(), tensors, meta, extra=ckpt_io.pretrained_files(self.model))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restores a checkpoint; the next fit() continues exactly where it was taken."""
         model_state, tensors, meta = ckpt_io.load(path)
-        self._check_meta(meta, path)
-        own = self.model.state_dict()
-        for k, v in model_state.items():
-            if k in own and v.dtype != own[k].dtype:
-                raise ValueError(f"checkpoint {path}: {k} has dtype {str(v.dtype).replace('torch.', '')} but the "
-                                 f"model's is {str(own[k].dtype).replace('torch.', '')} (refused, not cast)")
+        ckpt_io.check_meta(meta, self.stages, path)
+        ckpt_io.check_model_dtypes(model_state, self.model.state_dict(), path)
         self.model.load_state_dict(model_state, strict=True)
-        self.stage_index, self.stage_step = int(meta["stage_index"]), int(meta["stage_step"])
-        self.global_step = int(meta["global_step"])
-        self.history = list(meta.get("history", []))
-        torch.set_rng_state(tensors["trainer.torch_rng"])
-        cuda_keys = [k for k in tensors if k.startswith("trainer.cuda_rng.")]
-        cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(_tuplify(meta["python_rng"]))
-        self._drop_rng.setstate(_tuplify(meta["drop_rng"]))
-        self.optimizer = self.scheduler = None
+        ckpt_io.restore_run_state(self, tensors, meta)
+        self.optimizer = self.scheduler = self._ddp = None
         self._pending = {"tensors": tensors, "meta": meta} if "optimizer" in meta else None
 
-    def _check_meta(self, meta: dict, path) -> None:
-        """trainer.json against the stages this Trainer was given: a position outside them, or
-        counters of the wrong type, would resume nonsense."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"checkpoint {path}: trainer.json {msg}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for k in ("stage_index", "stage_step", "global_step"):
-            need(k in meta and is_int(meta[k]) and meta[k] >= 0, f"{k} must be an int >= 0, got {meta.get(k)!r}")
-        self._check_stages(meta, path)  # first: a different stage list explains the checks below
-        n = len(self.stages)
-        need(meta["stage_index"] <= n, f"stage_index {meta['stage_index']} is outside the {n} stages given")
-        if meta["stage_index"] < n:
-            steps = self.stages[meta["stage_index"]].steps
-            need(meta["stage_step"] <= steps, f"stage_step {meta['stage_step']} exceeds stage "
-                 f"{self.stages[meta['stage_index']].name!r}'s {steps} steps")
-        elif "optimizer" in meta:
-            need(False, "has optimizer state but stage_index is past the last stage")
-        need(meta["global_step"] >= meta["stage_step"], f"global_step {meta['global_step']} < stage_step "
-             f"{meta['stage_step']}")
-
-    def _check_stages(self, meta: dict, path) -> None:
-        """The stages the checkpoint has run (every stage up to and including its current one) must
-        be this Trainer's first stages, by name and steps: a different list would resume at a
-        position that means something else (e.g. past the last step of a renamed stage, so fit()
-        trains nothing). Later stages may differ (stages can be appended). Checkpoints written
-        before stages were recorded are not checked."""
-        saved = meta.get("stages")
-        if saved is None:
-            return
-        if not isinstance(saved, list) or not all(isinstance(s, dict) for s in saved):
-            raise ValueError(f"checkpoint {path}: trainer.json stages must be a list of objects, got {saved!r}")
-        ran = saved[:min(meta["stage_index"] + 1, len(saved))]
-        if len(self.stages) < len(ran):
-            raise ValueError(f"checkpoint {path} was taken in stage {len(ran) - 1} "
-                             f"({ran[-1].get('name')!r}) but this Trainer has only {len(self.stages)} stage(s) "
-                             f"{[s.name for s in self.stages]}: pass the stages the checkpoint was trained with")
-        for i, rec in enumerate(ran):
-            mine = _stage_record(self.stages[i])
-            if rec.get("name") != mine["name"] or rec.get("steps") != mine["steps"]:
-                raise ValueError(f"checkpoint {path}: stage {i} was {rec.get('name')!r} with {rec.get('steps')!r} "
-                                 f"steps, but this Trainer's stage {i} is {mine['name']!r} with {mine['steps']} "
-                                 f"steps: resume with the stage list the checkpoint was trained with (saved: "
-                                 f"{[(r.get('name'), r.get('steps')) for r in saved]})")
-
-    def _check_param_groups(self, saved: list) -> None:
-        """The checkpoint's optimizer groups must be this stage's: same count, same initial lr
-        (stage lr x multiplier), current lr finite in [0, initial lr] (the schedule never exceeds it)."""
-        own = self.optimizer.param_groups
-        if not isinstance(saved, list) or len(saved) != len(own):
-            raise ValueError(f"the checkpoint's optimizer has {len(saved) if isinstance(saved, list) else saved!r} "
-                             f"param groups but this stage has {len(own)}")
-        for i, (g, mine) in enumerate(zip(saved, own)):
-            lr, init = g.get("lr"), g.get("initial_lr")
-            want = mine.get("initial_lr", mine["lr"])
-            ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (lr, init))
-            if not ok or not math.isclose(init, want, rel_tol=1e-9) or not 0 <= lr <= init * (1 + 1e-9):
-                raise ValueError(f"the checkpoint's optimizer group {i} has lr {lr!r} (initial {init!r}) but this "
-                                 f"stage's is {want!r}: lr must match the stage and lie in [0, initial lr]")
-
     def _apply_pending(self) -> None:
-        tensors, meta = self._pending["tensors"], self._pending["meta"]
-        self._pending = None
-        self._check_param_groups(meta["optimizer"]["param_groups"])
-        if "trainer.log_temperature" in tensors:
-            if self.log_temperature is None:
-                raise ValueError("the checkpoint has a learned temperature but this stage's is fixed")
-            with torch.no_grad():
-                self.log_temperature.copy_(tensors["trainer.log_temperature"])
-        opt = ckpt_io.unflatten_optimizer(tensors, meta["optimizer"])
-        self.optimizer.load_state_dict(opt)
-        self.scheduler.load_state_dict(meta["scheduler"])
-        s = dict(meta["sampler"])
-        s["generator"] = tensors["trainer.sampler_generator"]
-        self._sampler.load_state_dict(s)
+        pending, self._pending = self._pending, None
+        ckpt_io.restore_stage_state(self, pending["tensors"], pending["meta"])
 
 
-def _stage_record(stage: Stage) -> dict:
-    return {"name": stage.name, "steps": stage.steps}
+class _Trained(nn.Module):
+    """What a step trains, as one module: the model and the stage's learned log temperature (None:
+    fixed), so that DDP averages the temperature's gradient with the model's. forward(x) ->
+    (embeddings, temperature or None); the temperature is exp(log temperature) computed outside
+    autocast, as the loss takes it. The model's state_dict is unaffected (it stays the model's)."""
+
+    def __init__(self, model: nn.Module, log_temperature: nn.Parameter | None):
+        super().__init__()
+        self.model = model
+        self.log_temperature = log_temperature
+
+    def forward(self, x):
+        emb = self.model(x)
+        if self.log_temperature is None:
+            return emb, None
+        with torch.autocast(self.log_temperature.device.type, enabled=False):
+            return emb, self.log_temperature.exp()
 
 
-def _pretrained_files(model: nn.Module):
-    """For an Embedder: a writer of config.json (+ its Hugging Face tokenizer), as save_pretrained
-    writes them, with the checkpoint's save id, so the checkpoint directory loads with
-    Embedder.from_pretrained. None for other models."""
-    from ..model import modeling
+def _wrap_ddp(module: nn.Module, device: torch.device, group):
+    """torch's DistributedDataParallel around `module`, for one stage (DDP reduces the parameters
+    that require grad when it is built, and a stage freezes its own set). Construction broadcasts
+    rank 0's parameters and buffers. find_unused_parameters: a batch need not reach every parameter
+    (a text batch never reaches the patch embedders); DDP then reduces a parameter some rank used
+    (zeros elsewhere) and leaves one no rank used without a gradient, as one process would. Buffers
+    are synced at construction only, not before every forward. device_ids stays None: inputs are
+    already on the device (DDP would otherwise copy every ModelInputs)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if not isinstance(model, modeling.Embedder):
-        return None
-
-    def write(tmp: Path, save_id: str) -> None:
-        import json
-
-        cfg = model.config.to_dict()
-        cfg[modeling.SAVE_ID_KEY] = save_id
-        tok = model.processor.tokenizer
-        if isinstance(tok, modeling.HFTokenizer):
-            tok.tok.save_pretrained(str(tmp / modeling.TOKENIZER_DIR))
-            cfg["tokenizer"] = "./" + modeling.TOKENIZER_DIR
-        elif tok is not None:
-            cfg["tokenizer"] = "bytes"
-        (tmp / modeling.CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-    assert ckpt_io.ID_KEY == modeling.SAVE_ID_KEY  # from_pretrained compares config and weights ids
-    return write
+    kw = {}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.13
+        kw["forward_sync_buffers"] = False
+    return DDP(module, device_ids=None, process_group=group, find_unused_parameters=True, **kw)
 
 
 def _num_tokens(x) -> int:
+    """Tokens of a model input, from host-side counts where it has them (no device read)."""
     n = getattr(x, "num_tokens", None)
     if n is not None:
         return int(n)
     b = getattr(x, "batch", x)
+    total = getattr(b, "total_tokens", None)
+    if isinstance(total, int):
+        return total
     cu = getattr(b, "cu_seqlens", None)
     return int(cu[-1]) if cu is not None else 0
 
@@ -575,6 +440,3 @@ def _memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
 
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
