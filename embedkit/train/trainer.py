@@ -26,25 +26,8 @@ from torch import nn
 from .. import ops
 from . import checkpoint as ckpt_io
 from .data import Example, Task, TaskSampler
+from ..model.inputs import fingerprint_inputs  # also importable from here, where it used to live
 from .stage import Stage  # also importable from here, where it used to live
-
-
-def fingerprint_inputs(inputs) -> torch.Tensor:
-    """int64 [B] content ids of packed ModelInputs: the token ids of each sequence, combined with the
-    bytes of its image / video / audio patches (so two different images are never duplicates)."""
-    cu = inputs.batch.cu_seqlens
-    fp = ops.sequence_fingerprint(inputs.input_ids, cu)
-    B = cu.shape[0] - 1
-    for patches, index in ((inputs.vision_patches, inputs.vision_index), (inputs.audio_patches, inputs.audio_index)):
-        if patches is None or patches.shape[0] == 0:
-            continue
-        seq = torch.searchsorted(cu[1:].to(index.dtype), index, right=True)
-        order = torch.argsort(seq, stable=True)
-        counts = torch.zeros(B, dtype=torch.long, device=seq.device).index_add_(0, seq, torch.ones_like(seq))  # no sync
-        pcu = torch.zeros(B + 1, dtype=torch.int32, device=cu.device)
-        pcu[1:] = torch.cumsum(counts, 0).to(torch.int32)
-        fp = fp * 1_000_003 + ops.sequence_fingerprint(patches[order].contiguous(), pcu)  # wraps mod 2^64
-    return fp
 
 
 class Trainer:
