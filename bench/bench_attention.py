@@ -324,7 +324,7 @@ def run(bench: BenchRun, *, mixes: list[str] | None = None, head_dims: list[int]
                                     if rec["case"]["pass"] in ("fwd", "bwd", "fwd+bwd") else None
                                 if i is not None:
                                     rec["speedup"] = rec["ms"] / mine[i]
-                del c
+                c = None  # free the case's tensors; not del: the closures above read it
                 torch.cuda.empty_cache()
 
 

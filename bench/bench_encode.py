@@ -133,7 +133,7 @@ def _compare(bench: BenchRun, name: str, load, sentences: list[str], dtype: str,
         s, emb = _seconds(lambda: st_model.encode(sentences, batch_size=bs, convert_to_tensor=True), dev, reps)
         results[f"sentence-transformers (sdpa, batch {bs})"] = (s, emb)
     reference = results[f"sentence-transformers (sdpa, batch {st_batch_sizes[0]})"][1]
-    del st_model
+    st_model = None  # free the model before loading the next; not del: the closures above read it
     fast = accelerate(load("sdpa"), max_tokens=max_tokens)
     s, emb = _seconds(lambda: fast.encode(sentences, convert_to_tensor=True), dev, reps)
     results[f"embedkit accelerate (max_tokens {max_tokens})"] = (s, emb)
@@ -144,7 +144,7 @@ def _compare(bench: BenchRun, name: str, load, sentences: list[str], dtype: str,
         extra = {"embedkit_backends": backends} if impl.startswith("embedkit") else {}
         bench.record(OP, case, impl, ms=s * 1e3, sentences_per_s=len(sentences) / s, tokens_per_s=tokens / s,
                      speedup_vs_st_default=base / s, min_cosine_vs_st=float(cos.min()), **floors, **extra)
-    del fast
+    fast = None  # not del: the closures above read it
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 

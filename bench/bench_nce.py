@@ -213,7 +213,7 @@ def _run(bench: BenchRun, batches, dims, chunks) -> None:
                                 rec["case"]["D"] == D and rec["case"]["levels"] == 3:
                             rec["levels3_over_1"] = ratio
                     bench.note(f"{impl} B={B} D={D}: 3 MRL levels cost {ratio:.2f}x one level")
-            del q, t, q0, t0
+            q = t = q0 = t0 = None  # free the inputs; not del: the closures above read it
             if bench.on_gpu:
                 torch.cuda.empty_cache()
     if bench.on_gpu:
