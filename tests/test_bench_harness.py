@@ -165,3 +165,11 @@ def test_bench_op_takes_every_registered_op():
     assert run.plan(["varlen_attention"]) == {"attention": None}
     with pytest.raises(ValueError, match="unknown --op"):
         run.plan(["attn"])
+    # `embedkit bench --help` names them all (the CLI cannot import bench/ to list them: a wheel lacks it)
+    import argparse
+
+    from embedkit import cli
+
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    op = next(a for a in sub.choices["bench"]._actions if "--op" in a.option_strings)
+    assert all(name in op.help for name in run.choices()), op.help
