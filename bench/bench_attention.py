@@ -20,8 +20,9 @@ Competitors, each in try/except with a note when unavailable:
 CPU: a tiny case with the reference and padded SDPA only (the interpreter is never timed).
 Floors per pass: the FLOPs above, and the bytes that must move -- forward reads q, k, v and writes o;
 backward reads q, k, v, o, do and writes dq, dk, dv (lse / delta rows are negligible).
-A competitor's row carries "speedup" = its time / embedkit-triton's time in the same pass (> 1: embedkit
-is faster).
+Speedup (bench/harness.py's one definition): embedkit's row carries speedup_vs_<competitor> = the
+competitor's time / embedkit's time in the same pass (> 1: embedkit is faster); on CPU, the reference's
+row against padded SDPA.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import embedkit
 from .harness import BenchRun
 
 OP = "attention"
+PASSES = ("fwd", "bwd", "fwd+bwd")
 
 # FA3-class anchors from the literature: context for the report, never measured rows (not run here,
 # other shapes and machines). Sources:
@@ -133,7 +135,7 @@ def _floor_bytes(T: int, Hq: int, Hkv: int, D: int, elem: int) -> dict:
 def _record_all(bench, case_dict, impl, flops, times, **extra):
     elem = torch.empty(0, dtype=getattr(torch, case_dict["dtype"])).element_size()
     floor = _floor_bytes(case_dict["T"], case_dict["Hq"], case_dict["Hkv"], case_dict["D"], elem)
-    for name, ms in zip(("fwd", "bwd", "fwd+bwd"), times):
+    for name, ms in zip(PASSES, times):
         bench.record(OP, {**case_dict, "pass": name}, impl, ms=ms, flops=flops[name], floor_bytes=floor[name],
                      **extra)
 
@@ -258,6 +260,8 @@ def run(bench: BenchRun, *, mixes: list[str] | None = None, head_dims: list[int]
         flops = _flops(lens, 4, 64, False)
         _run_impl(bench, case, "reference", flops, lambda: _embedkit_impl(c, "reference"))
         _run_impl(bench, case, "sdpa-padded-math", flops, lambda: _sdpa_impl(c, "math"))
+        for name in PASSES:
+            bench.add_speedups(OP, {**case, "pass": name}, baselines=["sdpa-padded-math"], of=["reference"])
         bench.note("attention: CPU run covers the reference and padded SDPA only; the Triton kernel is not "
                    "timed under the interpreter")
         return
@@ -314,17 +318,10 @@ def run(bench: BenchRun, *, mixes: list[str] | None = None, head_dims: list[int]
                                f"{padded_bytes / 2**30:.1f} GiB")
                 results["flex-attention"] = _run_impl(bench, case, "flex-attention", flops,
                                                       lambda: _flex_impl(c, bench, case))
-                if mine is not None:  # "speedup" on a competitor's row: its time / embedkit's, same run
-                    for impl, times in results.items():
-                        if times is None:
-                            continue
-                        for rec in bench.records:
-                            if rec["impl"] == impl and {k: rec["case"].get(k) for k in case} == case:
-                                i = ("fwd", "bwd", "fwd+bwd").index(rec["case"]["pass"]) \
-                                    if rec["case"]["pass"] in ("fwd", "bwd", "fwd+bwd") else None
-                                if i is not None:
-                                    rec["speedup"] = rec["ms"] / mine[i]
-                del c
+                if mine is not None:
+                    for name in PASSES:
+                        bench.add_speedups(OP, {**case, "pass": name}, baselines=list(results), of=["embedkit-triton"])
+                c = None  # free the case's tensors; not del: the closures above read it
                 torch.cuda.empty_cache()
 
 

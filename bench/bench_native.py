@@ -5,7 +5,8 @@ index_copy), the pure-torch reference for fingerprint and masked mean, and on GP
 masked-mean kernel (pool_project's pooling half). GB/s counts the bytes each op must move:
 pack / unpack read and write the token rows (plus the padding writes of unpack and the mask);
 fingerprint and masked mean read their input once. Timed with input validation off (the checks
-that need a device sync are a separate, optional cost).
+that need a device sync are a separate, optional cost). The native (and Triton) rows carry
+speedup_vs_<baseline> over the torch composition or the reference, same case (bench/harness.py).
 """
 from __future__ import annotations
 
@@ -73,13 +74,12 @@ def _bench_pack(bench: BenchRun, sizes, dtype, gen) -> None:
                     return embedkit.ops.unpack(packed, cu, length, attention_mask=mask)
 
             impls = {"native": (native_pack, native_unpack), **impls}
-        base = {}
         for impl, (fn_pack, fn_unpack) in impls.items():
             for op, fn, moved in (("pack", fn_pack, 2 * total * row + mask.numel()),
                                   ("unpack", fn_unpack, (total + batch * length) * row + mask.numel())):
-                ms = bench.time_ms(fn)
-                base.setdefault(op, ms)
-                bench.record(op, case, impl, ms=ms, bytes_moved=moved, speedup_of_first=ms / base[op])
+                bench.record(op, case, impl, ms=bench.time_ms(fn), bytes_moved=moved)
+        for op in ("pack", "unpack"):
+            bench.add_speedups(op, case, baselines=["torch nonzero+index_select"])
 
 
 def _bench_fingerprint(bench: BenchRun, sizes, gen) -> None:
@@ -98,14 +98,12 @@ def _bench_fingerprint(bench: BenchRun, sizes, gen) -> None:
         impls = {"reference": "reference"}
         if have_native:
             impls = {"native": "native", **impls}
-        base = None
         for impl, backend in impls.items():
             def fn(backend=backend):
                 with embedkit.use_backend(backend):
                     return embedkit.sequence_fingerprint(values, cu)
-            ms = bench.time_ms(fn)
-            base = base or ms
-            bench.record("sequence_fingerprint", case, impl, ms=ms, bytes_moved=moved, speedup_of_first=ms / base)
+            bench.record("sequence_fingerprint", case, impl, ms=bench.time_ms(fn), bytes_moved=moved)
+        bench.add_speedups("sequence_fingerprint", case, baselines=["reference"])
 
 
 def _bench_masked_mean(bench: BenchRun, sizes, dtype, gen) -> None:
@@ -122,18 +120,20 @@ def _bench_masked_mean(bench: BenchRun, sizes, dtype, gen) -> None:
         t = int(cu[-1])
         hidden = torch.randn(t, width, device=dev).to(dtype)
         case = {"T": t, "H": width, "B": lengths.numel(), "dtype": str(dtype)[6:]}
-        base = None
         for impl in impls:
             def fn(impl=impl):
                 with embedkit.use_backend(impl):
                     return embedkit.masked_mean(hidden, cu)
-            ms = bench.time_ms(fn)
-            base = base or ms
-            bench.record("masked_mean", case, impl, ms=ms, bytes_moved=t * width * hidden.element_size(),
-                         speedup_of_first=ms / base)
+            bench.record("masked_mean", case, impl, ms=bench.time_ms(fn), bytes_moved=t * width * hidden.element_size())
+        bench.add_speedups("masked_mean", case, baselines=["reference"])
 
 
-def run(bench: BenchRun) -> None:
+OPS = ("pack", "unpack", "sequence_fingerprint", "masked_mean")
+
+
+def run(bench: BenchRun, *, ops: list[str] | None = None) -> None:
+    """ops: which of OPS to measure (default all; pack and unpack are measured together)."""
+    ops = list(OPS) if ops is None else ops
     gen = torch.Generator().manual_seed(0)
     previous = embedkit.validation_enabled()
     embedkit.set_validation(False)
@@ -152,8 +152,11 @@ def run(bench: BenchRun) -> None:
             fp_sizes = [(1 << 16, 128, 1, torch.int64)] if bench.quick else \
                 [(1 << 18, 128, 1, torch.int64), (1 << 14, 128, 256, torch.float32)]
             mean_sizes = [(4096, 256)] if bench.quick else [(4096, 256), (16384, 1024)]
-        _bench_pack(bench, pack_sizes, dtype, gen)
-        _bench_fingerprint(bench, fp_sizes, gen)
-        _bench_masked_mean(bench, mean_sizes, dtype, gen)
+        if "pack" in ops or "unpack" in ops:
+            _bench_pack(bench, pack_sizes, dtype, gen)
+        if "sequence_fingerprint" in ops:
+            _bench_fingerprint(bench, fp_sizes, gen)
+        if "masked_mean" in ops:
+            _bench_masked_mean(bench, mean_sizes, dtype, gen)
     finally:
         embedkit.set_validation(previous)

@@ -5,7 +5,9 @@ chunks under activation checkpointing) and the inf-cl package (when installed).
 Reported per case: forward+backward time, FLOP rate of the 8 * B^2 * D convention (forward 2 B^2 D,
 backward recompute 2 B^2 D + two gradient matmuls 4 B^2 D) and its fraction of the matmul rate measured
 in the same run, peak memory above the inputs (and the "extra" memory beyond the inputs' gradients),
-the speedup over the naive loss, and the cost of 3 MRL levels over 1 level for every implementation.
+and on embedkit's rows (triton, reference) speedup_vs_<baseline> over the naive loss, the chunked torch
+loss and inf-cl (bench/harness.py's definition: the baseline's time / embedkit's, same case, same run),
+and the cost of 3 MRL levels over 1 level for every implementation.
 
 Also measured in the same run: torch.matmul at the backward's own GEMM shape (one coefficient block
 against its candidates: [ROW_CHUNK, CAND_CHUNK] x [CAND_CHUNK, D]) and the fraction of the 8 B^2 D floor
@@ -32,6 +34,8 @@ import embedkit
 from .harness import BenchRun
 
 OP = "nce_loss"
+# The torch losses embedkit's rows are compared with (speedup_vs_<baseline>); the rest are embedkit's.
+BASELINES = ("torch-naive", "torch-chunked", "inf-cl")
 TEMPERATURE = 0.05
 
 
@@ -147,7 +151,6 @@ def _run(bench: BenchRun, batches, dims, chunks) -> None:
             for levels in (1, 3):
                 mrl = _levels(D, levels)
                 case = {"B": B, "D": D, "levels": levels, "dtype": str(dtype)[6:]}
-                naive_ms = None
                 runs = [(impl, c) for impl in impls for c in (chunk_list if impl == "triton" else [None])]
                 for impl, chunk in runs:
                     if chunk is not None:
@@ -190,8 +193,6 @@ def _run(bench: BenchRun, batches, dims, chunks) -> None:
                     extra = {}
                     if peak is not None:
                         extra = {"peak_mb": peak / 2**20, "extra_mb": max(0, peak - grads_bytes) / 2**20}
-                    if impl == "torch-naive":
-                        naive_ms = ms
                     name = impl if chunk is None or len(chunk_list) == 1 else f"{impl} chunks {chunk[0]}x{chunk[1]}"
                     per_impl.setdefault(name, {})[levels] = ms
                     rate = rates[chunk or chunk_list[0]]
@@ -200,11 +201,7 @@ def _run(bench: BenchRun, batches, dims, chunks) -> None:
                     bench.record(OP, case, name, ms=ms, flops=8.0 * B * B * D, floor_bytes=6.0 * B * D * elem,
                                  gemm_tflops=rate, frac_of_floor_gemm=8.0 * B * B * D / (rate * 1e12) / (ms * 1e-3),
                                  **extra)
-                # Speedups over the naive loss, same case, same run.
-                if naive_ms is not None:
-                    for rec in bench.records:
-                        if rec["op"] == OP and rec["case"] == case:
-                            rec["speedup"] = naive_ms / rec["ms"]
+                bench.add_speedups(OP, case, baselines=BASELINES)
             for impl, by_levels in per_impl.items():
                 if 1 in by_levels and 3 in by_levels:
                     ratio = by_levels[3] / by_levels[1]
@@ -213,7 +210,7 @@ def _run(bench: BenchRun, batches, dims, chunks) -> None:
                                 rec["case"]["D"] == D and rec["case"]["levels"] == 3:
                             rec["levels3_over_1"] = ratio
                     bench.note(f"{impl} B={B} D={D}: 3 MRL levels cost {ratio:.2f}x one level")
-            del q, t, q0, t0
+            q = t = q0 = t0 = None  # free the inputs; not del: the closures above read it
             if bench.on_gpu:
                 torch.cuda.empty_cache()
     if bench.on_gpu:

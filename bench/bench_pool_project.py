@@ -2,7 +2,9 @@
 (masked mean, linear, normalize) and sentence-transformers' Pooling (+ Dense + Normalize).
 
 Reported: forward and forward+backward time, and the GB/s of the hidden-state read (T * H * bytes
-per element / time) with its fraction of the copy bandwidth measured in the same run.
+per element / time) with its fraction of the copy bandwidth measured in the same run, and on the
+embedkit kernel's row (the first implementation: triton on a GPU, native or reference on CPU)
+speedup_vs_<impl> over each other implementation, same case and pass (bench/harness.py's definition).
 
 Floors (`_floors`): the forward must read the hidden states once and the first out_dim rows of the
 weight; forward+backward also writes d_hidden (T x H: the hidden states move twice) and reads the
@@ -104,7 +106,6 @@ def run(bench: BenchRun, *, sizes: list[tuple[int, int]] | None = None) -> None:
             st = _st_modules(H, weight, bias, out_dim) if "sentence-transformers" in impls else None
             if "sentence-transformers" in impls and st is None:
                 bench.note("sentence-transformers is not installed: its Pooling is not measured")
-            base = {}
             for impl in impls:
                 if impl in ("triton", "native", "reference"):
                     def fwd(impl=impl):
@@ -129,15 +130,11 @@ def run(bench: BenchRun, *, sizes: list[tuple[int, int]] | None = None) -> None:
                     hidden.grad = weight.grad = bias.grad = None
 
                 ms_fb = bench.time_ms(fwd_bwd)
-                base.setdefault("fwd", ms_f)
-                base.setdefault("fwd_bwd", ms_fb)
                 elem, B = hidden.element_size(), case["B"]
                 bench.record(OP, {**case, "pass": "fwd"}, impl, ms=ms_f, bytes_moved=read,
                              **_floors(T, H, B, out_dim, elem, False))
                 bench.record(OP, {**case, "pass": "fwd+bwd"}, impl, ms=ms_fb, bytes_moved=read,
                              **_floors(T, H, B, out_dim, elem, True))
-            # Ratios against the first implementation (the embedkit kernel), same run.
-            for rec in bench.records:
-                if rec["op"] == OP and {k: rec["case"][k] for k in case} == case:
-                    key = "fwd" if rec["case"]["pass"] == "fwd" else "fwd_bwd"
-                    rec["speedup_of_first"] = rec["ms"] / base[key]
+            # The embedkit kernel (the first implementation) against every other one, same run.
+            for name in ("fwd", "fwd+bwd"):
+                bench.add_speedups(OP, {**case, "pass": name}, baselines=impls[1:], of=impls[:1])

@@ -15,6 +15,10 @@ does a row faster than its roofline (a fraction of bandwidth or matmul rate abov
 above the measured time) -- typically a roofline measured while other processes held the CPU, or a
 working set that fits in cache. Each such row carries `unreliable` (the reason), a warning is
 printed, and the record holds the load average and this process's CPU time at the start and the end.
+
+Speedup has one meaning in every benchmark (`speedup`, `BenchRun.add_speedups`): on an embedkit row,
+`speedup_vs_<baseline>` = the named baseline's time / this row's time, the two measured in the same
+case, on the same machine, in the same run (> 1: embedkit is faster than that baseline).
 """
 from __future__ import annotations
 
@@ -331,6 +335,22 @@ class BenchRun:
         print(f"{op:16s} {_case_label(case):44s} {impl:28s} {shown}")
         return row
 
+    def add_speedups(self, op: str, case: dict, baselines, of=None) -> None:
+        """Give the rows of (op, case) named in `of` (default: every row that is not a baseline: embedkit's)
+        the field speedup_vs_<baseline> = speedup(baseline's ms, the row's ms), for each baseline measured
+        in this case. A baseline that was not measured (not installed, skipped, out of memory) gives no
+        field, and a row records no speedup over itself."""
+        rows = [rec for rec in self.records if rec["op"] == op and rec["case"] == case]
+        by_impl = {rec["impl"]: rec for rec in rows}
+        baselines = [b for b in baselines if b in by_impl]
+        for rec in rows:
+            if (rec["impl"] in baselines) if of is None else (rec["impl"] not in of):
+                continue
+            for b in baselines:
+                value = speedup(by_impl[b]["ms"], rec["ms"]) if b != rec["impl"] else None
+                if value is not None:
+                    rec[speedup_column(b)] = value
+
     # ---- output -------------------------------------------------------------------------------
     def save(self, tag: str = "run") -> list[Path]:
         """JSON + Markdown + PNG of this run in out_dir, and out_dir/README.md (the folder's summary)
@@ -366,7 +386,8 @@ class BenchRun:
                   else "Self-checks: no impossible value, rooflines stable over the run."), "",
                  "frac_of_floor = floor_ms / ms, where floor_ms is the larger of the case's FLOP floor at that "
                  "matmul rate and its byte floor at that copy rate; floor_ms_*_datasheet are the same floors at "
-                 "datasheet peaks (not measured). Every ratio column of the records is shown.", ""]
+                 "datasheet peaks (not measured). speedup_vs_X = X's time / this row's time, same case, "
+                 "same run (> 1: this row is faster than X). Every ratio column of the records is shown.", ""]
         lines += [f"- {n}" for n in self.notes]
         for op in dict.fromkeys(rec["op"] for rec in self.records):
             rows = [rec for rec in self.records if rec["op"] == op]
@@ -427,8 +448,9 @@ class BenchRun:
         return path
 
 
+SPEEDUP_PREFIX = "speedup_vs_"
 _FIRST_COLUMNS = ("ms", "frac_of_floor", "floor_ms", "gbps", "frac_copy_bw", "tflops", "frac_matmul",
-                  "peak_mb", "extra_mb", "speedup")
+                  "peak_mb", "extra_mb", "speedup")  # plain "speedup": runs saved before speedup_vs_<baseline>
 _HIDDEN_COLUMNS = {"floor_flops", "floor_bytes"}
 
 
@@ -438,7 +460,8 @@ def _columns(rows: list[dict]) -> list[str]:
             if k not in ("op", "case", "impl") and k not in _HIDDEN_COLUMNS
             and isinstance(v, (int, float)) and not isinstance(v, bool)]
     seen = list(dict.fromkeys(keys))
-    return [c for c in _FIRST_COLUMNS if c in seen] + [c for c in seen if c not in _FIRST_COLUMNS]
+    first = [c for c in _FIRST_COLUMNS if c in seen] + [c for c in seen if c.startswith(SPEEDUP_PREFIX)]
+    return first + [c for c in seen if c not in first]
 
 
 def _load_line(m: dict) -> str:
@@ -512,6 +535,19 @@ def write_summary(folder: Path) -> Path:
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def speedup(baseline_ms: float, ms: float) -> float | None:
+    """The speedup of a row over a baseline: the baseline's time / the row's time, both measured in the
+    same case, on the same machine, in the same run (> 1: the row is faster). None without a time."""
+    if not (baseline_ms > 0 and ms > 0 and math.isfinite(baseline_ms) and math.isfinite(ms)):
+        return None
+    return baseline_ms / ms
+
+
+def speedup_column(baseline: str) -> str:
+    """The record field holding the speedup over `baseline` (an impl name of the same case)."""
+    return SPEEDUP_PREFIX + _slug(baseline)
 
 
 def floor_ms(flops: float | None, nbytes: float | None, rates: dict) -> float:

@@ -153,8 +153,12 @@ def _cmd_bench(args) -> int:
     _check_writable(args.out, "--out", directory=True)
     _check_writable(args.save_to, "--save-to", directory=True)
     sys.path.insert(0, str(root))
-    from bench.run import main
+    from bench.run import main, plan
 
+    try:
+        plan(args.op)  # an unknown --op is the user's mistake: said before any work
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     main(quick=args.quick, ops=args.op, out_dir=args.out, device=args.device, save_to=args.save_to)
     return 0
 
@@ -231,7 +235,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser("bench", help="run the kernel benchmarks and save JSON / Markdown / PNG results")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases")
-    b.add_argument("--op", action="append", help="benchmark only this op (repeatable)")
+    b.add_argument("--op", action="append", metavar="NAME",
+                   help="benchmark only this (repeatable): an op as `embedkit info` lists it (varlen_attention, "
+                   "pool_project, nce_loss, masked_mean, pack, unpack, sequence_fingerprint) or a benchmark "
+                   "(attention, native, embedder, encode)")
     b.add_argument("--out", help="the exact results folder (default ~/.cache/embedkit/bench/<machine>/, outside "
                    "the git tree)")
     b.add_argument("--save-to", metavar="ROOT", help="a results root, e.g. bench/results to commit the run: "

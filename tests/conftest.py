@@ -3,6 +3,16 @@
 Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
 triton decorates the kernels, i.e. before embedkit (and its Triton kernels, embedkit._triton) is first imported, so it is
 set here, at conftest import time.
+
+Test helpers are imported by their plain module names (`from conftest import DEVICE`, `from numerics
+import ...`, `import hopper_aot`): tests/ has no __init__.py, so pytest puts tests/ on sys.path and
+imports each file under its basename. An import as `tests.conftest` would load this file a second
+time, under a second name (and patch the launch recorder in twice); tests/test_compile_for_hopper.py
+checks that it does not happen.
+
+Order of a run (`pytest_collection_modifyitems`): the fast tier first, then the `slow`-marked tier,
+then the tests marked `after_all` (the sm_90 compile of every kernel specialization the other tests
+launched, which must come after all of them). `-m "not slow"` runs the fast tier alone.
 """
 import os
 
@@ -33,7 +43,15 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def _tier(item) -> int:
+    if item.get_closest_marker("after_all") is not None:
+        return 2
+    return 1 if item.get_closest_marker("slow") is not None else 0
+
+
 def pytest_collection_modifyitems(config, items):
+    # Stable: within a tier the tests keep their file and definition order.
+    items.sort(key=_tier)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import embedkit
 from embedkit.ops import reference
-from tests.conftest import DEVICE
-from tests.numerics import assert_by_rule, grads, leaf
+from conftest import DEVICE
+from numerics import assert_by_rule, grads, leaf
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 LOWP = (torch.float16, torch.bfloat16)

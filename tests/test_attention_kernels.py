@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import embedkit
-from tests.conftest import DEVICE
-from tests.test_attention import _cu, _inputs, _run, check_against_reference
+from conftest import DEVICE
+from test_attention import _cu, _inputs, _run, check_against_reference
 
 CANARY = 12345.0
 
@@ -264,7 +264,7 @@ def test_exact_grid_rotary_partial_gqa_causal():
 def test_tile_schedule_built_once_per_batch(monkeypatch):
     """The schedule's host read happens once per cu_seqlens tensor (and again after an in-place
     write), not once per layer: forward + backward of four 'layers' read it once."""
-    from tests.test_safety_memory import _count_syncs
+    from test_safety_memory import _count_syncs
     from embedkit._triton import attention as kernels
 
     lens = [3, 0, 17, 9]
@@ -289,7 +289,7 @@ def test_tile_schedule_built_once_per_batch(monkeypatch):
 def test_model_forward_syncs_do_not_grow_with_depth_on_triton(monkeypatch):
     """The issue's check with the Triton attention (exact grid + validation on): a model forward
     makes the same number of host syncs at 1 and 3 layers."""
-    from tests.test_safety_memory import _count_syncs
+    from test_safety_memory import _count_syncs
     from embedkit._triton import attention as kernels
 
     counts = {}

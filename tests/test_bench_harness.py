@@ -139,3 +139,37 @@ def test_an_older_run_is_re_rendered_with_every_column_and_checked(tmp_path):
     assert not old.reliable and "frac_copy_bw" in old.records[0]["unreliable"]
     md = old.markdown()
     assert "**UNRELIABLE RUN**" in md and " speedup " in md and "load not recorded" in md
+
+
+def test_speedup_has_one_definition_the_baselines_time_over_the_rows(tmp_path):
+    b = _run(tmp_path)
+    case = {"T": 8}
+    for impl, ms in (("embedkit", 2.0), ("torch", 6.0), ("other", 1.0)):
+        b.record("op", case, impl, ms=ms)
+    b.record("op", {"T": 9}, "torch", ms=100.0)  # another case: never compared
+    b.add_speedups("op", case, baselines=["torch", "other", "not-measured"])
+    rows = {r["impl"]: r for r in b.records if r["case"] == case}
+    assert rows["embedkit"]["speedup_vs_torch"] == 3.0 and rows["embedkit"]["speedup_vs_other"] == 0.5
+    assert not any(k.startswith("speedup") for k in (*rows["torch"], *rows["other"]))
+    assert harness.speedup(6.0, 2.0) == 3.0 and harness.speedup(float("nan"), 2.0) is None
+    md = b.markdown()
+    assert "speedup_vs_torch" in md and "speedup_vs_other" in md
+
+
+def test_bench_op_takes_every_registered_op():
+    from embedkit.ops import _dispatch
+
+    assert set(run.OP_BENCHMARKS) == set(_dispatch.registered_ops())
+    assert set(run.OP_BENCHMARKS.values()) <= set(run.BENCHMARKS)
+    assert run.plan(["pack", "masked_mean"]) == {"native": ["pack", "masked_mean"]}
+    assert run.plan(["varlen_attention"]) == {"attention": None}
+    with pytest.raises(ValueError, match="unknown --op"):
+        run.plan(["attn"])
+    # `embedkit bench --help` names them all (the CLI cannot import bench/ to list them: a wheel lacks it)
+    import argparse
+
+    from embedkit import cli
+
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    op = next(a for a in sub.choices["bench"]._actions if "--op" in a.option_strings)
+    assert all(name in op.help for name in run.choices()), op.help

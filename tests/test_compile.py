@@ -15,6 +15,8 @@ from embedkit import Embedder, EmbedderConfig
 from embedkit.ops import _reference_attention_op as ref_op
 from embedkit.ops import reference
 
+pytestmark = pytest.mark.slow  # torch.compile of models
+
 transformers = pytest.importorskip("transformers")
 import embedkit.integrations.transformers as ek_hf  # noqa: E402
 

@@ -13,6 +13,8 @@ import torch
 import embedkit
 from embedkit.model import Embedder, EmbedderConfig
 
+pytestmark = pytest.mark.slow  # MiniLM / sentence-transformers models
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXTS = ["A man is eating food.", "The new movie is awesome", "hi"]

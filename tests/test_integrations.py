@@ -15,6 +15,8 @@ import random
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # MiniLM / transformers / sentence-transformers models
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentence_transformers")
@@ -29,7 +31,7 @@ MINILM = str(minilm.get_model_path())
 
 TRITON_ATTENTION = "triton" in embedkit.available_backends("varlen_attention")
 needs_triton_attention = pytest.mark.skipif(
-    not TRITON_ATTENTION, reason="varlen_attention has no triton backend on this branch yet")
+    not TRITON_ATTENTION, reason="varlen_attention's triton backend is not available here")
 
 # Single-token words of the BERT vocabulary, so that a sentence of n words is n tokens (+ CLS/SEP).
 WORDS = ("the of and a to in is you that it he was for on are as with his they at be this have from "

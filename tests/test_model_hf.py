@@ -7,6 +7,8 @@ import torch
 import embedkit
 from embedkit.model import Embedder, ModelInputs
 
+pytestmark = pytest.mark.slow  # transformers / MiniLM models
+
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,

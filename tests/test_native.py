@@ -18,7 +18,7 @@ from embedkit import _build
 from embedkit.ops import _native, reference
 from embedkit.ops._dispatch import BackendUnavailableError
 
-from tests.numerics import assert_by_rule, grads, leaf
+from numerics import assert_by_rule, grads, leaf
 
 CPU = torch.device("cpu")
 DEVICES = [pytest.param(CPU, id="cpu"),

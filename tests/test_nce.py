@@ -557,6 +557,7 @@ def _single_process(c):
     return loss.detach(), torch.autograd.grad(loss, ins, go)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_matches_single_process_on_concatenated_batch(world, tmp_path):
     # One spawn per world size (process start-up dominates): the reference backend on 4 ranks, the
@@ -605,6 +606,7 @@ def _compare_distributed(world, backend, cases, tmp_path):
             torch.testing.assert_close(d_temp, grads[-1], **tol)
 
 
+@pytest.mark.slow
 def test_ddp_example_runs():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
@@ -614,53 +616,4 @@ def test_ddp_example_runs():
     assert "loss" in out.stdout
 
 
-# ---- the kernels compile for a real GPU (no GPU needed: Triton's NVIDIA backend + bundled ptxas) ------
-
-_COMPILE_SCRIPT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from embedkit._triton import nce as K
-
-EMB = {"x", "y", "neg", "hi", "lo", "part", "src"}
-IDS = {"ids_a_r", "ids_b_r", "ids_a_c", "ids_b_c"}
-INTS = {"stride_x", "stride_y", "N", "M", "K", "B", "D", "D0", "D1", "D2", "diag_offset", "n_per_split", "r0", "Cr",
-        "c0", "Cc", "row_start", "row_end", "n_rows", "n_cols", "stride_hi", "stride_part", "stride_src"}
-
-def build(fn, consts, emb="*bf16", warps=K._NUM_WARPS, stages=3, e="*bf16"):
-    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn  # autotuned: its JITFunction, one config
-    sig = {n: "constexpr" if n in consts else emb if n in EMB else e if n == "e_buf" else "*i64" if n in IDS
-           else "i32" if n in INTS else "*fp32" for n in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    assert ".local" not in k.asm["ptx"], f"{fn.__name__} {consts} spills to local memory"
-
-blk = dict(BLOCK_M=64, BLOCK_D=64)
-build(K._prefix_inv_norm_kernel, dict(NUM_LEVELS=3, **blk))
-build(K._row_negative_cos_kernel, dict(NUM_LEVELS=3, **blk))
-build(K._row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk), warps=4)
-flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True)
-for aligned in (True, False):
-    build(K._nce_fwd_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, DOT=2, ALIGNED=aligned, **flags))
-    build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, DOT=2, ALIGNED=aligned,
-                                       **flags))
-build(K._nce_fwd_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, ALIGNED=False, **flags),
-      emb="*fp16", warps=4)
-build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, ALIGNED=False, **flags),
-      emb="*fp16", e="*fp32", warps=4)
-build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=False, BLOCK_R=32, BLOCK_C=128), warps=4)
-build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=True, BLOCK_R=32, BLOCK_C=128), warps=4)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter does not run Triton's compiler (e.g. it accepts non-constexpr globals): compile the
-    bf16 3-level kernels to sm_90 PTX / cubin here, which needs no GPU."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+# The kernels' compile for sm_90 at their GPU tiles, with no spill: tests/test_compile_for_hopper.py.

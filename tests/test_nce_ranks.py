@@ -9,6 +9,8 @@ import torch
 
 from nce_dist_worker import free_port, mismatch_cases, mismatch_worker
 
+pytestmark = pytest.mark.slow  # spawned gloo ranks
+
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_disagreeing_ranks_all_get_a_value_error_naming_it(world, tmp_path):

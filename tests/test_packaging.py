@@ -96,6 +96,7 @@ def _configure(tmp_path: Path, *defines: str, env: dict | None = None) -> tuple[
     return found.group(1), done.stderr
 
 
+@pytest.mark.slow  # four CMake configures
 def test_one_library_folder_variable_old_name_deprecated(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EMBEDKIT_NATIVE_DIR"}
     folder, err = _configure(tmp_path / "default", env=env)

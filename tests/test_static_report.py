@@ -19,6 +19,7 @@ from bench import static_report  # noqa: E402
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled by running them")
 
 
+@pytest.mark.slow  # the sm_90a compiles (the checks' unit tests below are fast)
 def test_ci_subset_has_no_unwaived_failure(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

@@ -10,6 +10,8 @@ from embedkit import Embedder, EmbedderConfig, Image, PackedBatch
 from embedkit.train import (Example, Stage, Task, TaskSampler, Trainer, evaluate_retrieval, fingerprint_inputs,
                             retrieval_metrics)
 
+pytestmark = pytest.mark.slow  # training runs
+
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 

@@ -12,6 +12,8 @@ from embedkit import Embedder, EmbedderConfig
 from embedkit.train import Example, Stage, Task, Trainer
 from embedkit.train import checkpoint as ckpt_io
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 def _model(seed=0):
     torch.manual_seed(seed)

@@ -6,10 +6,13 @@ import multiprocessing as mp
 import os
 import socket
 
+import pytest
 import torch
 
 from embedkit import Embedder, EmbedderConfig
 from embedkit.train import Example, Stage, Task, Trainer
+
+pytestmark = pytest.mark.slow  # spawned gloo ranks training
 
 WORLD = 2
 

@@ -6,6 +6,8 @@ from torch import nn
 from embedkit import PackedBatch, ops
 from embedkit.train import Example, Stage, Task, Trainer, greedy_soup, retrieval_metrics, soup
 
+pytestmark = pytest.mark.slow  # training runs
+
 N = 24  # queries per domain
 
 

@@ -12,6 +12,8 @@ import pytest
 import embedkit
 import embedkit.ops
 
+pytestmark = pytest.mark.slow  # mypy over the public modules
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
