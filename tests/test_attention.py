@@ -18,7 +18,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import embedkit
-from embedkit.ops import reference
 from conftest import DEVICE
 from numerics import assert_by_rule, grads, leaf
 

@@ -4,7 +4,6 @@ reference's allocations (peak RSS: test_nce_memory.py), and torch.distributed (g
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
