@@ -618,6 +618,7 @@ def test_ddp_example_runs():
 
 _COMPILE_SCRIPT = r"""
 import sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from embedkit._triton import nce as K
@@ -636,17 +637,18 @@ def build(fn, consts, emb="*bf16", warps=K._NUM_WARPS, stages=3, e="*bf16"):
     assert ".local" not in k.asm["ptx"], f"{fn.__name__} {consts} spills to local memory"
 
 blk = dict(BLOCK_M=64, BLOCK_D=64)
-build(K._prefix_inv_norm_kernel, dict(NUM_LEVELS=3, **blk))
-build(K._row_negative_cos_kernel, dict(NUM_LEVELS=3, **blk))
-build(K._row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk), warps=4)
+build(K._nce_prefix_inv_norm_kernel, dict(NUM_LEVELS=3, **blk))
+build(K._nce_row_negative_cos_kernel, dict(NUM_LEVELS=3, **blk))
+build(K._nce_row_negative_bwd_kernel, dict(NUM_LEVELS=3, **blk), warps=4)
 flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True)
+BF16, FP16 = K.dot_args(torch.bfloat16), K.dot_args(torch.float16)  # the tl.dot constexprs
 for aligned in (True, False):
-    build(K._nce_fwd_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, DOT=2, ALIGNED=aligned, **flags))
-    build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, DOT=2, ALIGNED=aligned,
+    build(K._nce_fwd_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **BF16, ALIGNED=aligned, **flags))
+    build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, **BF16, ALIGNED=aligned,
                                        **flags))
-build(K._nce_fwd_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, ALIGNED=False, **flags),
+build(K._nce_fwd_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **FP16, ALIGNED=False, **flags),
       emb="*fp16", warps=4)
-build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1, ALIGNED=False, **flags),
+build(K._nce_bwd_coef_kernel, dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **FP16, ALIGNED=False, **flags),
       emb="*fp16", e="*fp32", warps=4)
 build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=False, BLOCK_R=32, BLOCK_C=128), warps=4)
 build(K._nce_acc_kernel, dict(HAS_LO=True, SCALED=True, BLOCK_R=32, BLOCK_C=128), warps=4)
