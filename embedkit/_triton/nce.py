@@ -216,12 +216,17 @@ _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_w
                                    (64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3))]
 
 
+def _fit_operands(configs, named_args, kwargs):
+    """fp32 operands need twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB): tiles of at
+    most 64 x 128 then."""
+    if launch_arg(named_args, kwargs, "DOT_DTYPE") != tl.float32:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     levels = launch_arg(named_args, kwargs, "NUM_LEVELS")
-    kept = configs
-    # fp32 operands: twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB)
-    if launch_arg(named_args, kwargs, "DOT_DTYPE") == tl.float32:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    kept = _fit_operands(configs, named_args, kwargs)
     aligned = launch_arg(named_args, kwargs, "ALIGNED")
     if levels is not None and levels > 1:  # the spill-free ones (see above)
         kept = [c for c in kept if c.num_warps == 8 and c.num_stages == 3
@@ -357,9 +362,7 @@ def _cfg_key(c):
 def _prune_coef(configs, named_args, **kwargs):
     levels = launch_arg(named_args, kwargs, "NUM_LEVELS")
     aligned = launch_arg(named_args, kwargs, "ALIGNED")
-    kept = configs
-    if launch_arg(named_args, kwargs, "DOT_DTYPE") == tl.float32:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    kept = _fit_operands(configs, named_args, kwargs)
     if levels is not None and levels > 1:
         kept = [c for c in kept if _cfg_key(c) in _COEF_LEVELS
                 and (aligned or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
@@ -512,9 +515,14 @@ def _nce_row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse,
 
 # ---- host launchers ---------------------------------------------------------------------------
 
+def _block_d(D: int) -> int:
+    """The D step of the fixed-config launches: up to 64 (128-byte rows of bf16), at least 16 (tl.dot's K)."""
+    return min(64, max(16, triton.next_power_of_2(D)))
+
+
 def _interp_blocks(D: int) -> dict:
     """The one fixed config under the interpreter (the GPU configs are autotuned)."""
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(64, max(16, triton.next_power_of_2(D))))
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=_block_d(D))
 
 
 def _launch(kernel, grid, *args, _D: int, **kw):
@@ -526,7 +534,7 @@ def _launch(kernel, grid, *args, _D: int, **kw):
 # The small kernels (norms, own negatives) keep one fixed config: they are O(B D), not O(B^2 D).
 def _blocks(D: int) -> tuple[int, int, int]:
     if INTERPRET:
-        return 16, 16, min(64, max(16, triton.next_power_of_2(D)))
+        return 16, 16, _block_d(D)
     return 64, 64, 64
 
 
@@ -564,7 +572,7 @@ def prefix_inv_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     if N == 0:
         return out
     bm = 16 if INTERPRET else 32
-    bd = min(64, max(16, triton.next_power_of_2(dims[-1])))
+    bd = _block_d(dims[-1])
     for gi, grp in enumerate(_groups(dims)):
         # Each group restarts at 0 so every level's sum covers its whole prefix.
         sub = torch.empty(len(grp), N, dtype=torch.float32, device=x.device)
