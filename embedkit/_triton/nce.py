@@ -601,6 +601,13 @@ def _fwd_split(M: int, N: int, dev: torch.device) -> tuple[int, int]:
     return triton.cdiv(N, per), per
 
 
+def _id_args(ids, placeholder: torch.Tensor):
+    """(the four id pointers (rows' a, b, candidates' a, b; `ids` None: no masking) with `placeholder`, a
+    tensor the kernels never read, for the absent ones, HAS_IDS_A, HAS_IDS_B)."""
+    ids = (None,) * 4 if ids is None else tuple(ids)
+    return [t if t is not None else placeholder for t in ids], ids[0] is not None, ids[1] is not None
+
+
 def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp, has_diag, dot):
     """Partial online-softmax states [SPLIT, L, M] (m, l, t, pos) of rows against all of cands."""
     M, D = rows.shape
@@ -610,9 +617,7 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
     f32 = dict(dtype=torch.float32, device=rows.device)
     pm, pl, pt = (torch.empty(split, L, M, **f32) for _ in range(3))
     pp = torch.zeros(split, L, M, **f32) if has_diag else pm
-    has_a, has_b = ids is not None and ids[0] is not None, ids is not None and ids[1] is not None
-    dummy = inv_rows
-    idp = [t if t is not None else dummy for t in ids] if ids is not None else [dummy] * 4
+    idp, has_a, has_b = _id_args(ids, inv_rows)
     _launch(_nce_fwd_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), split),
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
             *idp, diag_offset, pm, pl, pt, pp, *_pad3(grp),
@@ -776,10 +781,8 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     zpos = -(lse - pos)
     d_rows = torch.empty_like(rows)
     d_rowneg = torch.empty_like(row_neg) if row_neg is not None else None
-    has_a, has_b = ids_a_r is not None, ids_b_r is not None
     dummy = inv_rows
-    ids = (ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
-           ids_a_c if has_a else dummy, ids_b_c if has_b else dummy)
+    ids, has_a, has_b = _id_args((ids_a_r, ids_b_r, ids_a_c, ids_b_c), dummy)
     groups = [(slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp)), grp) for gi, grp in enumerate(_groups(dims))]
     per_group = {gi: (lse[sl].contiguous(), g[sl].contiguous(), zpos[sl].contiguous(), inv_rows[sl].contiguous(),
                       inv_cands[sl].contiguous(), inv_shared[sl].contiguous() if S else None)
