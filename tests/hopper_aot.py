@@ -154,17 +154,20 @@ def pinned_specs() -> list[dict]:
     """The pinned NCE configs (needs the real compiler's kernels: call without TRITON_INTERPRET)."""
     blk = dict(BLOCK_M=64, BLOCK_D=64)
     flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True)
-    specs = [_nce_spec("_prefix_inv_norm_kernel", dict(NUM_LEVELS=3, **blk)),
-             _nce_spec("_row_negative_cos_kernel", dict(NUM_LEVELS=3, **blk)),
-             _nce_spec("_row_negative_bwd_kernel", dict(NUM_LEVELS=3, **blk), warps=4)]
+    # the tl.dot constexprs embedkit._triton._common.dot_args gives on a GPU (recorded form)
+    bf16 = dict(DOT_DTYPE={"tl_dtype": "bf16"}, DOT_PREC="tf32")
+    fp16 = dict(DOT_DTYPE={"tl_dtype": "fp16"}, DOT_PREC="tf32")
+    specs = [_nce_spec("_nce_prefix_inv_norm_kernel", dict(NUM_LEVELS=3, **blk)),
+             _nce_spec("_nce_row_negative_cos_kernel", dict(NUM_LEVELS=3, **blk)),
+             _nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, **blk), warps=4)]
     for aligned in (True, False):
-        specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, DOT=2,
+        specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
                                                        ALIGNED=aligned, **flags)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
-                                                            DOT=2, ALIGNED=aligned, **flags)))
-    specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1,
+                                                            **bf16, ALIGNED=aligned, **flags)))
+    specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                    ALIGNED=False, **flags), emb="*fp16", warps=4))
-    specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, DOT=1,
+    specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                         ALIGNED=False, **flags), emb="*fp16", e="*fp32", warps=4))
     for scaled in (False, True):
         specs.append(_nce_spec("_nce_acc_kernel", dict(HAS_LO=True, SCALED=scaled, BLOCK_R=32, BLOCK_C=128),

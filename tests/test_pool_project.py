@@ -171,6 +171,25 @@ def test_torch_compile_fullgraph(backend):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_backward_keeps_no_hidden_sized_tensor(backend, normalize):
+    """Only what the backward reads is saved: hidden's shape and dtype, never a [T, H] tensor."""
+    cu, hidden, weight, bias, _ = _case([5, 9, 2], 16, 24)
+    h, w, b = (leaf(x, torch.float32) for x in (hidden, weight, bias))
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with embedkit.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = embedkit.pool_project(h, cu, w, b, out_dim=12, normalize=normalize)
+    assert saved and tuple(h.shape) not in saved, saved
+    (g,) = torch.autograd.grad(out.sum(), h)
+    assert g.shape == h.shape
+
+
 def test_fake_implementation_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

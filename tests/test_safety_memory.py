@@ -238,30 +238,6 @@ def test_reference_segment_ids_are_safe_for_any_cu_seqlens():
     assert reference.segment_ids(_cu([0, 2, 2, 5]), 5).tolist() == [0, 0, 2, 2, 2]
 
 
-# ---- pool_project's matmul kernel: int64 offsets -------------------------------------------------
-
-def test_matmul_kernel_offsets_past_int32():
-    """d_weight = dy.t() @ pooled reads dy.t() with stride_ak = out_dim, so offs_k * stride_ak passes
-    2^31 once B * out_dim does (B >= 699,051 at out_dim 3,072). Here the same product is reached with
-    K = 3 and a stride of 2^30 + 16 elements in a lazily allocated 4 GiB buffer (three pages are
-    touched); int32 offsets wrapped to a negative address (a crash under the interpreter, foreign
-    data on a GPU). This proves the kernel's index arithmetic at that magnitude, not the whole
-    backward at B = 699,051 (too slow for the interpreter)."""
-    M, K, N = 16, 3, 16
-    stride = (1 << 30) + 16
-    try:
-        buf = torch.empty(stride * (K - 1) + M, dtype=torch.float16)
-    except RuntimeError as err:  # no room for 4 GiB of address space (e.g. strict overcommit)
-        pytest.skip(f"cannot reserve the 4 GiB view: {err}")
-    a = buf.as_strided((M, K), (1, stride))
-    a.copy_(torch.randn(M, K).half())
-    b = torch.randn(K, N).half()
-    c = torch.empty(M, N)
-    assert (K - 1) * stride >= 2 ** 31
-    pp._matmul(a, b, c, None, 1)
-    torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-3, atol=1e-3)
-
-
 # ---- the native C ABI: no C++ exception escapes, no memcpy of null pointers ---------------------------
 
 def _run_python(code: str) -> subprocess.CompletedProcess:

@@ -60,9 +60,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._dtypes import DOT_BF16, DOT_FP16, DOT_FP32, dot_code, next_pow2
-
-LOG2E = 1.4426950408889634
+from ._common import LN2, LOG2E, dot_args, gpu_autotune, interpreter_config, launch_arg
 
 
 # ---- device helpers ---------------------------------------------------------------------------
@@ -276,7 +274,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN, SCHED,
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
-        tl.store(lse_base + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+        tl.store(lse_base + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
 
 
 # ---- backward ---------------------------------------------------------------------------------
@@ -379,7 +377,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
                 do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
                              mask=m_ok[:, None] & d_ok[None, :], other=0.0)
                 do = do.to(DOT_DTYPE)
-                lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+                lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
                 delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
                 # Transposed scores [BLOCK_N, BLOCK_M], so dk / dv accumulate without transposing P.
                 s_t = _dot_qk(ka, kb, kr, qa, qb, qr, ROTARY, REST_W, DOT_PREC)
@@ -483,7 +481,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
                               ROTARY, ROT_W, REST_W, DOT_DTYPE)
         do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
-        lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
         if ROTARY:
             dqa = tl.zeros([BLOCK_M, ROT_W], dtype=tl.float32)
@@ -544,7 +542,7 @@ _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cf
 
 def length_bucket(max_seqlen: int) -> int:
     """Autotune key for sequence length: next power of two of max_seqlen, clamped to [16, 4096]."""
-    return min(4096, max(16, next_pow2(max_seqlen)))
+    return min(4096, max(16, triton.next_power_of_2(max_seqlen)))
 
 
 # Backward of short sequences (max_seqlen <= this): one kernel for dq, dk and dv (see _attn_bwd_dkdv_kernel).
@@ -613,7 +611,9 @@ def prune_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON
     memory by smem_estimate, no known in-loop spill under this Triton (known_spills); exactly one
     bucket-sized tile per sequence when the backward fuses dq (FUSED_DQ). Never empty: the
     smallest tile is the fallback."""
-    arg = lambda name, default=None: kwargs.get(name, named_args.get(name, default))  # noqa: E731
+    def arg(name, default=None):
+        return launch_arg(named_args, kwargs, name, default)
+
     bucket = named_args["LEN_BUCKET"]
     head_dim = arg("HEAD_DIM") or 64
     kind = _kind_of(named_args, kwargs)
@@ -650,30 +650,11 @@ def _prune(configs, named_args, **kwargs):
     return prune_configs(configs, named_args, kwargs)
 
 
-if INTERPRET:
-    _fwd_launch = _attn_fwd_kernel
-    _dkdv_launch = _attn_bwd_dkdv_kernel
-    _dq_launch = _attn_bwd_dq_kernel
-else:  # keyed on head dim and length bucket (plus the flags that change the kernel's work)
-    _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "ROT_W", "REST_W", "DOT_DTYPE"]
-    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _attn_fwd_kernel)
-    _dkdv_launch = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["FUSED_DQ"],
-                                   prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _attn_bwd_dq_kernel)
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operand dtype (see embedkit._triton._dtypes.dot_code) and precision: fp32 operands use
-    exact IEEE products (no TF32) so fp32 inputs keep fp32 accuracy."""
-    code = dot_code(dtype)
-    dot_dtype = {DOT_FP16: tl.float16, DOT_BF16: tl.bfloat16, DOT_FP32: tl.float32}[code]
-    return {"DOT_DTYPE": dot_dtype, "DOT_PREC": "ieee" if code == DOT_FP32 else "tf32"}
-
-
-def _meta() -> dict:
-    return dict(INTERPRET_CONFIG) if INTERPRET else {}
+# Keyed on head dim and length bucket (plus the flags that change the kernel's work).
+_KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "ROT_W", "REST_W", "DOT_DTYPE"]
+_fwd_launch = gpu_autotune(_FWD_CONFIGS, _KEY, _prune)(_attn_fwd_kernel)
+_dkdv_launch = gpu_autotune(_DKDV_CONFIGS, _KEY + ["FUSED_DQ"], _prune)(_attn_bwd_dkdv_kernel)
+_dq_launch = gpu_autotune(_DQ_CONFIGS, _KEY, _prune)(_attn_bwd_dq_kernel)
 
 
 # ---- the exact (sequence, tile) grid ------------------------------------------------------------
@@ -780,8 +761,8 @@ def _rotary_args(rotary, q, head_dim: int):
         cos, sin = cos.float(), sin.float()
     half = cos.shape[-1]
     rest = D - 2 * half
-    return cos.contiguous(), sin.contiguous(), half, True, max(16, next_pow2(half)), \
-        (max(16, next_pow2(rest)) if rest > 0 else 0)
+    return cos.contiguous(), sin.contiguous(), half, True, max(16, triton.next_power_of_2(half)), \
+        (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
 def _grid_seqlen(max_seqlen: int, sched: TileSchedule) -> int:
@@ -810,7 +791,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
         return out.zero_(), lse.zero_()
     sched = tile_schedule(cu_seqlens, T)
     max_seqlen = _grid_seqlen(max_seqlen, sched)
-    head_dim = max(16, next_pow2(D))
+    head_dim = max(16, triton.next_power_of_2(D))
     cos, sin, half, has_rot, rot_w, rest_w = _rotary_args(rotary, q, head_dim)
 
     def grid(meta):  # 1-D: query head fastest, then the (sequence, tile) pairs
@@ -819,9 +800,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     _fwd_launch[grid](
         q, k, v, out, lse, cu_seqlens, cos, sin, sched.table,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        T, D, half, softmax_scale * LOG2E, length_bucket(max_seqlen), B, Hq,
-        GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, ROT_W=rot_w, REST_W=rest_w, **_dot_args(q.dtype),
-        HEAD_DIM=head_dim, **_meta())
+        T, D, half, softmax_scale * LOG2E.value, length_bucket(max_seqlen), B, Hq,
+        GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, ROT_W=rot_w, REST_W=rest_w, **dot_args(q.dtype),
+        HEAD_DIM=head_dim, **interpreter_config(INTERPRET_CONFIG))
     return out, lse
 
 
@@ -845,7 +826,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return dq.zero_(), dk.zero_(), dv.zero_()
     sched = tile_schedule(cu_seqlens, T)
     max_seqlen = _grid_seqlen(max_seqlen, sched)
-    head_dim = max(16, next_pow2(D))
+    head_dim = max(16, triton.next_power_of_2(D))
     delta = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
     block_t = 64 if head_dim <= 128 else 32
     if grad_lse is not None:
@@ -857,8 +838,9 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     cos, sin, half, has_rot, rot_w, rest_w = _rotary_args(rotary, q, head_dim)
     fused_dq = fuse_dq(max_seqlen)
     common = dict(GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, ROT_W=rot_w, REST_W=rest_w,
-                  HAS_DLSE=grad_lse is not None, **_dot_args(q.dtype), HEAD_DIM=head_dim, **_meta())
-    scalars = (T, D, half, softmax_scale * LOG2E, softmax_scale, length_bucket(max_seqlen), B)
+                  HAS_DLSE=grad_lse is not None, **dot_args(q.dtype), HEAD_DIM=head_dim,
+                  **interpreter_config(INTERPRET_CONFIG))
+    scalars = (T, D, half, softmax_scale * LOG2E.value, softmax_scale, length_bucket(max_seqlen), B)
 
     def grid_kv(meta):  # kv head fastest
         return (sched.programs(meta["BLOCK_N"]) * Hkv,)

@@ -39,31 +39,18 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._dtypes import DOT_FP16, dot_code, next_pow2
+from ._common import dot_acc, dot_args, gpu_autotune, interpreter_config, launch_arg
 
 MAX_LEVELS = 3
-_DOT_TF32 = 3  # a fourth operand code beside _dtypes' DOT_FP32 / DOT_FP16 / DOT_BF16
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
 
 
 # ---- device helpers ---------------------------------------------------------------------------
 
 @triton.jit
-def _mma(acc, a, b, DOT: tl.constexpr):
-    if DOT == 1:
-        acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
-    elif DOT == 2:
-        acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif DOT == 3:
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    else:
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi,
-               BLOCK_D: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr):
+               BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+               ALIGNED: tl.constexpr):
     """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>; rows / candidates outside x_ok / y_ok
     give garbage dots that the callers never use (the score mask includes them)."""
     # Rows past the end read row 0 instead of being masked: a [BLOCK, BLOCK_D] predicate per operand
@@ -76,14 +63,14 @@ def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi
         px = x + rx[:, None] + tl.arange(0, BLOCK_D)[None, :]
         py = y + ry[None, :] + tl.arange(0, BLOCK_D)[:, None]
         for d0 in range(lo, hi, BLOCK_D):
-            acc = _mma(acc, tl.load(px + d0), tl.load(py + d0), DOT)
+            acc = dot_acc(acc, tl.load(px + d0), tl.load(py + d0), DOT_DTYPE, DOT_PREC)
     else:
         for d0 in range(lo, hi, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < hi
             xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
             yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            acc = _mma(acc, xt, yt, DOT)
+            acc = dot_acc(acc, xt, yt, DOT_DTYPE, DOT_PREC)
     return acc
 
 
@@ -177,8 +164,8 @@ def _level_span(lvl: tl.constexpr, D0, D1, D2):
 
 
 @triton.jit
-def _prefix_inv_norm_kernel(x, stride_x, out, N, D0, D1, D2, NUM_LEVELS: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _nce_prefix_inv_norm_kernel(x, stride_x, out, N, D0, D1, D2, NUM_LEVELS: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[l, i] = 1 / max(||x_i[:d_l]||, 1e-12) (F.normalize's eps), all levels in one pass."""
     offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = offs < N
@@ -195,8 +182,8 @@ def _prefix_inv_norm_kernel(x, stride_x, out, N, D0, D1, D2, NUM_LEVELS: tl.cons
 
 
 @triton.jit
-def _row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0, D1, D2,
-                             NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _nce_row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0, D1, D2,
+                                 NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """cos[l, i, k] = cosine of x_i and its own negative neg[i, k] at every level (neg is [B, K, D])."""
     offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = offs < B
@@ -216,16 +203,6 @@ def _row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0, D1
             tl.store(cos + (lvl * B + offs) * K + k, tl.sum(acc, axis=1) * a * b, mask=ok)
 
 
-def _gpu_autotune(configs, key, prune, reset_to_zero=None):
-    """triton.autotune on a GPU; under the interpreter one fixed config (tuning there is meaningless)."""
-    def wrap(fn):
-        if INTERPRET:
-            return fn
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                               reset_to_zero=reset_to_zero)(fn)
-    return wrap
-
-
 # Forward tiles. One fp32 score tile is live at a time (each level's online update runs as soon as the dot
 # crosses that level's width) and only masked logits, no cosine or predicate tile, live through the update.
 # Checked with the static sm_90a report (Triton 3.9, ptxas): 1 level 128 x 128 / 8 warps, no spills;
@@ -239,13 +216,18 @@ _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_w
                                    (64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3))]
 
 
+def _fit_operands(configs, named_args, kwargs):
+    """fp32 operands need twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB): tiles of at
+    most 64 x 128 then."""
+    if launch_arg(named_args, kwargs, "DOT_DTYPE") != tl.float32:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-    levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
-    dot = named_args.get("DOT", kwargs.get("DOT"))
-    kept = configs
-    if dot == 0:  # fp32 operands: twice the shared memory per stage (128 x 128 x 4 stages > 227 KiB)
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
-    aligned = named_args.get("ALIGNED", kwargs.get("ALIGNED"))
+    levels = launch_arg(named_args, kwargs, "NUM_LEVELS")
+    kept = _fit_operands(configs, named_args, kwargs)
+    aligned = launch_arg(named_args, kwargs, "ALIGNED")
     if levels is not None and levels > 1:  # the spill-free ones (see above)
         kept = [c for c in kept if c.num_warps == 8 and c.num_stages == 3
                 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 and (aligned or c.kwargs["BLOCK_M"] == 64)]
@@ -254,15 +236,17 @@ def _prune_fwd(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-@_gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B", "ALIGNED"],
-               prune=_prune_fwd)
+@gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT_DTYPE", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B",
+                                   "ALIGNED"],
+              prune=_prune_fwd)
 @triton.jit
 def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, inv_temp,
                     ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
                     part_m, part_l, part_t, part_pos, D0, D1, D2,
                     NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                     HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr):
+                    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
     """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
 
     Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
@@ -297,7 +281,8 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
         # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
         # two predicate tiles held through the D loop made ptxas spill).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT, ALIGNED)
+        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                         0, D0, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
         z0 = acc * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :] * it
@@ -305,7 +290,8 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
             p0 += tl.sum(tl.where(is_pos, z0, 0.0), axis=1)
         m0, l0, t0 = _online_update(m0, l0, t0, z0, valid)
         if NUM_LEVELS > 1:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT, ALIGNED)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                             D0, D1, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
             z1 = acc * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :] * it
@@ -313,7 +299,8 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
                 p1 += tl.sum(tl.where(is_pos, z1, 0.0), axis=1)
             m1, l1, t1 = _online_update(m1, l1, t1, z1, valid)
         if NUM_LEVELS > 2:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT, ALIGNED)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                             D1, D2, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
             z2 = acc * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :] * it
@@ -373,12 +360,9 @@ def _cfg_key(c):
 
 
 def _prune_coef(configs, named_args, **kwargs):
-    levels = named_args.get("NUM_LEVELS", kwargs.get("NUM_LEVELS"))
-    dot = named_args.get("DOT", kwargs.get("DOT"))
-    aligned = named_args.get("ALIGNED", kwargs.get("ALIGNED"))
-    kept = configs
-    if dot == 0:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    levels = launch_arg(named_args, kwargs, "NUM_LEVELS")
+    aligned = launch_arg(named_args, kwargs, "ALIGNED")
+    kept = _fit_operands(configs, named_args, kwargs)
     if levels is not None and levels > 1:
         kept = [c for c in kept if _cfg_key(c) in _COEF_LEVELS
                 and (aligned or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
@@ -389,15 +373,16 @@ def _prune_coef(configs, named_args, **kwargs):
 
 # rpart / cpart are sized for the smallest tile and a larger tile fills a prefix: zeroed before every
 # tuning run and the final one, so no config's leftovers are summed.
-@_gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B",
-                                     "ALIGNED"],
-               prune=_prune_coef, reset_to_zero=["rpart", "cpart"])
+@gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT_DTYPE", "HAS_DIAG", "HAS_IDS_A",
+                                    "HAS_IDS_B", "ALIGNED"],
+              prune=_prune_coef, reset_to_zero=["rpart", "cpart"])
 @triton.jit
 def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c0, Cc, lse, g, zpos, inv_temp,
                          ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, e_buf, rpart, cpart, D0, D1, D2,
                          NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                          HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr):
+                         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                         ALIGNED: tl.constexpr):
     """The backward's coefficient block of rows [r0, r0 + Cr) x candidates [c0, c0 + Cc).
 
     Recomputes the score tiles (all levels in one pass over D, as the forward), and writes
@@ -427,7 +412,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     # only E_0's running sum stays live through the later D loops: the live tiles are the accumulator and
     # E_0 whatever the level count (with three raw dot tiles live, 3 levels spilled above 64 x 64).
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, BLOCK_D, DOT, ALIGNED)
+    acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                     0, D0, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
     valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
     e0, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
@@ -435,7 +421,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
     tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
     if NUM_LEVELS > 1:
-        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1, BLOCK_D, DOT, ALIGNED)
+        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                         D0, D1, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
         e1, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
@@ -444,8 +431,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
         tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
         e0 += e1
         if NUM_LEVELS > 2:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2, BLOCK_D, DOT,
-                             ALIGNED)
+            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                             D1, D2, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
             e2, q2 = _level_coef(acc, 2, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it,
@@ -489,9 +476,9 @@ def _nce_acc_kernel(hi, lo, part, scale, src, n_rows, n_cols, stride_hi, stride_
 
 
 @triton.jit
-def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, inv_temp,
-                             gbuf, rbuf, dneg, row_start, row_end, B, K, D, D0, D1, D2,
-                             NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _nce_row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, inv_temp,
+                                 gbuf, rbuf, dneg, row_start, row_end, B, K, D, D0, D1, D2,
+                                 NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-row negatives: d x_i += sum_k P_ik a b neg_ik (into gbuf, R into rbuf) and
     d neg_ik += P_ik a b x_i - b^2 P_ik s_ik neg_ik (into the fp32 dneg), elementwise over D.
     Rows [row_start, row_end); gbuf [C, D], rbuf [L, C], dneg [C, K, D] hold that chunk."""
@@ -528,25 +515,26 @@ def _row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, 
 
 # ---- host launchers ---------------------------------------------------------------------------
 
+def _block_d(D: int) -> int:
+    """The D step of the fixed-config launches: up to 64 (128-byte rows of bf16), at least 16 (tl.dot's K)."""
+    return min(64, max(16, triton.next_power_of_2(D)))
+
+
 def _interp_blocks(D: int) -> dict:
     """The one fixed config under the interpreter (the GPU configs are autotuned)."""
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(64, max(16, next_pow2(D))))
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=_block_d(D))
 
 
-def _launch(kernel, grid, *args, **kw):
-    """Autotuned on a GPU (grid is a function of the chosen config); fixed blocks under the interpreter."""
-    if INTERPRET:
-        blocks = _interp_blocks(kw.pop("_D"))
-        kernel[grid(blocks)](*args, **kw, **blocks)
-    else:
-        kw.pop("_D")
-        kernel[grid](*args, **kw)
+def _launch(kernel, grid, *args, _D: int, **kw):
+    """Autotuned on a GPU (grid is a function of the chosen config); fixed blocks for width _D under the
+    interpreter."""
+    kernel[grid](*args, **kw, **interpreter_config(_interp_blocks(_D)))
 
 
 # The small kernels (norms, own negatives) keep one fixed config: they are O(B D), not O(B^2 D).
 def _blocks(D: int) -> tuple[int, int, int]:
     if INTERPRET:
-        return 16, 16, min(64, max(16, next_pow2(D)))
+        return 16, 16, _block_d(D)
     return 64, 64, 64
 
 
@@ -584,12 +572,12 @@ def prefix_inv_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     if N == 0:
         return out
     bm = 16 if INTERPRET else 32
-    bd = min(64, max(16, next_pow2(dims[-1])))
+    bd = _block_d(dims[-1])
     for gi, grp in enumerate(_groups(dims)):
         # Each group restarts at 0 so every level's sum covers its whole prefix.
         sub = torch.empty(len(grp), N, dtype=torch.float32, device=x.device)
-        _prefix_inv_norm_kernel[(triton.cdiv(N, bm),)](x, x.stride(0), sub, N, *_pad3(grp),
-                                                       NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+        _nce_prefix_inv_norm_kernel[(triton.cdiv(N, bm),)](x, x.stride(0), sub, N, *_pad3(grp),
+                                                           NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
         out[gi * MAX_LEVELS: gi * MAX_LEVELS + len(grp)] = sub
     return out
 
@@ -613,6 +601,13 @@ def _fwd_split(M: int, N: int, dev: torch.device) -> tuple[int, int]:
     return triton.cdiv(N, per), per
 
 
+def _id_args(ids, placeholder: torch.Tensor):
+    """(the four id pointers (rows' a, b, candidates' a, b; `ids` None: no masking) with `placeholder`, a
+    tensor the kernels never read, for the absent ones, HAS_IDS_A, HAS_IDS_B)."""
+    ids = (None,) * 4 if ids is None else tuple(ids)
+    return [t if t is not None else placeholder for t in ids], ids[0] is not None, ids[1] is not None
+
+
 def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp, has_diag, dot):
     """Partial online-softmax states [SPLIT, L, M] (m, l, t, pos) of rows against all of cands."""
     M, D = rows.shape
@@ -622,13 +617,11 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
     f32 = dict(dtype=torch.float32, device=rows.device)
     pm, pl, pt = (torch.empty(split, L, M, **f32) for _ in range(3))
     pp = torch.zeros(split, L, M, **f32) if has_diag else pm
-    has_a, has_b = ids is not None and ids[0] is not None, ids is not None and ids[1] is not None
-    dummy = inv_rows
-    idp = [t if t is not None else dummy for t in ids] if ids is not None else [dummy] * 4
+    idp, has_a, has_b = _id_args(ids, inv_rows)
     _launch(_nce_fwd_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), split),
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
             *idp, diag_offset, pm, pl, pt, pp, *_pad3(grp),
-            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, DOT=dot, ALIGNED=_aligned(grp), _D=D)
+            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, **dot, ALIGNED=_aligned(grp), _D=D)
     return pm, pl, pt, (pp if has_diag else None)
 
 
@@ -648,7 +641,7 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
     dev = rows.device
     L = len(dims)
     bm, _, bd = _blocks(D)
-    dot = dot_code(rows.dtype)
+    dot = dot_args(rows.dtype)
     inv_rows = prefix_inv_norms(rows, dims)
     inv_cands = prefix_inv_norms(cands, dims)
     inv_shared = prefix_inv_norms(shared_neg, dims) if shared_neg is not None else None
@@ -662,9 +655,9 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
         sl = slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp))
         if K:
             cos_g = torch.empty(len(grp), M, K, **f32)
-            _row_negative_cos_kernel[(triton.cdiv(M, bm),)](rows, rows.stride(0), row_neg, inv_rows[sl].contiguous(),
-                                                            inv_rowneg[sl].contiguous(), cos_g, M, K, *_pad3(grp),
-                                                            NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+            _nce_row_negative_cos_kernel[(triton.cdiv(M, bm),)](
+                rows, rows.stride(0), row_neg, inv_rows[sl].contiguous(), inv_rowneg[sl].contiguous(), cos_g, M, K,
+                *_pad3(grp), NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
             row_cos[sl] = cos_g
         pm, pl, pt, pp = _fwd_parts(rows, cands, inv_rows[sl].contiguous(), inv_cands[sl].contiguous(), inv_temp,
                                     ids, diag_offset, grp, True, dot)
@@ -777,7 +770,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
         raise ValueError(f"row_chunk * cand_chunk too large for the coefficient block: {row_chunk} x {cand_chunk} "
                          f"(at most {(2 ** 31 - 1) // MAX_LEVELS} elements)")
     bm, _, bd = _blocks(D)
-    dot = dot_code(rows.dtype)
+    dot = dot_args(rows.dtype)
     # fp16 coefficients P a b are tiny at large B (P ~ p / (B tau)) and would flush in fp16's exponent
     # range: fp16 inputs get fp32 coefficient blocks and fp32 GEMMs. bf16 has the range.
     e_dtype = torch.float32 if rows.dtype == torch.float16 else rows.dtype
@@ -788,10 +781,8 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     zpos = -(lse - pos)
     d_rows = torch.empty_like(rows)
     d_rowneg = torch.empty_like(row_neg) if row_neg is not None else None
-    has_a, has_b = ids_a_r is not None, ids_b_r is not None
     dummy = inv_rows
-    ids = (ids_a_r if has_a else dummy, ids_b_r if has_b else dummy,
-           ids_a_c if has_a else dummy, ids_b_c if has_b else dummy)
+    ids, has_a, has_b = _id_args((ids_a_r, ids_b_r, ids_a_c, ids_b_c), dummy)
     groups = [(slice(gi * MAX_LEVELS, gi * MAX_LEVELS + len(grp)), grp) for gi, grp in enumerate(_groups(dims))]
     per_group = {gi: (lse[sl].contiguous(), g[sl].contiguous(), zpos[sl].contiguous(), inv_rows[sl].contiguous(),
                       inv_cands[sl].contiguous(), inv_shared[sl].contiguous() if S else None)
@@ -812,7 +803,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
             dneg = torch.zeros(Cr, K, D, **f32)
             for gi, (sl, grp) in enumerate(groups):
                 rbuf = torch.zeros(len(grp), Cr, **f32)
-                _row_negative_bwd_kernel[(triton.cdiv(Cr, bm),)](
+                _nce_row_negative_bwd_kernel[(triton.cdiv(Cr, bm),)](
                     rows, row_neg, rows.stride(0), per_group[gi][3], inv_rowneg[sl].contiguous(),
                     row_cos[sl].contiguous(), per_group[gi][0], per_group[gi][1], inv_temp, gbuf, rbuf, dneg,
                     r0, r1, M, K, D, *_pad3(grp), NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
@@ -844,7 +835,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                     _launch(_nce_bwd_coef_kernel, grid, rows, y, rows.stride(0), y.stride(0), ir, iy, M, n,
                             r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
-                            HAS_IDS_B=masked and has_b, HAS_DIAG=masked, DOT=dot,
+                            HAS_IDS_B=masked and has_b, HAS_DIAG=masked, **dot,
                             ALIGNED=_aligned(grp), _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)

@@ -46,11 +46,12 @@ def _fwd_fake(hidden, cu_seqlens, weight, bias, pool_mask, out_dim, normalize, b
 
 @torch.library.custom_op("embedkit::pool_project_bwd", mutates_args=())
 def _bwd(grad_out: torch.Tensor, pooled: torch.Tensor, counts: torch.Tensor, y: torch.Tensor,
-         inv_norm: torch.Tensor, hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
-         pool_mask: torch.Tensor | None, has_bias: bool, normalize: bool, backend: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         inv_norm: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
+         pool_mask: torch.Tensor | None, total: int, width: int, dtype: torch.dtype, has_bias: bool,
+         normalize: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """total, width, dtype: hidden's [T, H] and dtype, the shape of d_hidden (hidden itself is not kept)."""
     d_hidden, d_weight, d_bias = _kernels(backend).pool_project_bwd(
-        grad_out, pooled, counts, y, inv_norm, tuple(hidden.shape), hidden.dtype, cu_seqlens, weight,
+        grad_out, pooled, counts, y, inv_norm, (total, width), dtype, cu_seqlens, weight,
         has_bias, pool_mask, normalize)
     if d_bias is None:
         d_bias = weight.new_empty(0)
@@ -58,26 +59,28 @@ def _bwd(grad_out: torch.Tensor, pooled: torch.Tensor, counts: torch.Tensor, y: 
 
 
 @_bwd.register_fake
-def _bwd_fake(grad_out, pooled, counts, y, inv_norm, hidden, cu_seqlens, weight, pool_mask, has_bias,
-              normalize, backend):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
+def _bwd_fake(grad_out, pooled, counts, y, inv_norm, cu_seqlens, weight, pool_mask, total, width, dtype,
+              has_bias, normalize, backend):
+    return (torch.empty(total, width, dtype=dtype, device=grad_out.device), torch.empty_like(weight),
             weight.new_empty(weight.shape[0] if has_bias else 0))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, cu_seqlens, weight, bias, pool_mask, out_dim, normalize, backend = inputs
     _, pooled, counts, y, inv_norm = output
-    # `hidden` is saved for its shape/dtype/device only (fake tensors need a real argument).
-    ctx.save_for_backward(pooled, counts, y, inv_norm, hidden, cu_seqlens, weight, pool_mask)
+    # Only what the backward reads: of hidden its shape and dtype (d_hidden's), not the [T, H] tensor.
+    ctx.save_for_backward(pooled, counts, y, inv_norm, cu_seqlens, weight, pool_mask)
+    ctx.total, ctx.width = hidden.shape
+    ctx.dtype = hidden.dtype
     ctx.has_bias = bias is not None
     ctx.normalize = normalize
     ctx.backend = backend
 
 
 def _backward(ctx, grad_out, _g_pooled, _g_counts, _g_y, _g_inv):
-    pooled, counts, y, inv_norm, hidden, cu_seqlens, weight, pool_mask = ctx.saved_tensors
-    d_hidden, d_weight, d_bias = _bwd(grad_out, pooled, counts, y, inv_norm, hidden, cu_seqlens, weight,
-                                      pool_mask, ctx.has_bias, ctx.normalize, ctx.backend)
+    pooled, counts, y, inv_norm, cu_seqlens, weight, pool_mask = ctx.saved_tensors
+    d_hidden, d_weight, d_bias = _bwd(grad_out, pooled, counts, y, inv_norm, cu_seqlens, weight, pool_mask,
+                                      ctx.total, ctx.width, ctx.dtype, ctx.has_bias, ctx.normalize, ctx.backend)
     return d_hidden, None, d_weight, d_bias if ctx.has_bias else None, None, None, None, None
 
 
@@ -117,8 +120,8 @@ def pool_project(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.T
     pool_mask [T] bool (True = pooled); out_dim <= D_out. Returns [B, out_dim] in hidden's dtype,
     L2-normalized when `normalize`. Differentiable in hidden, weight and bias.
     """
-    # The caller's tensors go to the custom op as they are (the launchers make them contiguous at run
-    # time): passing validation's .contiguous() results changes what torch.compile's graph computes.
+    # The caller's tensors go to the custom op as they are: each launcher makes its inputs contiguous
+    # once, at run time (copies made out here changed what torch.compile's graph computed).
     out_dim = _validate(hidden, cu_seqlens, weight, bias, pool_mask, out_dim)[0]
     if not isinstance(normalize, (bool, np.bool_)):  # "no" / "false" strings would be truthy
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
