@@ -274,6 +274,22 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _op_of(entry: dict) -> str:
+    return entry["kernel"].rsplit(".", 2)[-2]  # embedkit._triton.<op>.<kernel>
+
+
+def merge_reports(old: dict, new: dict, ops: list[str]) -> dict:
+    """`new` (a rebuild of `ops` only) with `old`'s entries for every other op, so that one op's kernel
+    edit does not need the whole report recompiled. Refused across Triton versions (figures differ)."""
+    if old.get("triton") != new["triton"] or old.get("quick") != new["quick"]:
+        raise SystemExit(f"--merge: {old.get('triton')} / quick={old.get('quick')} report cannot take a "
+                         f"{new['triton']} / quick={new['quick']} rebuild")
+    kept = [e for e in old["entries"] if _op_of(e) not in ops]
+    errors = {k: v for k, v in old.get("case_errors", {}).items() if k.split(" ")[0].split(":")[0] not in ops}
+    return {**new, "seconds": round(old.get("seconds", 0) + new["seconds"], 1), "entries": kept + new["entries"],
+            "case_errors": {**errors, **new["case_errors"]}, "merged_ops": sorted(ops)}
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("bench.static_report compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -283,9 +299,13 @@ def main(argv=None) -> int:
     ap.add_argument("--op", action="append", help="attention / pool_project / nce (default all)")
     ap.add_argument("--ci", action="store_true", help="the CI test's smaller subset (one case per op)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when there are unwaived failures")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --op: keep the other ops' entries of the report already in --out")
     a = ap.parse_args(argv)
     rep = build(a.quick, a.op, ci=a.ci)
     out = Path(a.out)
+    if a.merge and a.op and (out / "report.json").exists():
+        rep = merge_reports(json.loads((out / "report.json").read_text()), rep, a.op)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=str))
     (out / "report.md").write_text(markdown(rep))

@@ -71,3 +71,20 @@ def test_waiver_matches_only_its_config(monkeypatch):
     miss = static_report.checks(_spec(BLOCK_M=128, BLOCK_N=64), _fig(stl_in_loop=2))
     other_check = static_report.checks(_spec(BLOCK_M=64, BLOCK_N=64), _fig(shared_bytes=300_000))
     assert hit[0]["waived"] == "known" and miss[0]["waived"] is None and other_check[0]["waived"] is None
+
+
+def test_merge_reports_keeps_other_ops_and_refuses_other_triton():
+    from bench import static_report as sr
+
+    def entry(op, name):
+        return {"kernel": f"embedkit._triton.{op}.{name}", "failures": []}
+
+    old = {"triton": "3.9.0", "quick": False, "seconds": 10.0, "case_errors": {},
+           "entries": [entry("attention", "_attn_fwd_kernel"), entry("nce", "_nce_old_kernel")]}
+    new = {"triton": "3.9.0", "quick": False, "seconds": 2.0, "case_errors": {},
+           "entries": [entry("nce", "_nce_fwd_kernel")]}
+    merged = sr.merge_reports(old, new, ["nce"])
+    assert [e["kernel"].split(".")[-1] for e in merged["entries"]] == ["_attn_fwd_kernel", "_nce_fwd_kernel"]
+    assert merged["merged_ops"] == ["nce"] and merged["seconds"] == 12.0
+    with pytest.raises(SystemExit, match="cannot take"):
+        sr.merge_reports({**old, "triton": "3.6.0"}, new, ["nce"])
