@@ -28,7 +28,7 @@ from torch import nn
 from .. import ops
 from .._config import validation_enabled
 from ..batch import PackedBatch
-from ..ops.reference import segment_ids
+from ..ops._varlen import segment_ids
 from .config import SPECIAL_TOKENS, EmbedderConfig
 from .inputs import SEGMENT_TYPES, Interleaved, Text, as_input_list
 from .processor import HFTokenizer, ModelInputs, Processor

@@ -3,8 +3,9 @@
 Where the libraries are looked for: the folder named by $EMBEDKIT_NATIVE_DIR if it is set, else
 embedkit/_lib/ inside this package (where `embedkit build` and the CMake build write them by
 default). libembedkit_cpu serves CPU tensors, libembedkit_cuda CUDA tensors. A missing library only
-makes the native backend unavailable: `problem(op, device)` says why, and an op asked explicitly
-for backend "native" raises with that reason.
+makes the native backend unavailable: `problem(op, device)` says why (this module registers it as the
+"native" backend's problem callable), and an op asked explicitly for backend "native" raises with
+that reason.
 
 The wrappers check every tensor (device, dtype, shape, contiguity, int32 cu_seqlens) and raise
 ValueError / TypeError *before* a pointer is handed to C; CUDA calls run on the tensors' device and
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ._dispatch import BackendUnavailableError, register_backend
+
+NAME = "native"
 ABI_VERSION = 2  # must equal EK_ABI_VERSION in csrc/include/embedkit.h
 OPS = frozenset({"sequence_fingerprint", "pack", "unpack", "masked_mean"})
 ENV_DIR = "EMBEDKIT_NATIVE_DIR"
@@ -122,12 +126,14 @@ def problem(op: str, device: torch.device) -> str | None:
     return _why_unavailable(kind)
 
 
+# Auto prefers it to the reference on every device it runs on (after Triton on CUDA tensors).
+register_backend(NAME, problem, priority=10)
+
+
 def _require(device: torch.device) -> tuple[ctypes.CDLL, str]:
     kind = _kind(device)
     lib, why = _library(kind) if kind else (None, f"no native library for {device.type} tensors")
     if lib is None:
-        from ._dispatch import BackendUnavailableError
-
         raise BackendUnavailableError(why)
     return lib, kind
 
