@@ -138,10 +138,11 @@ def problem(op: str, device: torch.device) -> str | None:
 register_backend(NAME, problem, priority=10)
 
 
-def _require(op: str, device: torch.device) -> tuple[ctypes.CDLL, str]:
+def _require(device: torch.device, op: str | None = None) -> tuple[ctypes.CDLL, str]:
+    """The library for `device` (and, given `op`, one that exports it), else BackendUnavailableError."""
     kind = _kind(device)
     lib, why = _library(kind) if kind else (None, f"no native library for {device.type} tensors")
-    if kind is not None and kind not in _KINDS[op]:
+    if op is not None and kind is not None and kind not in _KINDS[op]:
         lib, why = None, problem(op, device)
     if lib is None:
         raise BackendUnavailableError(why)
@@ -193,8 +194,7 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None or x.numel() == 0 else x.data_ptr()
 
 
-def _call(lib: ctypes.CDLL, kind: str, op: str, device: torch.device, *args) -> None:
-    name = f"ek_{op}"
+def _call(lib: ctypes.CDLL, kind: str, name: str, device: torch.device, *args) -> None:
     fn = getattr(lib, f"{name}_{kind}")
     if kind == "cuda":
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -228,10 +228,10 @@ def sequence_fingerprint(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torc
         raise ValueError("values must have a leading token dimension [T, ...], got a 0-d tensor")
     dev = values.device
     cu = _cu(cu_seqlens, dev)
-    lib, kind = _require("sequence_fingerprint", dev)
+    lib, kind = _require(dev, "sequence_fingerprint")
     batch = cu.numel() - 1
     out = torch.empty(batch, dtype=torch.int64, device=dev)
-    _call(lib, kind, "sequence_fingerprint", dev, _ptr(values), values.shape[0], _row_bytes(values, 1),
+    _call(lib, kind, "ek_sequence_fingerprint", dev, _ptr(values), values.shape[0], _row_bytes(values, 1),
           _ptr(cu), batch, _ptr(out))
     return out
 
@@ -248,9 +248,9 @@ def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | No
     m = _mask(mask, "attention_mask", (batch, length), dev)
     row = _row_bytes(padded, 2)
     _check_rows(row, dev)
-    lib, kind = _require("pack", dev)
+    lib, kind = _require(dev, "pack")
     out = padded.new_empty((total_rows, *padded.shape[2:]))
-    _call(lib, kind, "pack", dev, _ptr(padded), _ptr(m), _ptr(cu), batch, length, row, total_rows, _ptr(out))
+    _call(lib, kind, "ek_pack", dev, _ptr(padded), _ptr(m), _ptr(cu), batch, length, row, total_rows, _ptr(out))
     return out
 
 
@@ -270,9 +270,9 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | 
                          f"got {fill.dtype} {tuple(fill.shape)}")
     row = _row_bytes(packed, 1)
     _check_rows(row, dev)
-    lib, kind = _require("unpack", dev)
+    lib, kind = _require(dev, "unpack")
     out = packed.new_empty((batch, padded_len, *packed.shape[1:]))
-    _call(lib, kind, "unpack", dev, _ptr(packed), _ptr(m), _ptr(cu), batch, padded_len, row,
+    _call(lib, kind, "ek_unpack", dev, _ptr(packed), _ptr(m), _ptr(cu), batch, padded_len, row,
           packed.shape[0], fill.data_ptr() if row else None, _ptr(out))
     return out
 
@@ -296,11 +296,11 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     cu = _cu(cu_seqlens, dev)
     total, width = hidden.shape
     m = _mask(pool_mask, "pool_mask", (total,), dev)
-    lib, kind = _require("masked_mean", dev)
+    lib, kind = _require(dev, "masked_mean")
     batch = cu.numel() - 1
     out = torch.empty(batch, width, dtype=hidden.dtype, device=dev)
     counts = torch.empty(batch, dtype=torch.float32, device=dev)
-    _call(lib, kind, "masked_mean", dev, _ptr(hidden), DTYPE_CODES[hidden.dtype], total, width,
+    _call(lib, kind, "ek_masked_mean", dev, _ptr(hidden), DTYPE_CODES[hidden.dtype], total, width,
           hidden.stride(0) if total > 1 else width, _ptr(cu), _ptr(m), batch, _ptr(out), _ptr(counts))
     return out, counts
 
