@@ -12,28 +12,34 @@ import torch
 from . import _checks, _dispatch, _native, _triton_backend, _varlen, reference
 
 OP = "masked_mean"
-_dispatch.register_op(OP, {_triton_backend.NAME, _native.NAME})
-
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# The kernels' launchers, by backend. Layout is made in them, inside the custom op, once, on the real
+# tensors: copies made outside the custom op changed what torch.compile's graph computed.
+def _native_fwd(hidden, cu_seqlens, pool_mask):
+    total, width = hidden.shape
+    if (width > 1 and hidden.stride(1) != 1) or (total > 1 and hidden.stride(0) < width):
+        hidden = hidden.contiguous()  # the C++ twin takes strided rows, not strided or overlapping columns
+    mask = None if pool_mask is None else pool_mask.contiguous().view(torch.uint8)
+    return _native.masked_mean(hidden, cu_seqlens.contiguous(), mask)
+
+
+def _triton_fwd(hidden, cu_seqlens, pool_mask):
+    from embedkit._triton.pool_project import masked_mean_fwd  # (makes its inputs contiguous itself)
+
+    pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask)
+    return pooled.to(hidden.dtype), counts
+
+
+_KERNELS = {_native.NAME: _native_fwd, _triton_backend.NAME: _triton_fwd}
+_dispatch.register_op(OP, set(_KERNELS))
 
 
 @torch.library.custom_op("embedkit::masked_mean_fwd", mutates_args=())
 def _fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor | None,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # Layout is made inside the op, once, on the real tensors: copies made outside the custom op
-    # changed what torch.compile's graph computed. The Triton launcher makes its own inputs contiguous.
-    if backend == "native":
-        total, width = hidden.shape
-        if (width > 1 and hidden.stride(1) != 1) or (total > 1 and hidden.stride(0) < width):
-            hidden = hidden.contiguous()  # the C++ twin takes strided rows, not strided or overlapping columns
-        mask = None if pool_mask is None else pool_mask.contiguous().view(torch.uint8)
-        return _native.masked_mean(hidden, cu_seqlens.contiguous(), mask)
-    if backend == "triton":
-        from embedkit._triton.pool_project import masked_mean_fwd
-
-        pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask)
-        return pooled.to(hidden.dtype), counts
-    raise AssertionError(f"no {backend} kernel for {OP}")
+    return _KERNELS[backend](hidden, cu_seqlens, pool_mask)
 
 
 @_fwd.register_fake
