@@ -2,10 +2,10 @@
 
 Holds cu_seqlens (int32 [B+1]), max_seqlen, and optional per-token position ids ([T] or [3, T]),
 modality ids ([T]) and pool mask ([T] bool). `unpad` / `pad` move token tensors between the
-padded [B, L, ...] layout and the packed one; the flat token indices are kept so that `pad`
-restores exactly the layout `unpad` came from (left- or right-padded). When the native backend is
-in force (backend "native", or "auto" with the csrc library built) they run the native pack /
-unpack kernels (embedkit.ops.pack / unpack) instead of index_select / index_copy.
+padded [B, L, ...] layout and the packed one through embedkit.ops.pack / unpack, which dispatch on
+the backend in force like every op (native kernels, or the reference's index_select / index_copy;
+a backend without pack / unpack, e.g. "triton", raises BackendUnavailableError instead of falling
+back). The layout `unpad` came from (left- or right-padded) is kept, so `pad` restores exactly it.
 """
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ from typing import Any, Sequence, cast
 
 import torch
 
-from . import _config
-from .ops import _checks, _dispatch
+from .ops import _checks, _varlen
 from .ops import packing as _pack_ops
-from .ops.reference import segment_ids as _segment_ids
 
 
 def _mark_static(t: torch.Tensor, dim: int) -> None:
@@ -50,17 +48,20 @@ class PackedBatch:
     # Flat indices into [B * padded_len] of each packed token, when built from a padded batch.
     token_indices: torch.Tensor | None = field(default=None, repr=False)
     padded_len: int | None = None
-    # The bool [B, padded_len] mask the batch was built from (from_attention_mask): the native
-    # pack / unpack kernels read it instead of token_indices.
+    # The bool [B, padded_len] mask the batch was built from (from_attention_mask): pack / unpack
+    # read it instead of token_indices.
     source_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         cu = self.cu_seqlens
-        if isinstance(cu, torch.Tensor) and cu.is_inference():
-            # An inference tensor has no version counter, so its validation could not be
-            # remembered: keep a normal copy ([B+1] ints), checked once for every layer.
-            with torch.inference_mode(False):
-                cu = cu.clone()
+        if isinstance(cu, torch.Tensor):
+            if cu.is_inference():
+                # An inference tensor has no version counter, so its validation could not be
+                # remembered: keep a normal copy ([B+1] ints), checked once for every layer.
+                with torch.inference_mode(False):
+                    cu = cu.clone()
+            # Kept for every layer's kernels, which index it with stride 1: one copy here, if strided.
+            cu = cu.contiguous()
         cu = _checks.check_cu_seqlens(cu, None, None)
         self.cu_seqlens = cu
         device = cu.device
@@ -162,54 +163,41 @@ class PackedBatch:
             return self.token_indices
         # Right-padded layout: token j of sequence b sits at b * max_seqlen + j.
         seg = self.seq_ids()
-        offs = torch.arange(self.total_tokens, device=self.device) - self.cu_seqlens.long()[seg]
+        offs = _varlen.positions_in_sequence(self.cu_seqlens, self.total_tokens, seg)
         return seg * cast(int, self.max_seqlen) + offs  # (set by __post_init__; cast: no int() under compile)
 
     def _padded_len(self) -> int:
         return self.padded_len if self.padded_len is not None else cast(int, self.max_seqlen)
 
-    def _native_layout(self, op: str) -> bool:
-        """Whether unpad / pad run the native kernels: backend "native" (raises if the library
-        cannot run), or "auto" when it can; "reference" and "triton" keep the torch indexing."""
-        if _config.get_backend() not in ("auto", "native"):
-            return False
-        return _dispatch.resolve(op, self.device) == "native"
-
     def _layout_mask(self) -> torch.Tensor | None:
-        """The padded layout for the native kernels: None = right-padded (no token_indices).
-        Hand-made token_indices must be increasing (as from_attention_mask makes them)."""
+        """The padded layout for ops.pack / unpack: None = right-padded (no token_indices), else a
+        bool [B, padded_len] mask. Hand-made token_indices must be increasing (as from_attention_mask
+        makes them): a mask describes only that order."""
         if self.source_mask is not None:
             return self.source_mask
         if self.token_indices is None:
             return None
         if _checks.sync_checks_enabled() and self.total_tokens > 1:
             if bool((self.token_indices[1:] <= self.token_indices[:-1]).any()):
-                raise ValueError("token_indices must be increasing for the native pack / unpack")
+                raise ValueError("token_indices must be increasing (the order of the padded positions)")
         return self.attention_mask()
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """Packed [T, ...] tokens of padded [B, L, ...]."""
+        """Packed [T, ...] tokens of padded [B, L, ...] (embedkit.ops.pack, on the backend in force)."""
         x = _checks.check_tensor(padded, "padded", device=self.device)
         if x.dim() < 2 or x.shape[0] != self.batch_size or x.shape[1] != self._padded_len():
             raise ValueError(f"padded must have shape [B={self.batch_size}, L={self._padded_len()}, ...], "
                              f"got {tuple(x.shape)}")
-        if self._native_layout(_pack_ops.PACK):
-            total = self.token_indices.shape[0] if self.token_indices is not None else self.total_tokens
-            return _pack_ops.pack(x, self.cu_seqlens, self._layout_mask(), total_tokens=total)
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self._indices())
+        return _pack_ops.pack(x, self.cu_seqlens, self._layout_mask(), total_tokens=self.total_tokens)
 
     def pad(self, packed: torch.Tensor, padding_value: float = 0.0) -> torch.Tensor:
-        """Padded [B, L, ...] of packed [T, ...] tokens (padding filled with padding_value)."""
+        """Padded [B, L, ...] of packed [T, ...] tokens (padding filled with padding_value;
+        embedkit.ops.unpack, on the backend in force)."""
         x = _checks.check_tensor(packed, "packed", device=self.device)
         if x.dim() < 1 or x.shape[0] != self.total_tokens:
             raise ValueError(f"packed must have T = {self.total_tokens} rows, got shape {tuple(x.shape)}")
-        length = self._padded_len()
-        if self._native_layout(_pack_ops.UNPACK):
-            return _pack_ops.unpack(x, self.cu_seqlens, length, attention_mask=self._layout_mask(),
-                                    padding_value=padding_value)
-        out = x.new_full((self.batch_size * length, *x.shape[1:]), padding_value)
-        out = out.index_copy(0, self._indices(), x)
-        return out.view(self.batch_size, length, *x.shape[1:])
+        return _pack_ops.unpack(x, self.cu_seqlens, self._padded_len(), attention_mask=self._layout_mask(),
+                                padding_value=padding_value)
 
     def attention_mask(self) -> torch.Tensor:
         """bool [B, L]: True where a padded position holds a token."""
@@ -236,14 +224,13 @@ class PackedBatch:
 
     def seq_ids(self) -> torch.Tensor:
         """int64 [T]: which sequence each token belongs to."""
-        return _segment_ids(self.cu_seqlens, self.total_tokens)
+        return _varlen.segment_ids(self.cu_seqlens, self.total_tokens)
 
     def positions(self) -> torch.Tensor:
         """position_ids if given, else each token's 0-based index within its sequence ([T], int64)."""
         if self.position_ids is not None:
             return self.position_ids
-        seg = self.seq_ids()
-        return torch.arange(self.total_tokens, device=self.device) - self.cu_seqlens.long()[seg]
+        return _varlen.positions_in_sequence(self.cu_seqlens, self.total_tokens)
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

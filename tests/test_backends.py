@@ -143,3 +143,66 @@ def test_int64_cu_seqlens_message_says_how_to_convert(op):
             embedkit.varlen_attention(q, q, q, cu64, 4)
         else:
             embedkit.PackedBatch(cu64, 4)
+
+
+def test_backends_register_into_the_dispatcher():
+    """Each backend registers itself (name, problem callable, auto priority); auto tries them by
+    priority among those allowed on the device, and an explicit name consults only its own callable."""
+    assert _dispatch.registered_backends() == ["triton", "native", "reference"]
+    _dispatch.register_op("_test_registry_op", {"native", "triton"})
+    seen = []
+    real = _dispatch._BACKENDS["native"]
+    try:
+        _dispatch.register_backend("native", lambda op, dev: seen.append((op, dev.type)) or "switched off",
+                                   priority=real.priority, auto_devices=real.auto_devices)
+        # auto never tries triton on CPU tensors; native refuses: the reference runs.
+        assert _dispatch.resolve("_test_registry_op", torch.device("cpu")) == "reference"
+        assert seen == [("_test_registry_op", "cpu")]
+        embedkit.set_backend("native")
+        with pytest.raises(embedkit.BackendUnavailableError, match="switched off"):
+            _dispatch.resolve("_test_registry_op", torch.device("cpu"))
+    finally:
+        _dispatch._BACKENDS["native"] = real
+    with pytest.raises(ValueError, match="backend names"):
+        _dispatch.register_backend("cuda", lambda op, dev: None, priority=5)
+
+
+def _local_imports(path, package: str) -> set[str]:
+    """Modules of `package` that the file imports anywhere (function-local imports included)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    here = f"{package}.{path.stem}"
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = here.rsplit(".", node.level)[0] if node.level else ""
+            mod = ".".join(p for p in (base, node.module or "") if p)
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_no_import_cycle_among_the_ops_modules():
+    """embedkit.ops, embedkit.batch and embedkit._config import each other without a cycle, counting
+    function-local imports (the dispatcher imports no backend: the backends register into it)."""
+    from pathlib import Path
+
+    root = Path(embedkit.__file__).parent
+    files = {f"embedkit.ops.{p.stem}": p for p in (root / "ops").glob("*.py") if p.stem != "__init__"}
+    files["embedkit.batch"] = root / "batch.py"
+    files["embedkit._config"] = root / "_config.py"
+    graph = {name: {m for m in _local_imports(path, name.rsplit(".", 1)[0]) if m in files and m != name}
+             for name, path in files.items()}
+    assert "embedkit.ops._native" not in graph["embedkit.ops._dispatch"]
+
+    def visit(node, stack):
+        if node in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+        for nxt in sorted(graph[node]):
+            visit(nxt, stack + [node])
+
+    for name in sorted(graph):
+        visit(name, [])

@@ -100,3 +100,41 @@ def test_bad_lengths_and_masks():
         PackedBatch.from_attention_mask(torch.ones(2, 3))
     with pytest.raises(ValueError, match="attention_mask must be 2-D"):
         PackedBatch.from_attention_mask(torch.ones(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("build", ["mask", "lengths"])
+def test_unpad_pad_never_fall_back_from_a_named_backend(build):
+    """unpad / pad dispatch through ops.pack / unpack: a backend without pack ("triton") raises as
+    ops.pack does, instead of silently running torch indexing."""
+    import embedkit
+    from embedkit.ops import reference
+
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    b = PackedBatch.from_attention_mask(mask) if build == "mask" else PackedBatch.from_lengths([3, 1])
+    padded = torch.randn(2, 3, 4)
+    packed = torch.randn(4, 4)
+    with embedkit.use_backend("triton"):
+        with pytest.raises(embedkit.BackendUnavailableError, match="no 'triton' implementation of pack"):
+            b.unpad(padded)
+        with pytest.raises(embedkit.BackendUnavailableError, match="no 'triton' implementation of unpack"):
+            b.pad(packed)
+    calls = []
+    real_pack, real_unpack = reference.pack, reference.unpack
+    try:
+        reference.pack = lambda *a: calls.append("pack") or real_pack(*a)
+        reference.unpack = lambda *a: calls.append("unpack") or real_unpack(*a)
+        with embedkit.use_backend("reference"):
+            out = b.unpad(padded)
+            back = b.pad(out)
+    finally:
+        reference.pack, reference.unpack = real_pack, real_unpack
+    assert calls == ["pack", "unpack"]  # one dispatch, in the op: none of PackedBatch's own
+    keep = b.attention_mask()
+    assert torch.equal(out, padded[keep]) and torch.equal(back[keep], out) and not back[~keep].any()
+
+
+def test_hand_made_token_indices_must_be_increasing():
+    b = PackedBatch(torch.tensor([0, 1, 3], dtype=torch.int32), token_indices=torch.tensor([1, 3, 2]),
+                    padded_len=2)
+    with pytest.raises(ValueError, match="token_indices must be increasing"):
+        b.pad(torch.arange(3))

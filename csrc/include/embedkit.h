@@ -3,7 +3,8 @@
  * Two shared libraries implement it:
  *   libembedkit_cpu   the C++ CPU functions  (ek_*_cpu)   -- always built
  *   libembedkit_cuda  the CUDA functions     (ek_*_cuda)  -- built when a CUDA compiler is found
- * Every CUDA function has a CPU twin with the same arguments minus the trailing cudaStream_t.
+ * Every CUDA function has a CPU twin with the same arguments minus the trailing cudaStream_t; some
+ * CPU functions have no CUDA twin (masked_mean: on a GPU, embedkit's one kernel is Triton's).
  * No torch headers: callers pass raw pointers and sizes (Python: embedkit/ops/_native.py, ctypes).
  *
  * Conventions
@@ -40,9 +41,10 @@ typedef struct CUstream_st *cudaStream_t;
 #define EK_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped whenever a signature below changes; the Python loader refuses a library built from
- * another version of this header (a stale build would otherwise be called with wrong arguments). */
-#define EK_ABI_VERSION 2
+/* Bumped whenever a signature below changes or a function is removed; the Python loader refuses a
+ * library built from another version of this header (a stale build would otherwise be called with
+ * wrong arguments, or miss a symbol). 3: ek_masked_mean_cuda removed. */
+#define EK_ABI_VERSION 3
 
 /* Status codes. */
 #define EK_OK 0
@@ -101,7 +103,7 @@ EK_API int ek_unpack_cuda(const void *packed, const uint8_t *mask, const int32_t
                           int64_t padded_len, int64_t row_bytes, int64_t total_rows, const void *fill,
                           void *padded, cudaStream_t stream);
 
-/* ---- masked_mean ----------------------------------------------------------------------------
+/* ---- masked_mean (CPU only) -----------------------------------------------------------------
  * hidden [total_rows, width] of `dtype` (row stride stride_rows elements, unit column stride);
  * pool_mask uint8/bool [total_rows] or NULL (= every token pooled).
  * out[b, :] = sum of the pooled rows of sequence b / their count, accumulated in fp32, written in
@@ -110,9 +112,6 @@ EK_API int ek_unpack_cuda(const void *packed, const uint8_t *mask, const int32_t
 EK_API int ek_masked_mean_cpu(const void *hidden, int32_t dtype, int64_t total_rows, int64_t width,
                               int64_t stride_rows, const int32_t *cu_seqlens, const uint8_t *pool_mask,
                               int64_t batch, void *out, float *counts);
-EK_API int ek_masked_mean_cuda(const void *hidden, int32_t dtype, int64_t total_rows, int64_t width,
-                               int64_t stride_rows, const int32_t *cu_seqlens, const uint8_t *pool_mask,
-                               int64_t batch, void *out, float *counts, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -172,10 +172,12 @@ def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, offs
     """(model kwargs, PackedBatch) of a padded batch: input_ids [1, T] (and any other per-token input
     given, e.g. token_type_ids) packed once, plus the padding-free kwargs. Left or right padding."""
     batch = PackedBatch.from_attention_mask(attention_mask)
-    kwargs = {"input_ids": batch.unpad(input_ids)[None], **packed_kwargs(batch, offset=offset)}
+    # torch's gather, as in the attention function above (batch.unpad is ops.pack: no 'triton' backend).
+    unpad = lambda x: x.flatten(0, 1).index_select(0, batch.token_indices)  # noqa: E731
+    kwargs = {"input_ids": unpad(input_ids)[None], **packed_kwargs(batch, offset=offset)}
     for key, value in token_inputs.items():
         if value is not None:
-            kwargs[key] = batch.unpad(value)[None]
+            kwargs[key] = unpad(value)[None]
     return kwargs, batch
 
 
@@ -245,7 +247,9 @@ def pack(model: torch.nn.Module) -> torch.nn.Module:
             restore = lambda h: h[0].view(*shape, *h.shape[2:]) * keep  # noqa: E731  (zeros at padding)
         else:
             packed, batch = packed_inputs(input_ids, attention_mask, offset=offset, token_type_ids=token_type_ids)
-            restore = lambda h: batch.pad(h[0])  # noqa: E731
+            shape = tuple(input_ids.shape)
+            restore = lambda h: h.new_zeros(shape[0] * shape[1], *h.shape[2:]).index_copy(  # noqa: E731
+                0, batch.token_indices, h[0]).view(*shape, *h.shape[2:])
         out = inner(**packed, **kwargs, return_dict=True)
         if getattr(out, "last_hidden_state", None) is not None:
             out.last_hidden_state = restore(out.last_hidden_state)

@@ -28,7 +28,7 @@ from torch import nn
 from .. import ops
 from .._config import validation_enabled
 from ..batch import PackedBatch
-from ..ops.reference import segment_ids
+from ..ops._varlen import positions_in_sequence
 from ._batching import windowed_batches
 from .config import SPECIAL_TOKENS, EmbedderConfig, default_mrl_dims  # noqa: F401 (re-exported: it lived here)
 from .inputs import SEGMENT_TYPES, Interleaved, ModelInputs, Text, as_input_list
@@ -256,8 +256,7 @@ class Embedder(nn.Module):
         b = inputs.batch
         if self.position_embed is not None:
             T = x.shape[0]  # (x's rows rather than b.total_tokens: a traced size under torch.compile)
-            seq_pos = torch.arange(T, device=x.device) - b.cu_seqlens.long()[segment_ids(b.cu_seqlens, T)]
-            x = x + self.position_embed(seq_pos)
+            x = x + self.position_embed(positions_in_sequence(b.cu_seqlens, T))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         return x

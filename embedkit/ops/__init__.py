@@ -1,4 +1,6 @@
-"""The public ops. Each module registers its backends with the dispatcher on import."""
+"""The public ops. The backend modules register their backends with the dispatcher on import, and
+each op module the backends it implements."""
+from . import _native, _triton_backend  # noqa: F401  (registration: the "native" and "triton" backends)
 from ._dispatch import BackendUnavailableError, available_backends
 from .attention import flash_attn_varlen_func, rotary_tables, varlen_attention
 from .fingerprint import sequence_fingerprint

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import _config
+from . import _varlen
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -141,7 +142,8 @@ def seqlens_summary(cu_seqlens: torch.Tensor, name: str = "cu_seqlens") -> tuple
 def check_cu_seqlens(cu_seqlens: object, total_tokens: int | None, device: torch.device | None,
                      name: str = "cu_seqlens") -> torch.Tensor:
     """int32 [B+1] on `device`: cu[0] == 0, non-decreasing, cu[-1] == total_tokens (so every entry
-    lies in [0, T]); checked in int64 arithmetic. The content check syncs once per tensor version."""
+    lies in [0, T]); checked in int64 arithmetic. The content check syncs once per tensor version.
+    Returns the caller's tensor itself: layout (contiguity) is the launchers' job, inside the custom ops."""
     cu = check_tensor(cu_seqlens, name, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 2:
         raise ValueError(f"{name} must have at least 2 entries ([B+1] with B >= 1), got {cu.numel()}")
@@ -149,8 +151,7 @@ def check_cu_seqlens(cu_seqlens: object, total_tokens: int | None, device: torch
         last, _ = _validated_facts(cu, name)
         if total_tokens is not None and last != total_tokens:
             raise ValueError(f"{name}[-1] must equal the number of tokens T = {total_tokens}, got {last}")
-    # Kernels index cu_seqlens with stride 1: a strided view is copied (free when contiguous).
-    return cu.contiguous()
+    return cu
 
 
 def check_max_seqlen(max_seqlen: object, cu_seqlens: torch.Tensor, name: str = "max_seqlen") -> int:
@@ -183,24 +184,22 @@ def check_int(value: object, name: str, *, low: int | None = None, high: int | N
 def check_pool_mask(pool_mask: object, cu_seqlens: torch.Tensor, total_tokens: int,
                     device: torch.device) -> torch.Tensor | None:
     """pool_mask: None or bool [T] on `device`; with sync checks, every sequence pools >= 1 token.
-    Returns the mask contiguous (kernels index it with stride 1)."""
+    Returns pool_mask itself, checked or not (the launchers make it contiguous)."""
     if pool_mask is not None:
         check_tensor(pool_mask, "pool_mask", ndim=1, dtypes=(torch.bool,), device=device)
         if pool_mask.shape[0] != total_tokens:
             raise ValueError(f"pool_mask must have T = {total_tokens} entries (hidden's rows), "
                              f"got {pool_mask.shape[0]}")
     if not sync_checks_enabled():
-        return
+        return pool_mask
     cu = cu_seqlens
     if pool_mask is None:
         counts = cu[1:] - cu[:-1]
     else:
-        from .reference import segment_ids
-
         counts = torch.zeros(cu.numel() - 1, dtype=torch.int64, device=device).index_add_(
-            0, segment_ids(cu, total_tokens), pool_mask.long())
+            0, _varlen.segment_ids(cu, total_tokens), pool_mask.long())
     if bool((counts == 0).any()):
         i = int(torch.nonzero(counts == 0)[0, 0])
         why = "is empty" if pool_mask is None else "has no token with pool_mask True"
         raise ValueError(f"sequence {i} {why}: a mean over no pooled token is undefined")
-    return None if pool_mask is None else pool_mask.contiguous()
+    return pool_mask

@@ -1,24 +1,50 @@
 """Backend resolution: which implementation of an op runs on which tensors.
 
-Each op module registers the backends it implements with `register_op`. `resolve(op, device)`
-turns the configured backend (set_backend / use_backend / $EMBEDKIT_BACKEND) into a concrete one
-for the tensors' device. A backend named explicitly never falls back: if it cannot run the op on
-this device it raises BackendUnavailableError saying why. Only "auto" chooses.
+Two registries. Each backend registers itself with `register_backend`: its name, a
+`problem(op, device)` callable (None if it can run `op` on tensors of `device`, else why not) and its
+place in the "auto" order (a priority, and the device types auto may pick it for). Each op module
+declares the backends it implements with `register_op`. `resolve(op, device)` turns the configured
+backend (set_backend / use_backend / $EMBEDKIT_BACKEND) into a concrete one for the tensors' device.
+A backend named explicitly never falls back: if it cannot run the op on this device it raises
+BackendUnavailableError saying why. Only "auto" chooses.
+
+This module imports no backend: the backends import it to register (the reference backend, always
+present, is registered here).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
 from .. import _config
 
-_OPS: dict[str, frozenset[str]] = {}
+Problem = Callable[[str, torch.device], "str | None"]
 
 
 class BackendUnavailableError(RuntimeError):
     """The backend that was asked for cannot run this op on these tensors."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    problem: Problem
+    priority: int  # auto tries the higher first
+    auto_devices: frozenset[str] | None  # device types auto may pick it for (None: every type)
+
+
+_BACKENDS: dict[str, Backend] = {}
+_OPS: dict[str, frozenset[str]] = {}
+
+
+def register_backend(name: str, problem: Problem, *, priority: int,
+                     auto_devices: Iterable[str] | None = None) -> None:
+    """Make backend `name` known to the dispatcher (re-registering replaces it)."""
+    if name not in _config.BACKENDS or name == "auto":
+        raise ValueError(f"backend names are those of embedkit.set_backend {_config.BACKENDS[1:]}, got {name!r}")
+    _BACKENDS[name] = Backend(name, problem, priority, None if auto_devices is None else frozenset(auto_devices))
 
 
 def register_op(op: str, backends: set[str] | frozenset[str]) -> None:
@@ -26,55 +52,32 @@ def register_op(op: str, backends: set[str] | frozenset[str]) -> None:
     _OPS[op] = frozenset(backends) | {"reference"}
 
 
-def _triton_problem(device: torch.device) -> str | None:
-    """None if Triton kernels can run on tensors of `device`, else the reason they cannot."""
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        import embedkit._triton as triton_kernels
-
-        if triton_kernels.INTERPRET:
-            return None
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return ("TRITON_INTERPRET=1 was set after embedkit._triton was imported; set it before "
-                    "importing embedkit to run Triton kernels on CPU tensors")
-        return ("Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
-                "importing embedkit (slow, for testing), or use backend 'native' or 'reference'")
-    return f"Triton kernels do not run on {device.type} tensors"
+register_backend("reference", lambda op, device: None, priority=0)
 
 
-def _native_problem(op: str, device: torch.device) -> str | None:
-    from . import _native
-
-    return _native.problem(op, device)
+def _by_priority() -> list[Backend]:
+    return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
 def _problem(op: str, backend: str, device: torch.device) -> str | None:
-    if backend == "reference":
-        return None
-    if backend not in _OPS[op]:
+    if backend not in _OPS.get(op, frozenset({"reference"})):
         return f"embedkit has no {backend!r} implementation of {op}"
-    if backend == "triton":
-        return _triton_problem(device)
-    if backend == "native":
-        return _native_problem(op, device)
-    raise AssertionError(backend)
+    registered = _BACKENDS.get(backend)
+    if registered is None:  # declared by an op, but its module was never imported
+        return f"the {backend!r} backend is not registered"
+    return registered.problem(op, device)
 
 
 def resolve(op: str, device: torch.device) -> str:
-    """The concrete backend ("triton", "native" or "reference") that runs `op` on `device`."""
+    """The concrete backend (a registered name, e.g. "triton", "native", "reference") that runs `op`
+    on `device`."""
     name = _config.get_backend()
     if name == "auto":
-        order: tuple[str, ...]
-        if device.type == "cuda":
-            order = ("triton", "native", "reference")
-        else:  # the interpreter is a correctness tool, never the fast path on CPU
-            order = ("native", "reference")
-        for candidate in order:
-            if _problem(op, candidate, device) is None:
-                return candidate
+        for candidate in _by_priority():
+            if candidate.auto_devices is not None and device.type not in candidate.auto_devices:
+                continue
+            if _problem(op, candidate.name, device) is None:
+                return candidate.name
         return "reference"
     problem = _problem(op, name, device)
     if problem is not None:
@@ -83,18 +86,20 @@ def resolve(op: str, device: torch.device) -> str:
 
 
 def available_backends(op: str) -> list[str]:
-    """Backends that can run `op` on this machine (on CUDA tensors if a GPU is present, else CPU)."""
+    """Backends that can run `op` on this machine (on CUDA tensors if a GPU is present, else CPU),
+    in auto's order of preference."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.insert(0, torch.device("cuda"))
-    found = []
-    for backend in ("triton", "native", "reference"):
-        if any(_problem(op, backend, d) is None for d in devices):
-            found.append(backend)
-    return found
+    return [b.name for b in _by_priority() if any(_problem(op, b.name, d) is None for d in devices)]
 
 
 def registered_ops() -> list[str]:
     return sorted(_OPS)
+
+
+def registered_backends() -> list[str]:
+    """Names of the registered backends, in auto's order of preference."""
+    return [b.name for b in _by_priority()]

@@ -3,8 +3,9 @@
 Where the libraries are looked for: the folder named by $EMBEDKIT_NATIVE_DIR if it is set, else
 embedkit/_lib/ inside this package (where `embedkit build` and the CMake build write them by
 default). libembedkit_cpu serves CPU tensors, libembedkit_cuda CUDA tensors. A missing library only
-makes the native backend unavailable: `problem(op, device)` says why, and an op asked explicitly
-for backend "native" raises with that reason.
+makes the native backend unavailable: `problem(op, device)` says why (this module registers it as the
+"native" backend's problem callable), and an op asked explicitly for backend "native" raises with
+that reason.
 
 The wrappers check every tensor (device, dtype, shape, contiguity, int32 cu_seqlens) and raise
 ValueError / TypeError *before* a pointer is handed to C; CUDA calls run on the tensors' device and
@@ -19,8 +20,15 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 2  # must equal EK_ABI_VERSION in csrc/include/embedkit.h
+from ._dispatch import BackendUnavailableError, register_backend
+
+NAME = "native"
+ABI_VERSION = 3  # must equal EK_ABI_VERSION in csrc/include/embedkit.h
 OPS = frozenset({"sequence_fingerprint", "pack", "unpack", "masked_mean"})
+# The libraries that implement each op: masked_mean has no CUDA kernel (on a GPU the Triton one is
+# embedkit's masked_mean; the C++ twin serves CPU tensors).
+_KINDS = {"sequence_fingerprint": ("cpu", "cuda"), "pack": ("cpu", "cuda"), "unpack": ("cpu", "cuda"),
+          "masked_mean": ("cpu",)}
 ENV_DIR = "EMBEDKIT_NATIVE_DIR"
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 
@@ -31,13 +39,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_ROW_BYTES_LIMIT = 1 << 23  # pack / unpack rows of the CUDA library (8 MiB)
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-# name (without the _cpu / _cuda suffix) -> argument types of the CPU twin (CUDA: + stream)
+# op -> argument types of its CPU function (the CUDA one: + stream)
 _SIGNATURES = {
-    "ek_sequence_fingerprint": [_P, _I64, _I64, _P, _I64, _P],
-    "ek_pack": [_P, _P, _P, _I64, _I64, _I64, _I64, _P],
-    "ek_unpack": [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P],
-    "ek_masked_mean": [_P, _I32, _I64, _I64, _I64, _P, _P, _I64, _P, _P],
-}
+    "sequence_fingerprint": [_P, _I64, _I64, _P, _I64, _P],
+    "pack": [_P, _P, _P, _I64, _I64, _I64, _I64, _P],
+    "unpack": [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P],
+    "masked_mean": [_P, _I32, _I64, _I64, _I64, _P, _P, _I64, _P, _P],
+}  # C name: ek_<op>_<kind>
 
 _cache: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}
 
@@ -80,8 +88,10 @@ def _open(kind: str) -> tuple[ctypes.CDLL | None, str | None]:
         if kind == "cpu":
             lib.ek_cpu_set_num_threads.restype = None
             lib.ek_cpu_set_num_threads.argtypes = [ctypes.c_int]
-        for name, args in _SIGNATURES.items():
-            fn = getattr(lib, f"{name}_{kind}")
+        for op, args in _SIGNATURES.items():
+            if kind not in _KINDS[op]:
+                continue
+            fn = getattr(lib, f"ek_{op}_{kind}")
             fn.restype = ctypes.c_int
             fn.argtypes = args + ([_P] if kind == "cuda" else [])
     except AttributeError as err:
@@ -119,15 +129,22 @@ def problem(op: str, device: torch.device) -> str | None:
     kind = _kind(device)
     if kind is None:
         return f"the native libraries run on cpu and cuda tensors, not {device.type}"
+    if kind not in _KINDS[op]:
+        return f"the native {kind.upper()} library has no {op} (use backend 'triton' on {device.type} tensors)"
     return _why_unavailable(kind)
 
 
-def _require(device: torch.device) -> tuple[ctypes.CDLL, str]:
+# Auto prefers it to the reference on every device it runs on (after Triton on CUDA tensors).
+register_backend(NAME, problem, priority=10)
+
+
+def _require(device: torch.device, op: str | None = None) -> tuple[ctypes.CDLL, str]:
+    """The library for `device` (and, given `op`, one that exports it), else BackendUnavailableError."""
     kind = _kind(device)
     lib, why = _library(kind) if kind else (None, f"no native library for {device.type} tensors")
+    if op is not None and kind is not None and kind not in _KINDS[op]:
+        lib, why = None, problem(op, device)
     if lib is None:
-        from ._dispatch import BackendUnavailableError
-
         raise BackendUnavailableError(why)
     return lib, kind
 
@@ -211,7 +228,7 @@ def sequence_fingerprint(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torc
         raise ValueError("values must have a leading token dimension [T, ...], got a 0-d tensor")
     dev = values.device
     cu = _cu(cu_seqlens, dev)
-    lib, kind = _require(dev)
+    lib, kind = _require(dev, "sequence_fingerprint")
     batch = cu.numel() - 1
     out = torch.empty(batch, dtype=torch.int64, device=dev)
     _call(lib, kind, "ek_sequence_fingerprint", dev, _ptr(values), values.shape[0], _row_bytes(values, 1),
@@ -231,7 +248,7 @@ def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | No
     m = _mask(mask, "attention_mask", (batch, length), dev)
     row = _row_bytes(padded, 2)
     _check_rows(row, dev)
-    lib, kind = _require(dev)
+    lib, kind = _require(dev, "pack")
     out = padded.new_empty((total_rows, *padded.shape[2:]))
     _call(lib, kind, "ek_pack", dev, _ptr(padded), _ptr(m), _ptr(cu), batch, length, row, total_rows, _ptr(out))
     return out
@@ -253,7 +270,7 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | 
                          f"got {fill.dtype} {tuple(fill.shape)}")
     row = _row_bytes(packed, 1)
     _check_rows(row, dev)
-    lib, kind = _require(dev)
+    lib, kind = _require(dev, "unpack")
     out = packed.new_empty((batch, padded_len, *packed.shape[1:]))
     _call(lib, kind, "ek_unpack", dev, _ptr(packed), _ptr(m), _ptr(cu), batch, padded_len, row,
           packed.shape[0], fill.data_ptr() if row else None, _ptr(out))
@@ -279,7 +296,7 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     cu = _cu(cu_seqlens, dev)
     total, width = hidden.shape
     m = _mask(pool_mask, "pool_mask", (total,), dev)
-    lib, kind = _require(dev)
+    lib, kind = _require(dev, "masked_mean")
     batch = cu.numel() - 1
     out = torch.empty(batch, width, dtype=hidden.dtype, device=dev)
     counts = torch.empty(batch, dtype=torch.float32, device=dev)

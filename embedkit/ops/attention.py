@@ -12,10 +12,10 @@ from typing import Sequence, cast
 
 import torch
 
-from . import _checks, _dispatch, reference
+from . import _checks, _dispatch, _triton_backend, reference
 
 OP = "varlen_attention"
-_dispatch.register_op(OP, {"triton"})
+_dispatch.register_op(OP, {_triton_backend.NAME})
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

@@ -1,37 +1,45 @@
 """masked_mean: the mean of the pooled tokens of each packed sequence (pool_project's pooling half).
 
-Two kernels: Triton (embedkit._triton.pool_project.masked_mean_fwd, the same kernel pool_project
-uses) and the native CUDA / C++ one in csrc/, held against each other and the reference.
-Backward is a broadcast: d_hidden[t] = pool_mask[t] * d_out[b(t)] / count[b(t)] (torch ops).
+One GPU kernel: Triton (embedkit._triton.pool_project.masked_mean_fwd, the same kernel pool_project
+uses); on CPU the native C++ twin in csrc/ (libembedkit_cpu). Both are held against each other and
+the reference. Backward is a broadcast: d_hidden[t] = pool_mask[t] * d_out[b(t)] / count[b(t)]
+(torch ops).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks, _dispatch, _native, reference
+from . import _checks, _dispatch, _native, _triton_backend, _varlen, reference
 
 OP = "masked_mean"
-_dispatch.register_op(OP, {"triton", "native"})
-
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# The kernels' launchers, by backend. Layout is made in them, inside the custom op, once, on the real
+# tensors: copies made outside the custom op changed what torch.compile's graph computed.
+def _native_fwd(hidden, cu_seqlens, pool_mask):
+    total, width = hidden.shape
+    if (width > 1 and hidden.stride(1) != 1) or (total > 1 and hidden.stride(0) < width):
+        hidden = hidden.contiguous()  # the C++ twin takes strided rows, not strided or overlapping columns
+    mask = None if pool_mask is None else pool_mask.contiguous().view(torch.uint8)
+    return _native.masked_mean(hidden, cu_seqlens.contiguous(), mask)
+
+
+def _triton_fwd(hidden, cu_seqlens, pool_mask):
+    from embedkit._triton.pool_project import masked_mean_fwd  # (makes its inputs contiguous itself)
+
+    pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask)
+    return pooled.to(hidden.dtype), counts
+
+
+_KERNELS = {_native.NAME: _native_fwd, _triton_backend.NAME: _triton_fwd}
+_dispatch.register_op(OP, set(_KERNELS))
 
 
 @torch.library.custom_op("embedkit::masked_mean_fwd", mutates_args=())
 def _fwd(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_mask: torch.Tensor | None,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # Contiguity is made here, on the real tensors: copies made outside the custom op changed what
-    # torch.compile's graph computed.
-    cu_seqlens = cu_seqlens.contiguous()
-    pool_mask = None if pool_mask is None else pool_mask.contiguous()
-    if backend == "native":
-        mask = None if pool_mask is None else pool_mask.view(torch.uint8)
-        return _native.masked_mean(hidden, cu_seqlens, mask)
-    if backend == "triton":
-        from embedkit._triton.pool_project import masked_mean_fwd
-
-        pooled, counts = masked_mean_fwd(hidden, cu_seqlens, pool_mask)
-        return pooled.to(hidden.dtype), counts
-    raise AssertionError(f"no {backend} kernel for {OP}")
+    return _KERNELS[backend](hidden, cu_seqlens, pool_mask)
 
 
 @_fwd.register_fake
@@ -50,7 +58,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_counts):
     counts, cu_seqlens, pool_mask = ctx.saved_tensors
-    seg = reference.segment_ids(cu_seqlens, ctx.total)
+    seg = _varlen.segment_ids(cu_seqlens, ctx.total)
     d = (grad_out.float() / counts[:, None]).index_select(0, seg)
     if pool_mask is not None:
         d = d * pool_mask[:, None]
@@ -78,6 +86,4 @@ def masked_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     if hidden.dtype == torch.float64:
         raise TypeError(f"hidden: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
                         "got float64 (use backend 'reference' for float64)")
-    if (hidden.shape[1] > 1 and hidden.stride(1) != 1) or (total > 1 and hidden.stride(0) < hidden.shape[1]):
-        hidden = hidden.contiguous()  # the kernels take strided rows, not strided or overlapping columns
     return _fwd(hidden, cu_seqlens, pool_mask, backend)[0]

@@ -4,7 +4,7 @@ MRL levels in one pass, and torch.distributed candidates.
 Layers (as pool_project): custom ops `embedkit::nce_fwd` / `embedkit::nce_bwd` (one loss
 direction: rows against candidates) with fake implementations -> autograd registration -> the
 public `nce_loss`, which validates, resolves the backend and composes the directions (and the
-all-gathers of `group`) through `reference.nce_combine`, shared by every backend.
+all-gathers of `group`) through `nce_combine`, shared by every backend.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from . import _checks, _dispatch, reference
+from . import _checks, _dispatch, _distributed, _triton_backend, reference
 
 OP = "nce_loss"
-_dispatch.register_op(OP, {"triton"})
+_dispatch.register_op(OP, {_triton_backend.NAME})
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -32,6 +32,12 @@ def _kernels(backend: str):
 
         return kernels
     raise AssertionError(f"no {backend} kernels for {OP}")
+
+
+def _contiguous(*tensors):
+    """The kernels' inputs made contiguous, here inside the custom op on the real tensors (flash-attn's
+    maybe_contiguous): copies made before the op changed what torch.compile's graph computed."""
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -47,6 +53,8 @@ def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | Non
                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss [M] fp32, lse, pos, es [L, M] in logit units, inverse norms of rows / cands / shared / row
     negatives, row-negative cosines [L, M, K]); absent inputs give empty tensors."""
+    rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c = _contiguous(
+        rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c)
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = _kernels(backend).nce_fwd(
         rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp, tuple(dims))
@@ -79,6 +87,8 @@ def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg
          row_cos: torch.Tensor, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_rows, d_cands, d_shared (empty if absent), d_row_neg (empty if absent), d_temperature)."""
+    grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c = _contiguous(
+        grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c)
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
     g = torch.stack([grad.float() * float(wt) for wt in weights])                # [L, M], no host copy
     d_rows, d_cands, d_shared, d_neg = _kernels(backend).nce_bwd(
@@ -113,7 +123,7 @@ def _backward(ctx, grad, *_unused):
      lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos) = ctx.saved_tensors
     diag_offset, dims, weights, backend = ctx.args
     d_rows, d_cands, d_shared, d_neg, d_temp = _bwd(
-        grad.contiguous(), rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+        grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
         temperature, dims, weights, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos, backend)
     return (d_rows, d_cands, d_shared if shared_neg is not None else None,
             d_neg if row_neg is not None else None, None, None, None, None, None, d_temp, None, None, None)
@@ -127,10 +137,8 @@ def _kernel_direction(backend: str, temp_tensor: torch.Tensor):
 
     def direction(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
                   temperature, dims, weights):
-        cont = (lambda t: t.contiguous() if t is not None else None)
-        return _fwd(cont(rows), cont(cands), cont(shared_neg), cont(row_neg), cont(ids_a_r), cont(ids_b_r),
-                    cont(ids_a_c), cont(ids_b_c), int(diag_offset), temp_tensor, list(dims),
-                    [float(w) for w in weights], backend)[0]
+        return _fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, int(diag_offset),
+                    temp_tensor, list(dims), [float(w) for w in weights], backend)[0]
 
     return direction
 
@@ -341,6 +349,60 @@ def _rank_check_on(check_ranks) -> bool:
     return check_ranks
 
 
+def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, query_ids=None,
+                target_ids=None, symmetric=False, shared_negatives=False, mrl_dims=None, mrl_weights=None,
+                reduction="mean", group=None, rank_sizes=None):
+    """The NCE loss from a one-direction implementation `direction` (reference.nce_direction's
+    signature minus chunk_rows): gathers candidates across `group`, adds the symmetric direction,
+    reduces. Shared by every backend (the reference backend composes reference.nce_direction).
+
+    rank_sizes[r]: rank r's number of rows B_r (None: every rank has this rank's B). Rank r's rows
+    are rows [sum(B_<r), sum(B_<=r)) of the global batch of N = sum(B_r) rows. With a group,
+    "mean" is sum(this rank's row losses) * world / N: the ranks' losses average to the global mean
+    (for equal B, each rank's own mean), so DDP's gradient averaging gives the global-batch gradient."""
+    B, D = query.shape
+    dims = tuple(mrl_dims) if mrl_dims is not None else (D,)
+    weights = tuple(float(w) for w in mrl_weights) if mrl_weights is not None else (1.0,) * len(dims)
+    K = negatives.shape[1] if negatives is not None else 0
+    offset = 0
+    all_q, all_t, all_qid, all_tid = query, target, query_ids, target_ids
+    shared = negatives.reshape(B * K, D) if (negatives is not None and shared_negatives) else None
+    if group is not None:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = list(rank_sizes) if rank_sizes is not None else [B] * world
+        if len(sizes) != world or sizes[rank] != B:
+            raise ValueError(f"rank_sizes must list every rank's B ({world} entries, this rank's = {B}), "
+                             f"got {sizes}")
+        offset = sum(sizes[:rank])
+        all_t = _distributed.all_gather_with_grad(target, group, sizes)
+        if symmetric:
+            all_q = _distributed.all_gather_with_grad(query, group, sizes)
+        if query_ids is not None:
+            all_qid = _distributed.all_gather_with_grad(query_ids, group, sizes)
+        if target_ids is not None:
+            all_tid = _distributed.all_gather_with_grad(target_ids, group, sizes)
+        if shared is not None:
+            shared = _distributed.all_gather_with_grad(shared, group, [s * K for s in sizes])
+    row_neg = negatives if (negatives is not None and not shared_negatives and K > 0) else None
+    if shared is not None and shared.shape[0] == 0:
+        shared = None
+    loss = direction(query, all_t, shared, row_neg, query_ids, target_ids, all_qid, all_tid, offset,
+                     temperature, dims, weights)
+    if symmetric:
+        back = direction(target, all_q, None, None, query_ids, target_ids, all_qid, all_tid, offset,
+                         temperature, dims, weights)
+        loss = (loss + back) * 0.5
+    if reduction == "mean":
+        if group is not None:
+            return loss.sum() * (len(sizes) / sum(sizes))
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
 def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
              temperature: float | torch.Tensor = 0.05, query_ids: torch.Tensor | None = None,
              target_ids: torch.Tensor | None = None, symmetric: bool = False, shared_negatives: bool = False,
@@ -399,9 +461,9 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
                   shared_negatives=shared_negatives, mrl_dims=dims, mrl_weights=weights, reduction=reduction,
                   group=group, rank_sizes=sizes)
     if backend == "reference":
-        return reference.nce_loss(query, target, temperature=temperature, **kwargs)
+        return nce_combine(reference.nce_direction, query, target, temperature=temperature, **kwargs)
     if isinstance(temperature, torch.Tensor):
         temp = temperature if temperature.dtype == torch.float32 else temperature.float()
     else:
         temp = torch.full((), float(temperature), dtype=torch.float32, device=query.device)  # no host copy
-    return reference.nce_combine(_kernel_direction(backend, temp), query, target, temperature=temp, **kwargs)
+    return nce_combine(_kernel_direction(backend, temp), query, target, temperature=temp, **kwargs)

@@ -14,14 +14,20 @@ import torch
 from . import _checks, _dispatch, _native, reference
 
 PACK, UNPACK = "pack", "unpack"
-_dispatch.register_op(PACK, {"native"})
-_dispatch.register_op(UNPACK, {"native"})
+_dispatch.register_op(PACK, {_native.NAME})
+_dispatch.register_op(UNPACK, {_native.NAME})
 
 
+def _native_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+# Layout is made inside the ops, once, on the real tensors (the native wrappers refuse strided ones):
+# copies made before a custom op change what torch.compile's graph computes.
 @torch.library.custom_op("embedkit::pack", mutates_args=())
 def _pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | None,
           total_tokens: int) -> torch.Tensor:
-    return _native.pack(padded, cu_seqlens, None if mask is None else mask.view(torch.uint8), total_tokens)
+    return _native.pack(padded.contiguous(), cu_seqlens.contiguous(), _native_mask(mask), total_tokens)
 
 
 @_pack.register_fake
@@ -33,7 +39,7 @@ def _pack_fake(padded, cu_seqlens, mask, total_tokens):
 def _unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | None, padded_len: int,
             padding_value: float) -> torch.Tensor:
     fill = torch.full(packed.shape[1:], padding_value, dtype=packed.dtype, device=packed.device)
-    return _native.unpack(packed, cu_seqlens, None if mask is None else mask.view(torch.uint8), padded_len, fill)
+    return _native.unpack(packed.contiguous(), cu_seqlens.contiguous(), _native_mask(mask), padded_len, fill)
 
 
 @_unpack.register_fake
@@ -49,7 +55,7 @@ def _pack_setup(ctx, inputs, output):
 
 def _pack_backward(ctx, grad):
     cu_seqlens, mask = ctx.saved_tensors
-    return _unpack(grad.contiguous(), cu_seqlens, mask, ctx.padded_len, 0.0), None, None, None
+    return _unpack(grad, cu_seqlens, mask, ctx.padded_len, 0.0), None, None, None
 
 
 def _unpack_setup(ctx, inputs, output):
@@ -60,7 +66,7 @@ def _unpack_setup(ctx, inputs, output):
 
 def _unpack_backward(ctx, grad):
     cu_seqlens, mask = ctx.saved_tensors
-    return _pack(grad.contiguous(), cu_seqlens, mask, ctx.total_tokens), None, None, None, None
+    return _pack(grad, cu_seqlens, mask, ctx.total_tokens), None, None, None, None
 
 
 torch.library.register_autograd("embedkit::pack", _pack_backward, setup_context=_pack_setup)
@@ -75,7 +81,7 @@ def _check_mask(attention_mask, batch: int, device: torch.device) -> torch.Tenso
         raise TypeError(f"attention_mask must be bool or integer (nonzero = token), got {m.dtype}")
     if m.shape[0] != batch:
         raise ValueError(f"attention_mask must have B = {batch} rows (one per sequence), got {tuple(m.shape)}")
-    return (m if m.dtype == torch.bool else m != 0).contiguous()
+    return m if m.dtype == torch.bool else m != 0
 
 
 def _check_layout(cu: torch.Tensor, mask: torch.Tensor | None, padded_len: int) -> None:
@@ -107,7 +113,7 @@ def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, attention_mask: torch.T
         raise ValueError(f"padded must be [B, L, ...], got shape {tuple(padded.shape)}")
     dev = padded.device
     batch, length = padded.shape[:2]
-    cu = _checks.check_cu_seqlens(cu_seqlens, None, dev).contiguous()
+    cu = _checks.check_cu_seqlens(cu_seqlens, None, dev)
     if cu.numel() != batch + 1:
         raise ValueError(f"cu_seqlens must have B+1 = {batch + 1} entries (padded has B = {batch}), got {cu.numel()}")
     mask = _check_mask(attention_mask, batch, dev)
@@ -120,7 +126,7 @@ def pack(padded: torch.Tensor, cu_seqlens: torch.Tensor, attention_mask: torch.T
     _check_layout(cu, mask, length)
     if _dispatch.resolve(PACK, dev) == "reference":
         return reference.pack(padded, cu, mask)
-    return _pack(padded.contiguous(), cu, mask, total)
+    return _pack(padded, cu, mask, total)
 
 
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int | None = None, *,
@@ -134,7 +140,7 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int | Non
     if packed.dim() < 1:
         raise ValueError("packed must be [T, ...], got a 0-d tensor")
     dev = packed.device
-    cu = _checks.check_cu_seqlens(cu_seqlens, packed.shape[0], dev).contiguous()
+    cu = _checks.check_cu_seqlens(cu_seqlens, packed.shape[0], dev)
     batch = cu.numel() - 1
     mask = _check_mask(attention_mask, batch, dev)
     if padded_len is None:
@@ -147,4 +153,4 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int | Non
     _check_layout(cu, mask, padded_len)
     if _dispatch.resolve(UNPACK, dev) == "reference":
         return reference.unpack(packed, cu, padded_len, mask, padding_value)
-    return _unpack(packed.contiguous(), cu, mask, padded_len, float(padding_value))
+    return _unpack(packed, cu, mask, padded_len, float(padding_value))

@@ -25,7 +25,8 @@ def _bounds(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """int64 [T]: the index of the sequence each packed token belongs to (no host sync)."""
+    """int64 [T]: the index of the sequence each packed token belongs to (no host sync). The oracles'
+    own copy: production code uses embedkit.ops._varlen, so no kernel path depends on this module."""
     lengths = _bounds(cu_seqlens, total_tokens).diff()
     batch = torch.arange(lengths.numel(), device=cu_seqlens.device)
     # The lengths sum to T exactly (see _bounds): output_size never under- or over-runs.
@@ -183,16 +184,12 @@ def fmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 33)
 
 
-def fingerprint_rows(values: torch.Tensor) -> torch.Tensor:
-    """The contiguous tensor whose raw row bytes are fingerprinted (token ids widened to int64)."""
+def sequence_fingerprint(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the 64-bit fingerprint of the bytes of each packed sequence of values [T, ...]
+    (1-D token ids of TOKEN_ID_DTYPES are hashed as int64 values)."""
     if values.dim() == 1 and values.dtype in TOKEN_ID_DTYPES:
         values = values.to(torch.int64)
-    return values.contiguous()
-
-
-def sequence_fingerprint(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """int64 [B]: the 64-bit fingerprint of the bytes of each packed sequence of values [T, ...]."""
-    rows = fingerprint_rows(values)
+    rows = values.contiguous()
     total = rows.shape[0]
     data = rows.view(torch.uint8).reshape(total, -1) if rows.numel() else \
         torch.empty(total, 0, dtype=torch.uint8, device=rows.device)
@@ -255,70 +252,6 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int,
 # as activation checkpointing makes, fragment glibc's heap into an O(B^2) resident set).
 
 _NCE_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32)
-
-
-def _nce_rank_offsets(sizes):
-    return [sum(sizes[:r]) for r in range(len(sizes))]
-
-
-def _gather_rows(x: torch.Tensor, group, sizes) -> torch.Tensor:
-    """Every rank's x concatenated along dim 0; rank r holds sizes[r] rows. Unequal sizes are padded to
-    the largest for the collective (all_gather needs equal shapes) and trimmed after."""
-    import torch.distributed as dist
-
-    n = max(sizes)
-    x = x.contiguous()
-    if x.shape[0] < n:
-        x = torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])])
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
-    if all(s == n for s in sizes):
-        return torch.cat(parts, dim=0)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
-
-
-class _AllGather(torch.autograd.Function):
-    """all_gather along dim 0 (rank r contributes sizes[r] rows) whose backward sums every rank's
-    gradient of this rank's rows (so gradients return to the rank that owns the rows)."""
-
-    @staticmethod
-    def forward(ctx, x, group, sizes):
-        ctx.group, ctx.sizes = group, tuple(sizes)
-        return _gather_rows(x, group, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        group, sizes = ctx.group, ctx.sizes
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        grad = grad.contiguous()
-        n = max(sizes)
-        if all(s == n for s in sizes):
-            padded = grad
-        else:  # rank r's rows at [r * n, r * n + sizes[r]): the layout reduce_scatter / slicing expects
-            padded = grad.new_zeros(world, n, *grad.shape[1:])
-            for r, (o, s) in enumerate(zip(_nce_rank_offsets(sizes), sizes)):
-                padded[r, :s] = grad[o:o + s]
-            padded = padded.reshape(world * n, *grad.shape[1:])
-        if dist.get_backend(group) == "nccl":
-            out = torch.empty(n, *grad.shape[1:], dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, padded, group=group)
-            return out[:sizes[rank]], None, None
-        dist.all_reduce(padded, group=group)  # gloo has no reduce_scatter
-        return padded[rank * n:rank * n + sizes[rank]].clone(), None, None
-
-
-def all_gather_with_grad(x: torch.Tensor, group, sizes=None) -> torch.Tensor:
-    """Concatenation of every rank's x along dim 0, differentiable. sizes[r]: rank r's number of rows
-    (None: every rank has x.shape[0])."""
-    import torch.distributed as dist
-
-    if sizes is None:
-        sizes = [x.shape[0]] * dist.get_world_size(group)
-    if x.requires_grad:
-        return _AllGather.apply(x, group, sizes)
-    return _gather_rows(x, group, sizes)
 
 
 def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, diag_offset, out=None, scratch=None):
@@ -481,67 +414,25 @@ def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Ten
     return total
 
 
-def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, query_ids=None,
-                target_ids=None, symmetric=False, shared_negatives=False, mrl_dims=None, mrl_weights=None,
-                reduction="mean", group=None, rank_sizes=None):
-    """The NCE loss from a one-direction implementation `direction` (same signature as
-    nce_direction minus chunk_rows): gathers candidates across `group`, adds the symmetric
-    direction, reduces. Shared by every backend.
-
-    rank_sizes[r]: rank r's number of rows B_r (None: every rank has this rank's B). Rank r's rows
-    are rows [sum(B_<r), sum(B_<=r)) of the global batch of N = sum(B_r) rows. With a group,
-    "mean" is sum(this rank's row losses) * world / N: the ranks' losses average to the global mean
-    (for equal B, each rank's own mean), so DDP's gradient averaging gives the global-batch gradient."""
+def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
+             temperature=0.05, query_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+             symmetric: bool = False, shared_negatives: bool = False, mrl_dims=None, mrl_weights=None,
+             reduction: str = "mean") -> torch.Tensor:
+    """Tiled pure-torch NCE loss of one process (embedkit.ops.nce_loss's semantics without `group`);
+    the loss is in fp32 (fp64 for fp64 inputs), as is all the arithmetic (inputs are normalized in
+    fp32). The cross-rank composition lives with the op (embedkit.ops.nce.nce_combine)."""
     B, D = query.shape
     dims = tuple(mrl_dims) if mrl_dims is not None else (D,)
     weights = tuple(float(w) for w in mrl_weights) if mrl_weights is not None else (1.0,) * len(dims)
     K = negatives.shape[1] if negatives is not None else 0
-    offset = 0
-    all_q, all_t, all_qid, all_tid = query, target, query_ids, target_ids
-    shared = negatives.reshape(B * K, D) if (negatives is not None and shared_negatives) else None
-    if group is not None:
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        sizes = list(rank_sizes) if rank_sizes is not None else [B] * world
-        if len(sizes) != world or sizes[rank] != B:
-            raise ValueError(f"rank_sizes must list every rank's B ({world} entries, this rank's = {B}), "
-                             f"got {sizes}")
-        offset = sum(sizes[:rank])
-        all_t = all_gather_with_grad(target, group, sizes)
-        if symmetric:
-            all_q = all_gather_with_grad(query, group, sizes)
-        if query_ids is not None:
-            all_qid = all_gather_with_grad(query_ids, group, sizes)
-        if target_ids is not None:
-            all_tid = all_gather_with_grad(target_ids, group, sizes)
-        if shared is not None:
-            shared = all_gather_with_grad(shared, group, [s * K for s in sizes])
+    shared = negatives.reshape(B * K, D) if (negatives is not None and shared_negatives and K > 0) else None
     row_neg = negatives if (negatives is not None and not shared_negatives and K > 0) else None
-    if shared is not None and shared.shape[0] == 0:
-        shared = None
-    loss = direction(query, all_t, shared, row_neg, query_ids, target_ids, all_qid, all_tid, offset,
-                     temperature, dims, weights)
+    ids = (query_ids, target_ids, query_ids, target_ids)
+    loss = nce_direction(query, target, shared, row_neg, *ids, 0, temperature, dims, weights)
     if symmetric:
-        back = direction(target, all_q, None, None, query_ids, target_ids, all_qid, all_tid, offset,
-                         temperature, dims, weights)
-        loss = (loss + back) * 0.5
+        loss = (loss + nce_direction(target, query, None, None, *ids, 0, temperature, dims, weights)) * 0.5
     if reduction == "mean":
-        if group is not None:
-            return loss.sum() * (len(sizes) / sum(sizes))
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
     return loss
-
-
-def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
-             temperature=0.05, query_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
-             symmetric: bool = False, shared_negatives: bool = False, mrl_dims=None, mrl_weights=None,
-             reduction: str = "mean", group=None, rank_sizes=None) -> torch.Tensor:
-    """Tiled pure-torch NCE loss (embedkit.ops.nce_loss's semantics); the loss is in fp32 (fp64
-    for fp64 inputs), as is all the arithmetic (inputs are normalized in fp32)."""
-    return nce_combine(nce_direction, query, target, negatives=negatives, temperature=temperature,
-                       query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
-                       shared_negatives=shared_negatives, mrl_dims=mrl_dims, mrl_weights=mrl_weights,
-                       reduction=reduction, group=group, rank_sizes=rank_sizes)
