@@ -66,8 +66,10 @@ def test_available_backends():
         embedkit.available_backends("no_such_op")
 
 
-def test_explicit_backend_without_an_implementation_raises():
+def test_explicit_backend_without_an_implementation_raises(monkeypatch):
     # An op registered with no native implementation: asking for native must not fall back.
+    # (monkeypatch restores the registry: later tests see only the real ops)
+    monkeypatch.setattr(_dispatch, "_OPS", dict(_dispatch._OPS))
     _dispatch.register_op("_test_only_op", set())
     embedkit.set_backend("native")
     with pytest.raises(embedkit.BackendUnavailableError, match="no 'native' implementation of _test_only_op"):
@@ -145,10 +147,11 @@ def test_int64_cu_seqlens_message_says_how_to_convert(op):
             embedkit.PackedBatch(cu64, 4)
 
 
-def test_backends_register_into_the_dispatcher():
+def test_backends_register_into_the_dispatcher(monkeypatch):
     """Each backend registers itself (name, problem callable, auto priority); auto tries them by
     priority among those allowed on the device, and an explicit name consults only its own callable."""
     assert _dispatch.registered_backends() == ["triton", "native", "reference"]
+    monkeypatch.setattr(_dispatch, "_OPS", dict(_dispatch._OPS))  # later tests see only the real ops
     _dispatch.register_op("_test_registry_op", {"native", "triton"})
     seen = []
     real = _dispatch._BACKENDS["native"]
