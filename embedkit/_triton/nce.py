@@ -224,6 +224,25 @@ def _fit_operands(configs, named_args, kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
 
 
+@triton.jit
+def _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, d_lo, d_hi, a, inv_y_level, it,
+                   m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, HAS_IDS_A: tl.constexpr,
+                   HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr):
+    """One MRL level's step of the forward: the dot carried on over columns [d_lo, d_hi), then that level's
+    logits (scaled by its inverse norms a, b and 1 / tau) folded into its online logsumexp (m, l, t) and
+    positive logit p. The pair mask is rebuilt here, after the dot range (see the caller)."""
+    acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                     d_lo, d_hi, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
+    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+    z = acc * a[:, None] * tl.load(inv_y_level + offs_n, mask=n_ok, other=0.0)[None, :] * it
+    if HAS_DIAG:
+        p += tl.sum(tl.where(is_pos, z, 0.0), axis=1)
+    m, l, t = _online_update(m, l, t, z, valid)
+    return acc, m, l, t, p
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     levels = launch_arg(named_args, kwargs, "NUM_LEVELS")
     kept = _fit_operands(configs, named_args, kwargs)
@@ -281,32 +300,20 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
         # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
         # two predicate tiles held through the D loop made ptxas spill).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                         0, D0, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
-        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                   diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-        z0 = acc * a0[:, None] * tl.load(inv_y + offs_n, mask=n_ok, other=0.0)[None, :] * it
-        if HAS_DIAG:
-            p0 += tl.sum(tl.where(is_pos, z0, 0.0), axis=1)
-        m0, l0, t0 = _online_update(m0, l0, t0, z0, valid)
+        acc, m0, l0, t0, p0 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, a0,
+                                             inv_y, it, m0, l0, t0, p0, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                             diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE,
+                                             DOT_PREC, ALIGNED)
         if NUM_LEVELS > 1:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                             D0, D1, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
-            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-            z1 = acc * a1[:, None] * tl.load(inv_y + N + offs_n, mask=n_ok, other=0.0)[None, :] * it
-            if HAS_DIAG:
-                p1 += tl.sum(tl.where(is_pos, z1, 0.0), axis=1)
-            m1, l1, t1 = _online_update(m1, l1, t1, z1, valid)
+            acc, m1, l1, t1, p1 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1,
+                                                 a1, inv_y + N, it, m1, l1, t1, p1, ids_a_r, ids_b_r, ids_a_c,
+                                                 ids_b_c, diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED)
         if NUM_LEVELS > 2:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                             D1, D2, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
-            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
-            z2 = acc * a2[:, None] * tl.load(inv_y + 2 * N + offs_n, mask=n_ok, other=0.0)[None, :] * it
-            if HAS_DIAG:
-                p2 += tl.sum(tl.where(is_pos, z2, 0.0), axis=1)
-            m2, l2, t2 = _online_update(m2, l2, t2, z2, valid)
+            acc, m2, l2, t2, p2 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2,
+                                                 a2, inv_y + 2 * N, it, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c,
+                                                 ids_b_c, diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED)
     base = pid_s * NUM_LEVELS * M
     _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
     _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)

@@ -135,17 +135,26 @@ class Processor:
         return tok.encode(text)
 
     # -- segments --
-    def _image(self, item: _Item, seg: Image) -> None:
+    def _fitted_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """[F, C, H, W] frames resized to the patch grid the token budget allows, then normalized."""
         cfg = self.config
-        frames = to_frames(seg.pixels[None])
         size = fit_image_size(frames.shape[2], frames.shape[3], cfg.patch_size, cfg.max_image_side,
                               cfg.max_image_tokens)
-        frames = self._normalize(resize_frames(frames, size))
-        frames = frames.expand(cfg.temporal_patch_size, *frames.shape[1:])
+        return self._normalize(resize_frames(frames, size))
+
+    def _add_vision(self, item: _Item, frames: torch.Tensor, kind: str, modality) -> None:
+        """The <kind_start> patches <kind_end> run of an image or video (frames a multiple of the temporal patch)."""
+        cfg = self.config
         patches, grid = vision_patches(frames, cfg.patch_size, cfg.temporal_patch_size)
-        item.add_ids([cfg.special_token_id("image_start")], C.IMAGE)
-        item.add_patches("vision", patches, vision_positions(grid), C.IMAGE, max(grid))
-        item.add_ids([cfg.special_token_id("image_end")], C.IMAGE)
+        item.add_ids([cfg.special_token_id(f"{kind}_start")], modality)
+        item.add_patches("vision", patches, vision_positions(grid), modality, max(grid))
+        item.add_ids([cfg.special_token_id(f"{kind}_end")], modality)
+
+    def _image(self, item: _Item, seg: Image) -> None:
+        frames = self._fitted_frames(to_frames(seg.pixels[None]))
+        # one frame repeated to fill a temporal patch: images and videos share the patch embedder
+        frames = frames.expand(self.config.temporal_patch_size, *frames.shape[1:])
+        self._add_vision(item, frames, "image", C.IMAGE)
 
     def _video(self, item: _Item, seg: Video) -> None:
         cfg = self.config
@@ -153,18 +162,11 @@ class Processor:
         if x.shape[0] > cfg.max_video_frames:
             keep = torch.linspace(0, x.shape[0] - 1, cfg.max_video_frames).round().long()
             x = x[keep]
-        frames = to_frames(x)
-        size = fit_image_size(frames.shape[2], frames.shape[3], cfg.patch_size, cfg.max_image_side,
-                              cfg.max_image_tokens)
-        frames = self._normalize(resize_frames(frames, size))
-        tp = cfg.temporal_patch_size
-        pad = (-frames.shape[0]) % tp
+        frames = self._fitted_frames(to_frames(x))
+        pad = (-frames.shape[0]) % cfg.temporal_patch_size  # the last frame repeated to a whole patch
         if pad:
             frames = torch.cat([frames, frames[-1:].expand(pad, *frames.shape[1:])], dim=0)
-        patches, grid = vision_patches(frames, cfg.patch_size, tp)
-        item.add_ids([cfg.special_token_id("video_start")], C.VIDEO)
-        item.add_patches("vision", patches, vision_positions(grid), C.VIDEO, max(grid))
-        item.add_ids([cfg.special_token_id("video_end")], C.VIDEO)
+        self._add_vision(item, frames, "video", C.VIDEO)
 
     def _audio(self, item: _Item, seg: Audio) -> None:
         cfg = self.config
