@@ -260,8 +260,10 @@ def _prune_fwd(configs, named_args, **kwargs):
     kept = _fit_operands(configs, named_args, kwargs)
     aligned = launch_arg(named_args, kwargs, "ALIGNED")
     if levels is not None and levels > 1:  # the spill-free ones (see above)
+        # With the candidate mask, 128 x 64 and 64 x 128 spill a few words in the loop (static report): 64 x 64.
+        largest = 64 * 64 if launch_arg(named_args, kwargs, "HAS_CAND_MASK") else 128 * 64
         kept = [c for c in kept if c.num_warps == 8 and c.num_stages == 3
-                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 and (aligned or c.kwargs["BLOCK_M"] == 64)]
+                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= largest and (aligned or c.kwargs["BLOCK_M"] == 64)]
     else:  # 128 x 64 is for the level groups; one level has 128 x 128
         kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 64)]
     return kept or configs[-1:]
