@@ -169,6 +169,15 @@ def pinned_specs() -> list[dict]:
                                                    ALIGNED=False, **flags), emb="*fp16", warps=4))
     specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                         ALIGNED=False, **flags), emb="*fp16", e="*fp32", warps=4))
+    # candidate_mask (HAS_CAND_MASK): the tiles the launchers pick with a mask (3 levels: 64 x 64 forward),
+    # against the targets (ids, diagonal) and the shared negatives (neither), and the own negatives' backward.
+    for diag in (True, False):
+        masked = dict(HAS_IDS_A=diag, HAS_IDS_B=diag, HAS_DIAG=diag, HAS_CAND_MASK=True)
+        specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **bf16,
+                                                       ALIGNED=True, **masked)))
+        specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
+                                                            **bf16, ALIGNED=True, **masked)))
+    specs.append(_nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=True, **blk), warps=4))
     for scaled in (False, True):
         specs.append(_nce_spec("_nce_acc_kernel", dict(HAS_LO=True, SCALED=scaled, BLOCK_R=32, BLOCK_C=128),
                                warps=4))
