@@ -114,20 +114,22 @@ def nce_cases(quick: bool):
             if len(dims) < levels:
                 dims = (D // 4, D // 2, D)
             yield (f"nce D={D} levels={dims}", lambda D=D, dims=dims: _run_nce(D, dims))
+            yield (f"nce D={D} levels={dims} candidate_mask", lambda D=D, dims=dims: _run_nce(D, dims, mask=True))
 
 
-def _run_nce(D, dims, B=256, dtype=torch.bfloat16):
+def _run_nce(D, dims, B=256, dtype=torch.bfloat16, mask=False):
     from embedkit._triton import nce as N
 
     q = torch.empty(B, D, dtype=dtype)
     t = torch.empty(B, D, dtype=dtype)
     ids = torch.empty(B, dtype=torch.int64)
     inv_temp = torch.ones(1)
-    res = N.nce_fwd(q, t, None, None, ids, None, ids, None, 0, inv_temp, dims)
+    cm = dict(cand_mask=torch.ones(B, B, dtype=torch.bool)) if mask else {}
+    res = N.nce_fwd(q, t, None, None, ids, None, ids, None, 0, inv_temp, dims, **cm)
     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = res
     g = torch.empty(len(dims), B)
     N.nce_bwd(g, q, t, None, None, ids, None, ids, None, 0, inv_temp, dims, lse, pos, inv_r, inv_c, inv_s, inv_n,
-              row_cos)
+              row_cos, **cm)
 
 
 def ci_cases():

@@ -131,7 +131,7 @@ _NCE_EMB = {"x", "y", "neg", "hi", "lo", "part", "src"}
 _NCE_IDS = {"ids_a_r", "ids_b_r", "ids_a_c", "ids_b_c"}
 _NCE_INTS = {"stride_x", "stride_y", "N", "M", "K", "B", "D", "D0", "D1", "D2", "diag_offset", "n_per_split",
              "r0", "Cr", "c0", "Cc", "row_start", "row_end", "n_rows", "n_cols", "stride_hi", "stride_part",
-             "stride_src"}
+             "stride_src", "stride_cm", "cm_col0"}
 
 
 def _nce_spec(name: str, consts: dict, emb: str = "*bf16", warps: int | None = None, stages: int = 3,
@@ -144,7 +144,7 @@ def _nce_spec(name: str, consts: dict, emb: str = "*bf16", warps: int | None = N
 
         warps = importlib.import_module(module)._NUM_WARPS
     sig = {n: "constexpr" if n in consts else emb if n in _NCE_EMB else e if n == "e_buf"
-           else "*i64" if n in _NCE_IDS else "i32" if n in _NCE_INTS else "*fp32"
+           else "*i64" if n in _NCE_IDS else "*u8" if n == "cmask" else "i32" if n in _NCE_INTS else "*fp32"
            for n in sm90.jit_of(module, name).arg_names}
     return {"module": module, "name": name, "signature": sig, "constexprs": consts, "attrs": {},
             "options": {"num_warps": warps, "num_stages": stages}, "no_spill": True}
@@ -153,13 +153,13 @@ def _nce_spec(name: str, consts: dict, emb: str = "*bf16", warps: int | None = N
 def pinned_specs() -> list[dict]:
     """The pinned NCE configs (needs the real compiler's kernels: call without TRITON_INTERPRET)."""
     blk = dict(BLOCK_M=64, BLOCK_D=64)
-    flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True)
+    flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True, HAS_CAND_MASK=False)
     # the tl.dot constexprs embedkit._triton._common.dot_args gives on a GPU (recorded form)
     bf16 = dict(DOT_DTYPE={"tl_dtype": "bf16"}, DOT_PREC="tf32")
     fp16 = dict(DOT_DTYPE={"tl_dtype": "fp16"}, DOT_PREC="tf32")
     specs = [_nce_spec("_nce_prefix_inv_norm_kernel", dict(NUM_LEVELS=3, **blk)),
              _nce_spec("_nce_row_negative_cos_kernel", dict(NUM_LEVELS=3, **blk)),
-             _nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, **blk), warps=4)]
+             _nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=False, **blk), warps=4)]
     for aligned in (True, False):
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
                                                        ALIGNED=aligned, **flags)))
@@ -169,6 +169,15 @@ def pinned_specs() -> list[dict]:
                                                    ALIGNED=False, **flags), emb="*fp16", warps=4))
     specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                         ALIGNED=False, **flags), emb="*fp16", e="*fp32", warps=4))
+    # candidate_mask (HAS_CAND_MASK): the tiles the launchers pick with a mask (3 levels: 64 x 64 forward),
+    # against the targets (ids, diagonal) and the shared negatives (neither), and the own negatives' backward.
+    for diag in (True, False):
+        masked = dict(HAS_IDS_A=diag, HAS_IDS_B=diag, HAS_DIAG=diag, HAS_CAND_MASK=True)
+        specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **bf16,
+                                                       ALIGNED=True, **masked)))
+        specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
+                                                            **bf16, ALIGNED=True, **masked)))
+    specs.append(_nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=True, **blk), warps=4))
     for scaled in (False, True):
         specs.append(_nce_spec("_nce_acc_kernel", dict(HAS_LO=True, SCALED=scaled, BLOCK_R=32, BLOCK_C=128),
                                warps=4))

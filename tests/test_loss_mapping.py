@@ -179,3 +179,55 @@ def test_gist_without_self_contrast_is_id_masking(model):
         return nce_loss(a, p, negatives=n[:, None], temperature=temperature, shared_negatives=True)
 
     assert not torch.allclose(_param_grads(model, ours_without_ids)[0], ref[0])  # the masking matters
+
+
+@pytest.fixture(scope="module")
+def cls_guide():
+    # A guide that is a different function of the text: the same MiniLM weights (the only sentence model
+    # shipped offline here) with CLS pooling instead of mean pooling, so its similarities -- and which
+    # candidates it filters -- are not the trained model's.
+    guide = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu").eval()
+    guide[1].pooling_mode = "cls"
+    return guide
+
+
+def _gist_candidate_mask(guide, anchors, positives, negatives, margin_strategy, margin):
+    """candidate_mask [B, 2B] (in-batch targets, then the B shared negatives) from the guide, exactly as
+    GISTEmbedLoss filters (contrast_anchors=False, contrast_positives=False): a candidate whose guide
+    similarity to the anchor exceeds the guide's positive similarity minus the margin is left out."""
+    with torch.no_grad():
+        ga, gp, gn = (torch.nn.functional.normalize(e, dim=-1) for e in _embed(guide, anchors, positives, negatives))
+        pos = (ga * gp).sum(-1, keepdim=True)
+        threshold = pos - margin if margin_strategy == "absolute" else pos - pos.abs() * margin
+        left_out = torch.cat([ga @ gp.T > threshold, ga @ gn.T > threshold], dim=1)
+    return ~left_out
+
+
+@pytest.mark.parametrize("margin_strategy, margin", [("absolute", 0.1), ("relative", 0.15)])
+def test_gist_in_general_is_a_candidate_mask_from_the_guide(model, cls_guide, margin_strategy, margin):
+    anchors, positives, negatives = ANCHORS, POSITIVES, NEGATIVES  # no duplicates: every filtered one is real
+    temperature = 0.5
+    keep = _gist_candidate_mask(cls_guide, anchors, positives, negatives, margin_strategy, margin)
+    B = len(anchors)
+    off_positive = ~keep & ~torch.cat([torch.eye(B, dtype=torch.bool), torch.zeros(B, B, dtype=torch.bool)], 1)
+    assert off_positive.any(), "the guide filtered nothing: the test would pass vacuously"
+    # The trained model's own similarities would filter differently: the guide is a different function.
+    assert not torch.equal(keep, _gist_candidate_mask(model, anchors, positives, negatives, margin_strategy, margin))
+
+    gist = losses.GISTEmbedLoss(model, guide=cls_guide, temperature=temperature, margin_strategy=margin_strategy,
+                                margin=margin, contrast_anchors=False, contrast_positives=False)
+    feats = _features(model, anchors, positives, negatives)
+    ref = _param_grads(model, lambda: gist(feats, None))
+
+    def ours():
+        a, p, n = _embed(model, anchors, positives, negatives)
+        return nce_loss(a, p, negatives=n[:, None], temperature=temperature, shared_negatives=True,
+                        candidate_mask=keep)
+
+    _assert_same_training_signal(_param_grads(model, ours), ref)
+
+    def ours_unmasked():
+        a, p, n = _embed(model, anchors, positives, negatives)
+        return nce_loss(a, p, negatives=n[:, None], temperature=temperature, shared_negatives=True)
+
+    assert not torch.allclose(_param_grads(model, ours_unmasked)[0], ref[0])  # the mask matters

@@ -616,3 +616,248 @@ def test_ddp_example_runs():
 
 
 # The kernels' compile for sm_90 at their GPU tiles, with no spill: tests/test_compile_for_hopper.py.
+
+
+# ---- candidate_mask (GISTEmbedLoss's guide filter, issue 16) --------------------------------------------
+
+def dense_nce_masked(q, t, neg, keep, temperature=0.05, query_ids=None, target_ids=None, symmetric=False,
+                     shared_negatives=False, mrl_dims=None, mrl_weights=None, reduction="mean"):
+    """dense_nce with candidate_mask `keep` [B, C] (targets, then the negatives): a False entry is -inf in
+    that row's logits, the positive excepted; the reverse direction uses keep[:, :B].T."""
+    B, D = q.shape
+    dims = list(mrl_dims) if mrl_dims is not None else [D]
+    weights = list(mrl_weights) if mrl_weights is not None else [1.0] * len(dims)
+    ids_drop = torch.zeros(B, B, dtype=torch.bool, device=q.device)
+    if query_ids is not None:
+        ids_drop |= query_ids[:, None] == query_ids[None, :]
+    if target_ids is not None:
+        ids_drop |= target_ids[:, None] == target_ids[None, :]
+    K = neg.shape[1] if neg is not None else 0
+    shared = neg.reshape(B * K, D) if (neg is not None and shared_negatives) else None
+    own = neg if (neg is not None and not shared_negatives) else None
+    neg_keep = keep[:, B:]
+
+    def direction(rows, cands, own_neg, shared_neg, block):
+        drop = ids_drop | ~block
+        drop.fill_diagonal_(False)
+        total = 0
+        for d, w in zip(dims, weights):
+            r = F.normalize(rows[:, :d], dim=-1)
+            logits = r @ F.normalize(cands[:, :d], dim=-1).T / temperature
+            parts = [logits.masked_fill(drop, float("-inf"))]
+            if shared_neg is not None:
+                parts.append(r @ F.normalize(shared_neg[:, :d], dim=-1).T / temperature)
+            if own_neg is not None:
+                parts.append(torch.einsum("bd,bkd->bk", r, F.normalize(own_neg[..., :d], dim=-1)) / temperature)
+            if len(parts) > 1:
+                parts[1] = parts[1].masked_fill(~neg_keep, float("-inf"))
+            total = total + w * (torch.logsumexp(torch.cat(parts, 1), 1) - logits.diagonal())
+        return total
+
+    loss = direction(q, t, own, shared, keep[:, :B])
+    if symmetric:
+        loss = (loss + direction(t, q, None, None, keep[:, :B].T)) / 2
+    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+
+
+def _mask_columns(B, K, shared):
+    return B + (B * K if shared else K)
+
+
+def _random_mask(B, C, seed, p_keep=0.6):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, C, generator=g) < p_keep).to(DEVICE)
+
+
+def check_masked(backend, dtype, B, D, K, keep, *, ids="none", tensor_temp=False, temperature=0.07,
+                 symmetric=False, shared=False, mrl_dims=None, mrl_weights=None, reduction="mean", seed=0):
+    """check() with a candidate mask: the loss and every gradient (query, target, negatives, temperature
+    tensor) against dense_nce_masked in float64, by the tolerance rule."""
+    q, t, neg, qid, tid = _case(B, D, K, ids, seed)
+    kw = dict(query_ids=qid, target_ids=tid, symmetric=symmetric, shared_negatives=shared, mrl_dims=mrl_dims,
+              mrl_weights=mrl_weights, reduction=reduction)
+
+    def leaves(dt):
+        xs = [q.to(dt).requires_grad_(), t.to(dt).requires_grad_()]
+        xs.append(neg.to(dt).requires_grad_() if neg is not None else None)
+        temp = torch.tensor(temperature, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                            device=DEVICE, requires_grad=True) if tensor_temp else temperature
+        return xs, temp
+
+    def diff(out, xs, temp, go):
+        ins = [x for x in xs if x is not None] + ([temp] if tensor_temp else [])
+        return torch.autograd.grad(out, ins, go.to(out.dtype), allow_unused=True)
+
+    xs, temp = leaves(torch.float64)
+    oracle = dense_nce_masked(xs[0], xs[1], xs[2], keep, temperature=temp, **kw)
+    go = torch.randn(oracle.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    oracle_g = diff(oracle, xs, temp, go)
+    xs, temp = leaves(dtype)
+    lowp = dense_nce_masked(xs[0], xs[1], xs[2], keep, temperature=temp, **kw).float()
+    lowp_g = diff(lowp, xs, temp, go)
+    xs, temp = leaves(dtype)
+    with embedkit.use_backend(backend):
+        actual = embedkit.nce_loss(xs[0], xs[1], negatives=xs[2], temperature=temp, candidate_mask=keep, **kw)
+    assert actual.shape == oracle.shape
+    actual_g = diff(actual, xs, temp, go)
+    names = ["d_query", "d_target"] + (["d_negatives"] if neg is not None else []) + \
+        (["d_temperature"] if tensor_temp else [])
+    slack = (1e-5 if dtype in (torch.float32, torch.float64) else 2e-3)
+    assert_by_rule("loss", actual, oracle, lowp, atol=slack * max(1.0, oracle.abs().max().item()))
+    for name, a, o, lo in zip(names, actual_g, oracle_g, lowp_g):
+        a = torch.zeros_like(o) if a is None else a
+        o = torch.zeros_like(a) if o is None else o
+        lo = torch.zeros_like(a) if lo is None else lo
+        assert torch.isfinite(a).all(), name
+        assert_by_rule(name, a, o, lo, factor=3.0, atol=slack * max(1.0, o.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("ids", ["none", "dups"])
+@pytest.mark.parametrize("shared, symmetric", [(False, False), (True, False), (False, True), (True, True)])
+def test_cand_mask_matches_dense_oracle(backend, ids, shared, symmetric):
+    # 3 unaligned MRL levels, 2 negatives, learnable temperature; B not a multiple of the 16-row tile.
+    B, K = 19, 2
+    keep = _random_mask(B, _mask_columns(B, K, shared), seed=3 + shared + 2 * symmetric)
+    check_masked(backend, torch.float32, B, 24, K, keep, ids=ids, tensor_temp=True, shared=shared,
+                 symmetric=symmetric, mrl_dims=[8, 16, 24], mrl_weights=[1.0, 0.5, 2.0], reduction="none")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 20), D=st.sampled_from([8, 24]), K=st.integers(0, 2),
+       ids=st.sampled_from(["none", "dups", "one_label"]), symmetric=st.booleans(), shared=st.booleans(),
+       levels=st.sampled_from([1, 3]), p_keep=st.sampled_from([0.0, 0.3, 0.8, 1.0]), seed=st.integers(0, 2 ** 16))
+def test_cand_mask_hypothesis(backend, B, D, K, ids, symmetric, shared, levels, p_keep, seed):
+    keep = _random_mask(B, _mask_columns(B, K, shared), seed, p_keep)
+    check_masked(backend, torch.float32, B, D, K, keep, ids=ids, tensor_temp=True, symmetric=symmetric,
+                 shared=shared, mrl_dims=_dims_for(D, levels), reduction="sum", seed=seed)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cand_mask_fp16(backend):
+    B, K = 13, 2
+    check_masked(backend, torch.float16, B, 24, K, _random_mask(B, B + B * K, 7), tensor_temp=True, shared=True,
+                 mrl_dims=[8, 24])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cand_mask_backward_in_owner_chunks(backend, monkeypatch):
+    """The chunked backward's blocks (16 rows x 16 candidates) each read their own part of the mask."""
+    from embedkit._triton import nce as kernels
+
+    monkeypatch.setattr(kernels, "ROW_CHUNK", 16)
+    monkeypatch.setattr(kernels, "CAND_CHUNK", 16)
+    B = 37
+    check_masked(backend, torch.float32, B, 24, 2, _random_mask(B, B + 2, 1), ids="dups", tensor_temp=True,
+                 mrl_dims=[8, 24])
+    B = 21
+    check_masked(backend, torch.float32, B, 24, 2, _random_mask(B, B + 2 * B, 2), symmetric=True, shared=True,
+                 mrl_dims=[8, 16, 24])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("K, shared", [(0, False), (2, False), (2, True)])
+def test_cand_mask_row_with_only_its_positive_has_zero_loss(backend, K, shared):
+    """Rows whose every candidate but the positive is masked: loss exactly 0 and no gradient from them,
+    whatever the mask says at the positive (it always takes part)."""
+    g = torch.Generator().manual_seed(4)
+    B, D = 9, 16
+    q, t = torch.randn(B, D, generator=g).to(DEVICE), torch.randn(B, D, generator=g).to(DEVICE)
+    neg = torch.randn(B, K, D, generator=g).to(DEVICE) if K else None
+    keep = torch.zeros(B, _mask_columns(B, K, shared), dtype=torch.bool, device=DEVICE)  # the positive too
+    xs = [q.clone().requires_grad_(), t.clone().requires_grad_()] + ([neg.clone().requires_grad_()] if K else [])
+    temp = torch.tensor(0.05, device=DEVICE, requires_grad=True)
+    with embedkit.use_backend(backend):
+        loss = embedkit.nce_loss(xs[0], xs[1], negatives=xs[2] if K else None, temperature=temp,
+                                 shared_negatives=shared, symmetric=not K, candidate_mask=keep, reduction="none",
+                                 mrl_dims=[8, 16])
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for gr in torch.autograd.grad(loss.sum(), xs + [temp]):
+        assert torch.isfinite(gr).all()
+        assert gr.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_cand_mask_keeps_the_positive_and_equals_removing_candidates(backend):
+    """A mask False at the positive changes nothing (the positive always takes part); leaving target 1
+    and negative 0 out of row 0 equals row 0's loss without them in the batch; an all-True mask is no mask."""
+    g = torch.Generator().manual_seed(5)
+    B, D = 6, 24
+    q, t = torch.randn(B, D, generator=g).to(DEVICE), torch.randn(B, D, generator=g).to(DEVICE)
+    neg = torch.randn(B, 1, D, generator=g).to(DEVICE)
+    keep = torch.ones(B, 2 * B, dtype=torch.bool, device=DEVICE)
+    keep[0, 1] = keep[0, B] = False
+    no_pos = keep.clone()
+    no_pos[:, :B].fill_diagonal_(False)
+    with embedkit.use_backend(backend):
+        kw = dict(negatives=neg, shared_negatives=True, reduction="none")
+        masked = embedkit.nce_loss(q, t, candidate_mask=keep, **kw)
+        masked_no_pos = embedkit.nce_loss(q, t, candidate_mask=no_pos, **kw)
+        rest = [0, 2, 3, 4, 5]
+        without = embedkit.nce_loss(q[rest], t[rest], negatives=neg[[1, 2, 3, 4, 5]], shared_negatives=True,
+                                    reduction="none")
+        all_true = embedkit.nce_loss(q, t, candidate_mask=torch.ones_like(keep), **kw)
+        plain = embedkit.nce_loss(q, t, **kw)
+    assert torch.equal(masked, masked_no_pos)
+    torch.testing.assert_close(masked[0], without[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(all_true, plain)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(candidate_mask=torch.ones(4, 4)), TypeError, "candidate_mask"),
+    (dict(candidate_mask=torch.ones(4, 4, dtype=torch.int64)), TypeError, "candidate_mask"),
+    (dict(candidate_mask=[[True] * 4] * 4), TypeError, "candidate_mask"),
+    (dict(candidate_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, r"candidate_mask.*B = 4"),
+    (dict(candidate_mask=torch.ones(4, dtype=torch.bool)), ValueError, "candidate_mask"),
+    (dict(candidate_mask=torch.ones(4, 5, dtype=torch.bool)), ValueError, r"candidate_mask.*\[4, 4\]"),
+    (dict(candidate_mask=torch.ones(4, 4, dtype=torch.bool), negatives=torch.randn(4, 2, 8)), ValueError,
+     r"candidate_mask.*\[4, 6\]"),
+    (dict(candidate_mask=torch.ones(4, 6, dtype=torch.bool), negatives=torch.randn(4, 2, 8),
+          shared_negatives=True), ValueError, r"candidate_mask.*\[4, 12\]"),
+    (dict(candidate_mask=torch.ones(4, 4, dtype=torch.bool, device="meta")), ValueError, "candidate_mask"),
+])
+def test_cand_mask_bad_inputs(backend, kwargs, exc, words):
+    q, t = _good()
+    with embedkit.use_backend(backend), pytest.raises(exc, match=words):
+        embedkit.nce_loss(q, t, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_cand_mask_shape_checked_with_validation_off(backend):
+    """The kernels address the mask by its shape: a wrong shape is refused even with validation off."""
+    q, t = _good()
+    embedkit.set_validation(False)
+    try:
+        with embedkit.use_backend(backend), pytest.raises(ValueError, match="candidate_mask"):
+            embedkit.nce_loss(q, t, candidate_mask=torch.ones(4, 3, dtype=torch.bool))
+    finally:
+        embedkit.set_validation(True)
+
+
+def test_cand_mask_kernel_launcher_refuses_a_wrong_shape():
+    from embedkit._triton import nce as kernels
+
+    q, t = _good()
+    with pytest.raises(ValueError, match="candidate_mask"):
+        kernels.nce_fwd(q, t, None, None, None, None, None, None, 0, torch.ones(1), (8,),
+                        cand_mask=torch.ones(4, 5, dtype=torch.bool))
+
+
+def test_cand_mask_with_symmetric_and_group_is_a_clear_error():
+    q, t = _good()
+    with pytest.raises(NotImplementedError, match="candidate_mask.*symmetric"):
+        embedkit.nce_loss(q, t, symmetric=True, group=object(), candidate_mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_cand_mask_rank_metadata_says_whether_a_mask_is_given():
+    from embedkit.ops import nce as nce_mod
+
+    q, _ = _good()
+    args = (q, None, 0.05, None, None, False, False, (8,), (1.0,), "mean", q.device)
+    without = nce_mod._rank_metadata(*args)
+    with_mask = nce_mod._rank_metadata(*args, torch.ones(4, 4, dtype=torch.bool))
+    k = nce_mod._FIELDS.index("candidate_mask")
+    assert len(without) == len(nce_mod._FIELDS) and (without[k], with_mask[k]) == (0, 1)
+    assert nce_mod._show("candidate_mask", 1) == "yes"

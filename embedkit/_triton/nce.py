@@ -22,7 +22,9 @@ and writes, per segment k = [d_{k-1}, d_k) of D, E_k = sum_{l >= k} P^l a^l b^l;
 E_k Y[:, seg_k] and dY[:, seg_k] += E_k^T X[:, seg_k] are plain matmuls (cuBLAS on a GPU) and the
 normalization terms row scalings. Deterministic: partial sums are summed in a fixed order, no atomics.
 
-Masking: candidate j != pos(i) is dropped from row i when ids_a or ids_b match. A dropped
+Masking: candidate j != pos(i) is dropped from row i when ids_a or ids_b match, or when the optional
+candidate mask (bool [M, N + S + K], a uint8 view read per tile behind the HAS_CAND_MASK constexpr: B x C
+bytes of reads, nothing without it) is False at (i, j); the positive is never dropped. A dropped
 candidate gets probability exactly 0 through `tl.where` (never a -inf logit), so a learnable
 temperature never sees inf - inf. A row whose only candidate is its positive has loss exactly 0 and,
 because the backward takes the positive's probability from the loss term itself, gradient exactly 0.
@@ -90,10 +92,11 @@ def _online_update(m, l, t, z, valid):
 
 @triton.jit
 def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
-               HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr,
-               ROW_FIRST: tl.constexpr):
+               cmask, stride_cm, cm_col0, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
+               HAS_DIAG: tl.constexpr, ROW_FIRST: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
     """(valid, is_pos) of query rows offs_r x candidates offs_c, laid out [R, C] when ROW_FIRST
-    else [C, R]. Candidate j != pos(i) is dropped when the ids of i and j match."""
+    else [C, R]. Candidate j != pos(i) is dropped when the ids of i and j match, or (HAS_CAND_MASK)
+    when the candidate mask's byte cmask[i * stride_cm + cm_col0 + j] is 0; the positive is always kept."""
     if ROW_FIRST:
         r2 = offs_r[:, None]
         c2 = offs_c[None, :]
@@ -102,6 +105,9 @@ def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, d
         r2 = offs_r[None, :]
         c2 = offs_c[:, None]
         valid = c_ok[:, None] & r_ok[None, :]
+    if HAS_CAND_MASK:
+        # B x C bytes of reads; loaded only inside the tile's bounds (never outside the mask tensor).
+        keep = tl.load(cmask + r2.to(tl.int64) * stride_cm + cm_col0 + c2, mask=valid, other=0) != 0
     if HAS_DIAG:
         is_pos = (r2 + diag_offset) == c2
         drop = r2 < 0  # all False
@@ -119,9 +125,13 @@ def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, d
                 drop = drop | (ib[:, None] == jb[None, :])
             else:
                 drop = drop | (jb[:, None] == ib[None, :])
+        if HAS_CAND_MASK:
+            drop = drop | (keep == 0)
         valid = valid & ((drop == 0) | is_pos)
         is_pos = is_pos & valid
     else:
+        if HAS_CAND_MASK:
+            valid = valid & keep
         is_pos = r2 < 0
         is_pos = is_pos & valid
     return valid, is_pos
@@ -226,16 +236,18 @@ def _fit_operands(configs, named_args, kwargs):
 
 @triton.jit
 def _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, d_lo, d_hi, a, inv_y_level, it,
-                   m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, HAS_IDS_A: tl.constexpr,
-                   HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr):
+                   m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
+                   HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr,
+                   HAS_CAND_MASK: tl.constexpr):
     """One MRL level's step of the forward: the dot carried on over columns [d_lo, d_hi), then that level's
     logits (scaled by its inverse norms a, b and 1 / tau) folded into its online logsumexp (m, l, t) and
     positive logit p. The pair mask is rebuilt here, after the dot range (see the caller)."""
     acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
                      d_lo, d_hi, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
     valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+                               diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
+                               HAS_CAND_MASK)
     z = acc * a[:, None] * tl.load(inv_y_level + offs_n, mask=n_ok, other=0.0)[None, :] * it
     if HAS_DIAG:
         p += tl.sum(tl.where(is_pos, z, 0.0), axis=1)
@@ -248,31 +260,34 @@ def _prune_fwd(configs, named_args, **kwargs):
     kept = _fit_operands(configs, named_args, kwargs)
     aligned = launch_arg(named_args, kwargs, "ALIGNED")
     if levels is not None and levels > 1:  # the spill-free ones (see above)
+        # With the candidate mask, 128 x 64 and 64 x 128 spill a few words in the loop (static report): 64 x 64.
+        largest = 64 * 64 if launch_arg(named_args, kwargs, "HAS_CAND_MASK") else 128 * 64
         kept = [c for c in kept if c.num_warps == 8 and c.num_stages == 3
-                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 and (aligned or c.kwargs["BLOCK_M"] == 64)]
+                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= largest and (aligned or c.kwargs["BLOCK_M"] == 64)]
     else:  # 128 x 64 is for the level groups; one level has 128 x 128
         kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 64)]
     return kept or configs[-1:]
 
 
 @gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT_DTYPE", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B",
-                                   "ALIGNED"],
+                                   "ALIGNED", "HAS_CAND_MASK"],
               prune=_prune_fwd)
 @triton.jit
 def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, inv_temp,
-                    ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+                    ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
                     part_m, part_l, part_t, part_pos, D0, D1, D2,
                     NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                     HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                    ALIGNED: tl.constexpr):
+                    ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
     """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
 
     Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
     each split writes its partial state, part_* [SPLIT, L, M] in logit units z = s / tau (running max,
     sum of exp, sum of exp * z for E_p[z], the temperature's gradient; the positive's logit where the
     split holds it, else 0), merged afterwards in a fixed order (deterministic). The score is
-    ((dot * a) * b) * (1 / tau), the order the backward's recomputation uses.
+    ((dot * a) * b) * (1 / tau), the order the backward's recomputation uses. HAS_CAND_MASK: candidate n
+    of row m takes part only where the uint8 mask cmask[m * stride_cm + cm_col0 + n] is nonzero.
     """
     pid_s = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -302,18 +317,18 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc, m0, l0, t0, p0 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, a0,
                                              inv_y, it, m0, l0, t0, p0, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                             diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE,
-                                             DOT_PREC, ALIGNED)
+                                             diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE,
+                                             DOT_PREC, ALIGNED, HAS_CAND_MASK)
         if NUM_LEVELS > 1:
             acc, m1, l1, t1, p1 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1,
                                                  a1, inv_y + N, it, m1, l1, t1, p1, ids_a_r, ids_b_r, ids_a_c,
-                                                 ids_b_c, diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED)
+                                                 ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK)
         if NUM_LEVELS > 2:
             acc, m2, l2, t2, p2 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2,
                                                  a2, inv_y + 2 * N, it, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c,
-                                                 ids_b_c, diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED)
+                                                 ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK)
     base = pid_s * NUM_LEVELS * M
     _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
     _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
@@ -381,15 +396,16 @@ def _prune_coef(configs, named_args, **kwargs):
 # rpart / cpart are sized for the smallest tile and a larger tile fills a prefix: zeroed before every
 # tuning run and the final one, so no config's leftovers are summed.
 @gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT_DTYPE", "HAS_DIAG", "HAS_IDS_A",
-                                    "HAS_IDS_B", "ALIGNED"],
+                                    "HAS_IDS_B", "ALIGNED", "HAS_CAND_MASK"],
               prune=_prune_coef, reset_to_zero=["rpart", "cpart"])
 @triton.jit
 def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c0, Cc, lse, g, zpos, inv_temp,
-                         ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, e_buf, rpart, cpart, D0, D1, D2,
+                         ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
+                         e_buf, rpart, cpart, D0, D1, D2,
                          NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                          HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                         ALIGNED: tl.constexpr):
+                         ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
     """The backward's coefficient block of rows [r0, r0 + Cr) x candidates [c0, c0 + Cc).
 
     Recomputes the score tiles (all levels in one pass over D, as the forward), and writes
@@ -398,7 +414,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
       rpart [cdiv(Cc, BLOCK_N), L, Cr], cpart [cdiv(Cr, BLOCK_M), L, Cc]: per-tile partial sums of P^l s^l
         over the tile's candidates / rows (the normalization's backward), summed on the host in a fixed
         order (deterministic, no atomics).
-    lse, g (upstream gradient times level weight), zpos: [L, M] per query row.
+    lse, g (upstream gradient times level weight), zpos: [L, M] per query row. The candidate mask (as the
+    forward's) is addressed with the global row / candidate indices, so every chunk reads its own block.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -422,7 +439,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
                      0, D0, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
     valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                               diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+                               diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
+                               HAS_CAND_MASK)
     e0, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
                          is_pos, HAS_DIAG)
     tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
@@ -431,7 +449,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
         acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
                          D0, D1, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                   diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+                                   diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                                   True, HAS_CAND_MASK)
         e1, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
                              is_pos, HAS_DIAG)
         tl.store(rp + Cr + loc_m, tl.sum(q1, axis=1), mask=m_ok)
@@ -441,7 +460,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
             acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
                              D1, D2, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                       diag_offset, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True)
+                                       diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                                       True, HAS_CAND_MASK)
             e2, q2 = _level_coef(acc, 2, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it,
                                  valid, is_pos, HAS_DIAG)
             tl.store(rp + 2 * Cr + loc_m, tl.sum(q2, axis=1), mask=m_ok)
@@ -484,23 +504,29 @@ def _nce_acc_kernel(hi, lo, part, scale, src, n_rows, n_cols, stride_hi, stride_
 
 @triton.jit
 def _nce_row_negative_bwd_kernel(x, neg, stride_x, inv_x, inv_neg, row_cos, lse, g, inv_temp,
-                                 gbuf, rbuf, dneg, row_start, row_end, B, K, D, D0, D1, D2,
-                                 NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 gbuf, rbuf, dneg, row_start, row_end, B, K, D, D0, D1, D2, cmask, stride_cm, cm_col0,
+                                 NUM_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 HAS_CAND_MASK: tl.constexpr):
     """Per-row negatives: d x_i += sum_k P_ik a b neg_ik (into gbuf, R into rbuf) and
     d neg_ik += P_ik a b x_i - b^2 P_ik s_ik neg_ik (into the fp32 dneg), elementwise over D.
-    Rows [row_start, row_end); gbuf [C, D], rbuf [L, C], dneg [C, K, D] hold that chunk."""
+    Rows [row_start, row_end); gbuf [C, D], rbuf [L, C], dneg [C, K, D] hold that chunk. HAS_CAND_MASK:
+    negative k of row i takes part only where cmask[i * stride_cm + cm_col0 + k] is nonzero (else P = 0)."""
     offs = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = offs < row_end
     loc = offs - row_start
     C = row_end - row_start
     it = tl.load(inv_temp).to(tl.float32)
     for k in range(0, K):
+        if HAS_CAND_MASK:
+            keep = tl.load(cmask + offs.to(tl.int64) * stride_cm + cm_col0 + k, mask=ok, other=0) != 0
         for lvl in tl.static_range(NUM_LEVELS):
             a = tl.load(inv_x + lvl * B + offs, mask=ok, other=0.0)
             b = tl.load(inv_neg + lvl * B * K + offs * K + k, mask=ok, other=0.0)
             s = tl.load(row_cos + (lvl * B + offs) * K + k, mask=ok, other=0.0)
             P = tl.load(g + lvl * B + offs, mask=ok, other=0.0) * \
                 tl.exp(s * it - tl.load(lse + lvl * B + offs, mask=ok, other=0.0)) * it
+            if HAS_CAND_MASK:
+                P = tl.where(keep, P, 0.0)
             tl.store(rbuf + lvl * C + loc, tl.load(rbuf + lvl * C + loc, mask=ok, other=0.0) + P * s, mask=ok)
             cx = P * a * b      # coefficient of neg_ik in d x_i, and of x_i in d neg_ik
             cn = b * b * P * s  # normalization term of d neg_ik
@@ -615,8 +641,32 @@ def _id_args(ids, placeholder: torch.Tensor):
     return [t if t is not None else placeholder for t in ids], ids[0] is not None, ids[1] is not None
 
 
-def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp, has_diag, dot):
-    """Partial online-softmax states [SPLIT, L, M] (m, l, t, pos) of rows against all of cands."""
+def _cand_mask_u8(cand_mask, M: int, C: int):
+    """The candidate mask [M, C] as the kernels read it (a uint8 view of the bool tensor, unit column stride),
+    or None. Its shape is checked here too, whatever the validation setting: the kernels address it
+    with its row stride and never read outside it."""
+    if cand_mask is None:
+        return None
+    if cand_mask.dtype != torch.bool or tuple(cand_mask.shape) != (M, C):
+        raise ValueError(f"candidate_mask must be a bool tensor of shape [{M}, {C}], got "
+                         f"{str(cand_mask.dtype).replace('torch.', '')} {list(cand_mask.shape)}")
+    if C > 1 and cand_mask.stride(1) != 1:
+        cand_mask = cand_mask.contiguous()
+    return cand_mask.view(torch.uint8)
+
+
+def _mask_args(cmask, col0: int, placeholder: torch.Tensor):
+    """(pointer, row stride, first column) of a candidate block in the mask, HAS_CAND_MASK; placeholder
+    (never read) without a mask."""
+    if cmask is None:
+        return (placeholder, 0, 0), False
+    return (cmask, cmask.stride(0), col0), True
+
+
+def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp, has_diag, dot, cmask=None,
+               col0=0):
+    """Partial online-softmax states [SPLIT, L, M] (m, l, t, pos) of rows against all of cands (cmask: the
+    uint8 candidate mask, this block's columns starting at col0)."""
     M, D = rows.shape
     N = cands.shape[0]
     L = len(grp)
@@ -625,15 +675,17 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
     pm, pl, pt = (torch.empty(split, L, M, **f32) for _ in range(3))
     pp = torch.zeros(split, L, M, **f32) if has_diag else pm
     idp, has_a, has_b = _id_args(ids, inv_rows)
+    cm, has_cm = _mask_args(cmask, col0, inv_rows)
     _launch(_nce_fwd_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), split),
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
-            *idp, diag_offset, pm, pl, pt, pp, *_pad3(grp),
-            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, **dot, ALIGNED=_aligned(grp), _D=D)
+            *idp, diag_offset, *cm, pm, pl, pt, pp, *_pad3(grp),
+            NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, **dot, ALIGNED=_aligned(grp),
+            HAS_CAND_MASK=has_cm, _D=D)
     return pm, pl, pt, (pp if has_diag else None)
 
 
 def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset: int,
-            inv_temp: torch.Tensor, dims: tuple[int, ...]):
+            inv_temp: torch.Tensor, dims: tuple[int, ...], *, cand_mask: torch.Tensor | None = None):
     """One direction of the loss, forward.
 
     rows [M, D]; cands [N, D] (positive of row i: cands[i + diag_offset]); shared_neg [S, D] or None
@@ -643,16 +695,22 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
     logit, the very value the max of its tile saw: loss = lse - pos is exactly 0 for a row whose only
     candidate is its positive), es (p-weighted mean logit), plus the fp32 norms [L, *] and the per-row
     negative cosines [L, M, K].
+    cand_mask: bool [M, N + S + K] or None: False leaves candidate (cands, then shared_neg, then row_neg) out
+    of the row's softmax; the positive takes part whatever it says.
     """
     M, D = rows.shape
     dev = rows.device
     L = len(dims)
+    N = cands.shape[0]
+    S = shared_neg.shape[0] if shared_neg is not None else 0
     bm, _, bd = _blocks(D)
     dot = dot_args(rows.dtype)
     inv_rows = prefix_inv_norms(rows, dims)
     inv_cands = prefix_inv_norms(cands, dims)
     inv_shared = prefix_inv_norms(shared_neg, dims) if shared_neg is not None else None
     K = row_neg.shape[1] if row_neg is not None else 0
+    cmask = _cand_mask_u8(cand_mask, M, N + S + K)
+    own_keep = cmask[:, N + S:].bool() if (cmask is not None and K) else None  # [M, K]
     inv_rowneg = prefix_inv_norms(row_neg.reshape(M * K, D), dims) if K else None
     f32 = dict(dtype=torch.float32, device=dev)
     row_cos = torch.empty(L, M, K, **f32)
@@ -667,16 +725,20 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
                 *_pad3(grp), NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
             row_cos[sl] = cos_g
         pm, pl, pt, pp = _fwd_parts(rows, cands, inv_rows[sl].contiguous(), inv_cands[sl].contiguous(), inv_temp,
-                                    ids, diag_offset, grp, True, dot)
+                                    ids, diag_offset, grp, True, dot, cmask, 0)
         parts_m, parts_l, parts_t = [pm], [pl], [pt]
         if shared_neg is not None and shared_neg.shape[0] > 0:
             sm, sl_, st, _ = _fwd_parts(rows, shared_neg, inv_rows[sl].contiguous(), inv_shared[sl].contiguous(),
-                                        inv_temp, None, 0, grp, False, dot)
+                                        inv_temp, None, 0, grp, False, dot, cmask, N)
             parts_m.append(sm), parts_l.append(sl_), parts_t.append(st)
-        if K:  # the K own negatives of each row (never masked) are one more part
+        if K:  # the K own negatives of each row (masked by the candidate mask only) are one more part
             z = cos_g * inv_temp
-            zm = z.max(dim=2).values
-            e = torch.exp(z - zm[..., None])
+            if own_keep is None:
+                zm = z.max(dim=2).values
+                e = torch.exp(z - zm[..., None])
+            else:  # a left-out negative: probability exactly 0 (never a -inf logit, as in the kernels)
+                zm = torch.where(own_keep, z, -1.0e30).max(dim=2).values
+                e = torch.where(own_keep, torch.exp(z - zm[..., None]), 0.0)
             parts_m.append(zm[None]), parts_l.append(e.sum(2)[None]), parts_t.append((e * z).sum(2)[None])
         # Merge the parts in a fixed order: deterministic.
         m_all = torch.cat(parts_m)
@@ -752,7 +814,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
             diag_offset: int, inv_temp: torch.Tensor, dims: tuple[int, ...], lse, pos, inv_rows, inv_cands,
-            inv_shared, inv_rowneg, row_cos, *, row_chunk: int | None = None, cand_chunk: int | None = None):
+            inv_shared, inv_rowneg, row_cos, *, row_chunk: int | None = None, cand_chunk: int | None = None,
+            cand_mask: torch.Tensor | None = None):
     """Gradients of sum_{l,i} g[l, i] * loss^l_i w.r.t. rows, cands, shared_neg and row_neg
     (g fp32 [L, M]: upstream gradient times level weight; lse, pos [L, M] logits from the forward). Returns
     tensors in the inputs' dtypes (None for absent inputs).
@@ -762,7 +825,8 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     dY[cands] += E_k^T X[rows] are matmuls (cuBLAS on a GPU), and the normalization terms row scalings.
     8 B N D FLOPs with the forward. Deterministic: fixed order of every sum, no atomics. Extra memory:
     one coefficient block, the row chunk's and (bf16 / fp16 inputs) the candidates' accumulator residuals
-    (see _Accumulator and ROW_CHUNK)."""
+    (see _Accumulator and ROW_CHUNK). cand_mask: as nce_fwd's; every block reads its own rows and columns
+    of it (global indices)."""
     M, D = rows.shape
     N = cands.shape[0]
     dev = rows.device
@@ -784,6 +848,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
     f32 = dict(dtype=torch.float32, device=dev)
     K = row_neg.shape[1] if row_neg is not None else 0
     S = shared_neg.shape[0] if shared_neg is not None else 0
+    cmask = _cand_mask_u8(cand_mask, M, N + S + K)
     # The negation of the loss term, as the loss computes it: exactly 0 where the loss is.
     zpos = -(lse - pos)
     d_rows = torch.empty_like(rows)
@@ -795,9 +860,9 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                       inv_cands[sl].contiguous(), inv_shared[sl].contiguous() if S else None)
                  for gi, (sl, grp) in enumerate(groups)}
     # The streamed sides: (input, its inverse norms per group, has ids / diagonal, accumulator, R sums).
-    sides = [(cands, 4, True, _Accumulator(cands), torch.zeros(len(dims), N, **f32))]
+    sides = [(cands, 4, True, _Accumulator(cands), torch.zeros(len(dims), N, **f32), 0)]
     if S:
-        sides.append((shared_neg, 5, False, _Accumulator(shared_neg), torch.zeros(len(dims), S, **f32)))
+        sides.append((shared_neg, 5, False, _Accumulator(shared_neg), torch.zeros(len(dims), S, **f32), N))
     low = e_dtype != rows.dtype  # fp16: fp32 GEMM operands, converted per chunk
 
     for r0, r1 in _ranges(M, row_chunk):
@@ -806,6 +871,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
         rsum = torch.zeros(len(dims), Cr, **f32)
         xr = rows[r0:r1].float() if low else rows[r0:r1]
         if K:
+            neg_cm, has_neg_cm = _mask_args(cmask, N + S, dummy)
             gbuf = torch.zeros(Cr, D, **f32)
             dneg = torch.zeros(Cr, K, D, **f32)
             for gi, (sl, grp) in enumerate(groups):
@@ -813,13 +879,15 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                 _nce_row_negative_bwd_kernel[(triton.cdiv(Cr, bm),)](
                     rows, row_neg, rows.stride(0), per_group[gi][3], inv_rowneg[sl].contiguous(),
                     row_cos[sl].contiguous(), per_group[gi][0], per_group[gi][1], inv_temp, gbuf, rbuf, dneg,
-                    r0, r1, M, K, D, *_pad3(grp), NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd)
+                    r0, r1, M, K, D, *_pad3(grp), *neg_cm, NUM_LEVELS=len(grp), BLOCK_M=bm, BLOCK_D=bd,
+                    HAS_CAND_MASK=has_neg_cm)
                 rsum[sl] += rbuf
             d_rowneg[r0:r1] = dneg
             racc.add(0, Cr, 0, D, gbuf)
             del dneg, gbuf
-        for y, inv_idx, masked, acc, rc in sides:
+        for y, inv_idx, masked, acc, rc, col0 in sides:
             n = y.shape[0]
+            cm, has_cm = _mask_args(cmask, col0, dummy)
             for c0, c1 in _ranges(n, cand_chunk):
                 Cc = c1 - c0
                 yc = y[c0:c1].float() if low else y[c0:c1]
@@ -840,10 +908,10 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                     rpart.zero_()
                     cpart.zero_()
                     _launch(_nce_bwd_coef_kernel, grid, rows, y, rows.stride(0), y.stride(0), ir, iy, M, n,
-                            r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0,
+                            r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0, *cm,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
                             HAS_IDS_B=masked and has_b, HAS_DIAG=masked, **dot,
-                            ALIGNED=_aligned(grp), _D=D)
+                            ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm, _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
@@ -860,7 +928,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
         racc.result()
         del racc
     outs = []
-    for y, inv_idx, masked, acc, rc in sides:
+    for y, inv_idx, masked, acc, rc, _ in sides:
         inv_y = inv_cands if inv_idx == 4 else inv_shared
         b2r = inv_y * inv_y * rc
         for sl, grp in groups:

@@ -47,17 +47,19 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("embedkit::nce_fwd", mutates_args=())
 def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None, row_neg: torch.Tensor | None,
          ids_a_r: torch.Tensor | None, ids_b_r: torch.Tensor | None, ids_a_c: torch.Tensor | None,
-         ids_b_c: torch.Tensor | None, diag_offset: int, temperature: torch.Tensor, dims: list[int],
-         weights: list[float], backend: str
+         ids_b_c: torch.Tensor | None, cand_mask: torch.Tensor | None, diag_offset: int, temperature: torch.Tensor,
+         dims: list[int], weights: list[float], backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss [M] fp32, lse, pos, es [L, M] in logit units, inverse norms of rows / cands / shared / row
-    negatives, row-negative cosines [L, M, K]); absent inputs give empty tensors."""
-    rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c = _contiguous(
-        rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c)
+    negatives, row-negative cosines [L, M, K]); absent inputs give empty tensors. cand_mask: bool
+    [M, N + S + K] or None (see nce_loss's candidate_mask)."""
+    rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask = _contiguous(
+        rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask)
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
     lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = _kernels(backend).nce_fwd(
-        rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp, tuple(dims))
+        rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp, tuple(dims),
+        cand_mask=cand_mask)
     # Python-float weights: no host-to-device copy (a stream sync on CUDA).
     terms = lse - pos  # the kernels' lse, pos and es are logits (cosine / tau)
     loss = sum(float(wt) * terms[lvl] for lvl, wt in enumerate(weights))
@@ -66,8 +68,8 @@ def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | Non
 
 
 @_fwd.register_fake
-def _fwd_fake(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, temperature,
-              dims, weights, backend):
+def _fwd_fake(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask, diag_offset,
+              temperature, dims, weights, backend):
     M, N, L = rows.shape[0], cands.shape[0], len(dims)
     f32 = dict(dtype=torch.float32, device=rows.device)
     K = row_neg.shape[1] if row_neg is not None else 0
@@ -81,20 +83,21 @@ def _fwd_fake(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b
 @torch.library.custom_op("embedkit::nce_bwd", mutates_args=())
 def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None,
          row_neg: torch.Tensor | None, ids_a_r: torch.Tensor | None, ids_b_r: torch.Tensor | None,
-         ids_a_c: torch.Tensor | None, ids_b_c: torch.Tensor | None, diag_offset: int,
-         temperature: torch.Tensor, dims: list[int], weights: list[float], lse: torch.Tensor, pos: torch.Tensor,
+         ids_a_c: torch.Tensor | None, ids_b_c: torch.Tensor | None, cand_mask: torch.Tensor | None,
+         diag_offset: int, temperature: torch.Tensor, dims: list[int], weights: list[float], lse: torch.Tensor,
+         pos: torch.Tensor,
          es: torch.Tensor, inv_r: torch.Tensor, inv_c: torch.Tensor, inv_s: torch.Tensor, inv_n: torch.Tensor,
          row_cos: torch.Tensor, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_rows, d_cands, d_shared (empty if absent), d_row_neg (empty if absent), d_temperature)."""
-    grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c = _contiguous(
-        grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c)
+    grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask = _contiguous(
+        grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask)
     inv_temp = temperature.detach().float().reciprocal().reshape(1)
     g = torch.stack([grad.float() * float(wt) for wt in weights])                # [L, M], no host copy
     d_rows, d_cands, d_shared, d_neg = _kernels(backend).nce_bwd(
         g, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp,
         tuple(dims), lse, pos, inv_r, inv_c, inv_s if shared_neg is not None else None,
-        inv_n if row_neg is not None else None, row_cos)
+        inv_n if row_neg is not None else None, row_cos, cand_mask=cand_mask)
     # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 = -(E_p[z] - z_pos) / tau at every level (z = s / tau).
     d_temp = -(g * (es - pos)).sum() * inv_temp[0]
     return (d_rows, d_cands, d_shared if d_shared is not None else rows.new_empty(0),
@@ -102,7 +105,7 @@ def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg
 
 
 @_bwd.register_fake
-def _bwd_fake(grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+def _bwd_fake(grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask, diag_offset,
               temperature, dims, weights, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos, backend):
     return (torch.empty_like(rows), torch.empty_like(cands),
             torch.empty_like(shared_neg) if shared_neg is not None else rows.new_empty(0),
@@ -110,23 +113,23 @@ def _bwd_fake(grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c,
 
 
 def _setup_context(ctx, inputs, output):
-    (rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, temperature, dims,
-     weights, backend) = inputs
+    (rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask, diag_offset, temperature,
+     dims, weights, backend) = inputs
     _, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos = output
-    ctx.save_for_backward(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, temperature,
-                          lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos)
+    ctx.save_for_backward(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask,
+                          temperature, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos)
     ctx.args = (diag_offset, dims, weights, backend)
 
 
 def _backward(ctx, grad, *_unused):
-    (rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, temperature,
+    (rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask, temperature,
      lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos) = ctx.saved_tensors
     diag_offset, dims, weights, backend = ctx.args
     d_rows, d_cands, d_shared, d_neg, d_temp = _bwd(
-        grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
+        grad, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask, diag_offset,
         temperature, dims, weights, lse, pos, es, inv_r, inv_c, inv_s, inv_n, row_cos, backend)
     return (d_rows, d_cands, d_shared if shared_neg is not None else None,
-            d_neg if row_neg is not None else None, None, None, None, None, None, d_temp, None, None, None)
+            d_neg if row_neg is not None else None, None, None, None, None, None, None, d_temp, None, None, None)
 
 
 torch.library.register_autograd("embedkit::nce_fwd", _backward, setup_context=_setup_context)
@@ -136,9 +139,9 @@ def _kernel_direction(backend: str, temp_tensor: torch.Tensor):
     """nce_direction's signature, on the custom op (temperature is carried as a 0-dim tensor)."""
 
     def direction(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset,
-                  temperature, dims, weights):
-        return _fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, int(diag_offset),
-                    temp_tensor, list(dims), [float(w) for w in weights], backend)[0]
+                  temperature, dims, weights, cand_mask=None):
+        return _fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask,
+                    int(diag_offset), temp_tensor, list(dims), [float(w) for w in weights], backend)[0]
 
     return direction
 
@@ -154,6 +157,44 @@ def _check_ids(ids, name, B, dev):
     if ids.shape[0] != B:
         raise ValueError(f"{name} must have B = {B} entries (query's rows), got {ids.shape[0]}")
     return ids.to(torch.int64)
+
+
+def _mask_columns(N: int, K: int, shared_negatives: bool) -> tuple[int, str]:
+    """(C, what the columns are) of candidate_mask for N in-batch targets and K negatives per row."""
+    if K == 0:
+        return N, f"the N = {N} in-batch targets"
+    if shared_negatives:
+        return N + N * K, f"the N = {N} in-batch targets, then the N * K = {N * K} shared negatives"
+    return N + K, f"the N = {N} in-batch targets, then the row's K = {K} negatives"
+
+
+def _check_cand_mask(mask, B, dev):
+    """None, or a 2-D bool tensor with B rows on query's device (its columns are checked by
+    _check_cand_mask_columns once N is known)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"candidate_mask must be None or a bool tensor [B, C], got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"candidate_mask must be a bool tensor (True = the candidate takes part), got "
+                        f"{str(mask.dtype).replace('torch.', '')}")
+    if mask.device != dev:
+        raise ValueError(f"candidate_mask is on {mask.device} but query is on {dev} (mixed devices)")
+    if mask.dim() != 2 or mask.shape[0] != B:
+        raise ValueError(f"candidate_mask must have shape [B, C] with B = {B} (query's rows), "
+                         f"got {list(mask.shape)}")
+    return mask
+
+
+def _check_cand_mask_columns(mask, N, K, shared_negatives):
+    """Metadata only (no sync): checked whatever the validation setting, since the kernels address the
+    mask by its shape."""
+    if mask is None:
+        return
+    C, what = _mask_columns(N, K, shared_negatives)
+    if mask.shape[1] != C:
+        raise ValueError(f"candidate_mask must have shape [B, C] = {[mask.shape[0], C]} (columns: {what}), "
+                         f"got {list(mask.shape)}")
 
 
 def _as_list(value, name, what):
@@ -224,8 +265,10 @@ def _check_levels(mrl_dims, mrl_weights, D):
 
 
 def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_dims, mrl_weights, reduction,
-              symmetric, shared_negatives):
-    """Checks every argument; returns (dims, weights, query_ids, target_ids) normalized (ids int64)."""
+              symmetric, shared_negatives, candidate_mask=None, group=None):
+    """Checks every argument; returns (dims, weights, query_ids, target_ids) normalized (ids int64). The
+    candidate mask's columns are checked here without a group, by nce_loss once the ranks' B are known with
+    one."""
     query = _checks.check_float(query, "query", ndim=2, allowed=_FLOATS + (torch.float64,))
     dev = query.device
     B, D = query.shape
@@ -250,6 +293,16 @@ def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_
     for flag, name in ((symmetric, "symmetric"), (shared_negatives, "shared_negatives")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _check_cand_mask(candidate_mask, B, dev)
+    if candidate_mask is not None and group is not None and symmetric:
+        # The reverse direction needs the other ranks' mask rows (their queries' columns of this rank's
+        # targets): not gathered.
+        raise NotImplementedError("nce_loss: candidate_mask with symmetric=True and group= is not supported "
+                                  "(pass the reverse direction's masking through query_ids / target_ids, or "
+                                  "compute it without group)")
+    if candidate_mask is not None and group is None:
+        K = negatives.shape[1] if negatives is not None else 0
+        _check_cand_mask_columns(candidate_mask, B, K, shared_negatives)
     return dims, weights, query_ids, target_ids
 
 
@@ -259,9 +312,10 @@ def _validate(query, target, negatives, temperature, query_ids, target_ids, mrl_
 # and the table's B column sizes the pad-gather-trim of unequal batches.
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MAGIC = 0x4E4345_0001  # "NCE", layout version 1
+_MAGIC = 0x4E4345_0002  # "NCE", layout version 2 (candidate_mask added)
 _FIELDS = ("magic", "failed", "B", "D", "dtype", "symmetric", "shared_negatives", "negatives", "K", "query_ids",
-           "target_ids", "temperature is a tensor", "temperature", "reduction", "mrl_dims", "mrl_weights")
+           "target_ids", "temperature is a tensor", "temperature", "reduction", "mrl_dims", "mrl_weights",
+           "candidate_mask")
 
 
 def _digest(value) -> int:
@@ -269,14 +323,15 @@ def _digest(value) -> int:
 
 
 def _rank_metadata(query, negatives, temperature, query_ids, target_ids, symmetric, shared_negatives, dims,
-                   weights, reduction, device):
+                   weights, reduction, device, candidate_mask=None):
     temp_bits = 0
     if not isinstance(temperature, torch.Tensor):
         temp_bits = struct.unpack("<q", struct.pack("<d", float(temperature)))[0]
     meta = torch.tensor([_MAGIC, 0, query.shape[0], query.shape[1], _DTYPES.index(query.dtype), symmetric,
                          shared_negatives, negatives is not None, negatives.shape[1] if negatives is not None else 0,
                          query_ids is not None, target_ids is not None, isinstance(temperature, torch.Tensor),
-                         temp_bits, _REDUCTIONS.index(reduction), _digest(tuple(dims)), _digest(tuple(weights))],
+                         temp_bits, _REDUCTIONS.index(reduction), _digest(tuple(dims)), _digest(tuple(weights)),
+                         candidate_mask is not None],
                         dtype=torch.int64, device=device)
     if isinstance(temperature, torch.Tensor):  # its value, without a host read
         meta[12] = temperature.detach().to(device=device, dtype=torch.float64).view(torch.int64)
@@ -308,8 +363,9 @@ def _show(field, v):
     if field in ("mrl_dims", "mrl_weights"):
         return f"#{v & 0xFFFF:04x}"  # a digest: equal values, equal digests
     if field in ("symmetric", "shared_negatives", "negatives", "query_ids", "target_ids",
-                 "temperature is a tensor"):
-        return ("no", "yes")[v] if field in ("negatives", "query_ids", "target_ids") else str(bool(v))
+                 "temperature is a tensor", "candidate_mask"):
+        return ("no", "yes")[v] if field in ("negatives", "query_ids", "target_ids", "candidate_mask") \
+            else str(bool(v))
     return str(v)
 
 
@@ -351,7 +407,7 @@ def _rank_check_on(check_ranks) -> bool:
 
 def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, query_ids=None,
                 target_ids=None, symmetric=False, shared_negatives=False, mrl_dims=None, mrl_weights=None,
-                reduction="mean", group=None, rank_sizes=None):
+                reduction="mean", group=None, rank_sizes=None, candidate_mask=None):
     """The NCE loss from a one-direction implementation `direction` (reference.nce_direction's
     signature minus chunk_rows): gathers candidates across `group`, adds the symmetric direction,
     reduces. Shared by every backend (the reference backend composes reference.nce_direction).
@@ -359,7 +415,9 @@ def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, q
     rank_sizes[r]: rank r's number of rows B_r (None: every rank has this rank's B). Rank r's rows
     are rows [sum(B_<r), sum(B_<=r)) of the global batch of N = sum(B_r) rows. With a group,
     "mean" is sum(this rank's row losses) * world / N: the ranks' losses average to the global mean
-    (for equal B, each rank's own mean), so DDP's gradient averaging gives the global-batch gradient."""
+    (for equal B, each rank's own mean), so DDP's gradient averaging gives the global-batch gradient.
+    candidate_mask: bool [B, C] (see nce_loss), passed to `direction` as cand_mask= (only when given); the
+    symmetric direction gets its transposed [B, B] target block (not supported with a group)."""
     B, D = query.shape
     dims = tuple(mrl_dims) if mrl_dims is not None else (D,)
     weights = tuple(float(w) for w in mrl_weights) if mrl_weights is not None else (1.0,) * len(dims)
@@ -388,11 +446,16 @@ def nce_combine(direction, query, target, *, negatives=None, temperature=0.05, q
     row_neg = negatives if (negatives is not None and not shared_negatives and K > 0) else None
     if shared is not None and shared.shape[0] == 0:
         shared = None
+    fwd_mask = {} if candidate_mask is None else {"cand_mask": candidate_mask}
     loss = direction(query, all_t, shared, row_neg, query_ids, target_ids, all_qid, all_tid, offset,
-                     temperature, dims, weights)
+                     temperature, dims, weights, **fwd_mask)
     if symmetric:
+        if candidate_mask is not None and group is not None:
+            raise NotImplementedError("nce_loss: candidate_mask with symmetric=True and group= is not supported")
+        # Pair (i, j) is one pair both ways: target j's row of the reverse direction is column j of the mask.
+        back_mask = {} if candidate_mask is None else {"cand_mask": candidate_mask[:, :B].t()}
         back = direction(target, all_q, None, None, query_ids, target_ids, all_qid, all_tid, offset,
-                         temperature, dims, weights)
+                         temperature, dims, weights, **back_mask)
         loss = (loss + back) * 0.5
     if reduction == "mean":
         if group is not None:
@@ -407,13 +470,22 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
              temperature: float | torch.Tensor = 0.05, query_ids: torch.Tensor | None = None,
              target_ids: torch.Tensor | None = None, symmetric: bool = False, shared_negatives: bool = False,
              mrl_dims: Sequence[int] | None = None, mrl_weights: Sequence[float] | None = None,
-             reduction: str = "mean", group: Any = None, check_ranks: bool | None = None) -> torch.Tensor:
+             reduction: str = "mean", group: Any = None, check_ranks: bool | None = None,
+             candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE with in-batch negatives on cosine similarity (see DESIGN.md, nce_loss).
 
     query, target [B, D]; negatives [B, K, D] (row i's own hard negatives, or with
     shared_negatives=True every row's candidates); query_ids / target_ids [B], any integer dtype: target j != i is
     masked out of row i when either id matches (duplicates, same label). A row whose every candidate
-    but its positive is masked has loss exactly 0. temperature: float > 0, or a 0-dim tensor (then it
+    but its positive is masked has loss exactly 0. candidate_mask: bool [B, C] over row i's candidates in the
+    order they are scored -- the N in-batch targets (N = B, or the sum of the ranks' B with `group`: the
+    gathered targets), then the negatives (row i's K own ones, or with shared_negatives=True all N * K
+    shared ones, rank by rank) -- True = the candidate takes part (SDPA's attn_mask convention), False =
+    it is left out of row i's softmax (GISTEmbedLoss's guide filter). The positive (column i, or the rank's
+    offset + i) always takes part whatever the mask says. It combines with the ids (a candidate is kept
+    only if neither drops it); with symmetric=True the reverse direction uses the transposed [B, N] target
+    block (pair (i, j) is one pair both ways; not supported together with `group`: NotImplementedError).
+    Its shape is checked whatever the validation setting (the kernels read B x C bytes of it). temperature: float > 0, or a 0-dim tensor (then it
     gets a gradient). mrl_dims: increasing prefix widths, each re-normalized, the levels summed with
     mrl_weights. reduction "mean" | "sum" | "none" ([B], summed over levels, averaged over the two
     directions when symmetric).
@@ -425,8 +497,8 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     gradient of its rows, and DDP's gradient averaging gives exactly the global-batch gradient (for
     equal B this is each rank's own mean). "sum" / "none": this rank's rows' sum / losses.
     check_ranks: before any gather, the ranks all-gather one small metadata vector (B, D, dtype, K,
-    symmetric, shared_negatives, which of negatives / ids are given, mrl_dims, mrl_weights, temperature
-    and whether it is a tensor, reduction) and every rank raises the same ValueError naming what differs
+    symmetric, shared_negatives, which of negatives / ids / candidate_mask are given, mrl_dims, mrl_weights,
+    temperature and whether it is a tensor, reduction) and every rank raises the same ValueError naming what differs
     (also when a rank rejected its own inputs). It costs one collective and a host read; None (default)
     follows embedkit.set_validation (and is off under torch.compile); False skips it, and then every rank
     must pass the same B and options (unchecked: a mismatch can hang or crash the collectives).
@@ -440,7 +512,7 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     try:
         dims, weights, query_ids, target_ids = _validate(query, target, negatives, temperature, query_ids,
                                                          target_ids, mrl_dims, mrl_weights, reduction, symmetric,
-                                                         shared_negatives)
+                                                         shared_negatives, candidate_mask, group)
         backend = _dispatch.resolve(OP, query.device)
         if backend != "reference" and query.dtype == torch.float64:
             raise TypeError(f"query: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
@@ -455,11 +527,19 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     sizes = None
     if checking:
         meta = _rank_metadata(query, negatives, temperature, query_ids, target_ids, symmetric, shared_negatives,
-                              dims, weights, reduction, query.device)
+                              dims, weights, reduction, query.device, candidate_mask)
         sizes = _agree(group, _exchange(group, meta), dims, weights)
+    if candidate_mask is not None and group is not None:
+        # The columns count the gathered targets: known once the ranks' B are (every rank has the same N,
+        # so a wrong mask fails on its own rank before any gather).
+        import torch.distributed as dist
+
+        N = sum(sizes) if sizes is not None else query.shape[0] * dist.get_world_size(group)
+        _check_cand_mask_columns(candidate_mask, N, negatives.shape[1] if negatives is not None else 0,
+                                 shared_negatives)
     kwargs = dict(negatives=negatives, query_ids=query_ids, target_ids=target_ids, symmetric=symmetric,
                   shared_negatives=shared_negatives, mrl_dims=dims, mrl_weights=weights, reduction=reduction,
-                  group=group, rank_sizes=sizes)
+                  group=group, rank_sizes=sizes, candidate_mask=candidate_mask)
     if backend == "reference":
         return nce_combine(reference.nce_direction, query, target, temperature=temperature, **kwargs)
     if isinstance(temperature, torch.Tensor):

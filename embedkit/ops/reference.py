@@ -272,22 +272,35 @@ def _nce_pair_mask(ids_a_r, ids_b_r, ids_a_c, ids_b_c, r0, r1, diag_offset, out=
     return drop
 
 
-def _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n):
+def _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n, keep=None):
     """The logits of rows [r0, r1) (normalized inputs, accumulation dtype), masked: written into the
     chunk buffers `bufs` and returned as [candidates (masked), shared negatives, own negatives] blocks
-    (absent ones omitted). s = cos / temperature; target j != i is -inf when ids match. Forward and
-    backward call this same function, so the backward's scores are bit-identical to the forward's."""
+    (absent ones omitted). s = cos / temperature; target j != i is -inf when ids match, and any
+    candidate is -inf where the candidate mask `keep` (bool [M, N + S + K], columns in the blocks' order)
+    is False, the positive excepted. Forward and backward call this same function, so the backward's
+    scores are bit-identical to the forward's."""
     c = r1 - r0
     rows_c = rows_n[r0:r1]
+    N = cands_n.shape[0]
     logits = torch.mm(rows_c, cands_n.t(), out=bufs["cands"][:c]).mul_(inv_temp)
     drop = _nce_pair_mask(*ids, r0, r1, diag_offset, out=bufs["drop"][:c] if "drop" in bufs else None,
                           scratch=bufs["scratch"][:c] if "scratch" in bufs else None)
+    if keep is not None:
+        left_out = ~keep[r0:r1, :N]
+        left_out.diagonal(r0 + diag_offset).fill_(False)  # the positive always takes part
+        drop = left_out if drop is None else drop.logical_or_(left_out)
     parts = [logits if drop is None else logits.masked_fill_(drop, float("-inf"))]
+    col = N
     if shared_n is not None:
         parts.append(torch.mm(rows_c, shared_n.t(), out=bufs["shared"][:c]).mul_(inv_temp))
+        if keep is not None:
+            parts[-1].masked_fill_(~keep[r0:r1, col:col + shared_n.shape[0]], float("-inf"))
+        col += shared_n.shape[0]
     if row_neg_n is not None:
         parts.append(torch.bmm(row_neg_n[r0:r1], rows_c[:, :, None], out=bufs["own"][:c, :, None])[:, :, 0]
                      .mul_(inv_temp))
+        if keep is not None:
+            parts[-1].masked_fill_(~keep[r0:r1, col:col + row_neg_n.shape[1]], float("-inf"))
     return parts
 
 
@@ -318,7 +331,7 @@ class _NCELevel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows_n, cands_n, shared_n, row_neg_n, inv_temp, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                diag_offset, chunk):
+                diag_offset, chunk, keep=None):
         ids = (ids_a_r, ids_b_r, ids_a_c, ids_b_c)
         M = rows_n.shape[0]
         bufs = _nce_buffers(rows_n, cands_n, shared_n, row_neg_n, ids, chunk)
@@ -326,7 +339,8 @@ class _NCELevel(torch.autograd.Function):
         pos = rows_n.new_empty(M)
         for r0 in range(0, M, chunk):
             r1 = min(M, r0 + chunk)
-            parts = _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n)
+            parts = _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n,
+                               keep)
             pos[r0:r1] = parts[0].diagonal(r0 + diag_offset)
             # logsumexp over the blocks without concatenating them: max, then exp in place.
             top = parts[0].amax(dim=1)
@@ -335,13 +349,13 @@ class _NCELevel(torch.autograd.Function):
             total = sum(p.sub_(top[:, None]).exp_().sum(dim=1) for p in parts)
             lse[r0:r1] = top + total.log()
         temp_t = inv_temp if isinstance(inv_temp, torch.Tensor) else None
-        ctx.save_for_backward(rows_n, cands_n, shared_n, row_neg_n, temp_t, *ids, lse)
+        ctx.save_for_backward(rows_n, cands_n, shared_n, row_neg_n, temp_t, *ids, keep, lse)
         ctx.args = (diag_offset, chunk, inv_temp if temp_t is None else None)
         return lse - pos
 
     @staticmethod
     def backward(ctx, grad):
-        rows_n, cands_n, shared_n, row_neg_n, temp_t, *ids, lse = ctx.saved_tensors
+        rows_n, cands_n, shared_n, row_neg_n, temp_t, *ids, keep, lse = ctx.saved_tensors
         diag_offset, chunk, inv_temp = ctx.args
         inv_temp = temp_t.detach() if temp_t is not None else inv_temp
         ids = tuple(ids)
@@ -355,7 +369,8 @@ class _NCELevel(torch.autograd.Function):
         for r0 in range(0, M, chunk):
             r1 = min(M, r0 + chunk)
             rows_c = rows_n[r0:r1]
-            parts = _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n)
+            parts = _nce_chunk(bufs, r0, r1, diag_offset, inv_temp, ids, rows_n, cands_n, shared_n, row_neg_n,
+                               keep)
             for p in parts:  # dS = g * P, in place
                 p.sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])
             parts[0].diagonal(r0 + diag_offset).sub_(g[r0:r1])  # minus g at the positive
@@ -373,7 +388,7 @@ class _NCELevel(torch.autograd.Function):
             temp_t is not None and ctx.needs_input_grad[4]) else None
         grads = [d_rows, d_cands, d_shared, d_own]
         grads = [x.mul_(inv_temp) if x is not None else None for x in grads]
-        return (*grads, d_temp, None, None, None, None, None, None)
+        return (*grads, d_temp, None, None, None, None, None, None, None)
 
 
 def _nce_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -384,12 +399,15 @@ def _nce_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | None,
                   row_neg: torch.Tensor | None, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset: int,
-                  temperature, dims, weights, chunk_rows: int | None = None) -> torch.Tensor:
+                  temperature, dims, weights, chunk_rows: int | None = None,
+                  cand_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One direction of the NCE loss, per row [M] (summed over MRL levels with `weights`).
 
     rows [M, D] against candidates cands [N, D] (row i's positive is cands[i + diag_offset]),
     shared_neg [S, D] (extra candidates of every row, never masked), row_neg [M, K, D] (row i's own
     negatives). ids_*: integer query ids (a) / target ids (b) of rows (r) and candidates (c), or None.
+    cand_mask: bool [M, N + S + K] over the candidates in that order (True = takes part), or None; the
+    positive takes part whatever it says.
     temperature: a float or a 0-dim tensor; 1/temperature is taken in the accumulation dtype (fp32,
     fp64 for fp64 inputs), where all the arithmetic runs.
     """
@@ -409,7 +427,7 @@ def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Ten
         shared_n = _nce_normalize(shared_neg[:, :d]) if shared_neg is not None else None
         row_neg_n = _nce_normalize(row_neg[..., :d]) if row_neg is not None else None
         level = _NCELevel.apply(rows_n, cands_n, shared_n, row_neg_n, inv_temp, ids_a_r, ids_b_r, ids_a_c,
-                                ids_b_c, int(diag_offset), chunk) * w
+                                ids_b_c, int(diag_offset), chunk, cand_mask) * w
         total = level if total is None else total + level
     return total
 
@@ -417,7 +435,7 @@ def nce_direction(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Ten
 def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tensor | None = None,
              temperature=0.05, query_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
              symmetric: bool = False, shared_negatives: bool = False, mrl_dims=None, mrl_weights=None,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: str = "mean", candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Tiled pure-torch NCE loss of one process (embedkit.ops.nce_loss's semantics without `group`);
     the loss is in fp32 (fp64 for fp64 inputs), as is all the arithmetic (inputs are normalized in
     fp32). The cross-rank composition lives with the op (embedkit.ops.nce.nce_combine)."""
@@ -428,9 +446,12 @@ def nce_loss(query: torch.Tensor, target: torch.Tensor, *, negatives: torch.Tens
     shared = negatives.reshape(B * K, D) if (negatives is not None and shared_negatives and K > 0) else None
     row_neg = negatives if (negatives is not None and not shared_negatives and K > 0) else None
     ids = (query_ids, target_ids, query_ids, target_ids)
-    loss = nce_direction(query, target, shared, row_neg, *ids, 0, temperature, dims, weights)
+    loss = nce_direction(query, target, shared, row_neg, *ids, 0, temperature, dims, weights,
+                         cand_mask=candidate_mask)
     if symmetric:
-        loss = (loss + nce_direction(target, query, None, None, *ids, 0, temperature, dims, weights)) * 0.5
+        back_mask = candidate_mask[:, :B].t() if candidate_mask is not None else None  # pair (i, j) both ways
+        loss = (loss + nce_direction(target, query, None, None, *ids, 0, temperature, dims, weights,
+                                     cand_mask=back_mask)) * 0.5
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
