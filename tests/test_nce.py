@@ -80,8 +80,14 @@ def _case(B, D, K, ids, seed):
 
 
 def check(backend, dtype, B, D, K, *, ids="none", tensor_temp=False, temperature=0.07, symmetric=False,
-          shared=False, mrl_dims=None, mrl_weights=None, reduction="mean", seed=0):
+          shared=False, mrl_dims=None, mrl_weights=None, reduction="mean", seed=0, keep=None):
+    """The loss and every gradient (query, target, negatives, temperature tensor) of `backend` against the
+    dense float64 oracle, by the tolerance rule; keep: a candidate_mask (then dense_nce_masked)."""
     q, t, neg, qid, tid = _case(B, D, K, ids, seed)
+
+    def oracle_fn(*xs, **kwargs):
+        return dense_nce(*xs, **kwargs) if keep is None else dense_nce_masked(*xs, keep, **kwargs)
+    extra = {} if keep is None else {"candidate_mask": keep}
     kw = dict(query_ids=qid, target_ids=tid, symmetric=symmetric, shared_negatives=shared, mrl_dims=mrl_dims,
               mrl_weights=mrl_weights, reduction=reduction)
 
@@ -94,18 +100,18 @@ def check(backend, dtype, B, D, K, *, ids="none", tensor_temp=False, temperature
 
     def diff(out, xs, temp, go):
         ins = [x for x in xs if x is not None] + ([temp] if tensor_temp else [])
-        return torch.autograd.grad(out, ins, go.to(out.dtype))
+        return torch.autograd.grad(out, ins, go.to(out.dtype), allow_unused=True)
 
     xs, temp = leaves(torch.float64)
-    oracle = dense_nce(xs[0], xs[1], xs[2], temperature=temp, **kw)
+    oracle = oracle_fn(xs[0], xs[1], xs[2], temperature=temp, **kw)
     go = torch.randn(oracle.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
     oracle_g = diff(oracle, xs, temp, go)
     xs, temp = leaves(dtype)
-    lowp = dense_nce(xs[0], xs[1], xs[2], temperature=temp, **kw).float()
+    lowp = oracle_fn(xs[0], xs[1], xs[2], temperature=temp, **kw).float()
     lowp_g = diff(lowp, xs, temp, go)
     xs, temp = leaves(dtype)
     with embedkit.use_backend(backend):
-        actual = embedkit.nce_loss(xs[0], xs[1], negatives=xs[2], temperature=temp, **kw)
+        actual = embedkit.nce_loss(xs[0], xs[1], negatives=xs[2], temperature=temp, **extra, **kw)
     assert actual.shape == oracle.shape
     assert actual.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     actual_g = diff(actual, xs, temp, go)
@@ -115,6 +121,10 @@ def check(backend, dtype, B, D, K, *, ids="none", tensor_temp=False, temperature
     slack = (1e-5 if dtype in (torch.float32, torch.float64) else 2e-3)
     assert_by_rule("loss", actual, oracle, lowp, atol=slack * max(1.0, oracle.abs().max().item()))
     for name, a, o, lo in zip(names, actual_g, oracle_g, lowp_g):
+        # a candidate the mask removes everywhere gives no gradient path (None): that is zero
+        a = torch.zeros_like(o) if a is None else a
+        o = torch.zeros_like(a) if o is None else o
+        lo = torch.zeros_like(a) if lo is None else lo
         assert torch.isfinite(a).all(), name
         assert_by_rule(name, a, o, lo, factor=3.0, atol=slack * max(1.0, o.abs().max().item()))
 
@@ -669,49 +679,6 @@ def _random_mask(B, C, seed, p_keep=0.6):
     return (torch.rand(B, C, generator=g) < p_keep).to(DEVICE)
 
 
-def check_masked(backend, dtype, B, D, K, keep, *, ids="none", tensor_temp=False, temperature=0.07,
-                 symmetric=False, shared=False, mrl_dims=None, mrl_weights=None, reduction="mean", seed=0):
-    """check() with a candidate mask: the loss and every gradient (query, target, negatives, temperature
-    tensor) against dense_nce_masked in float64, by the tolerance rule."""
-    q, t, neg, qid, tid = _case(B, D, K, ids, seed)
-    kw = dict(query_ids=qid, target_ids=tid, symmetric=symmetric, shared_negatives=shared, mrl_dims=mrl_dims,
-              mrl_weights=mrl_weights, reduction=reduction)
-
-    def leaves(dt):
-        xs = [q.to(dt).requires_grad_(), t.to(dt).requires_grad_()]
-        xs.append(neg.to(dt).requires_grad_() if neg is not None else None)
-        temp = torch.tensor(temperature, dtype=torch.float64 if dt == torch.float64 else torch.float32,
-                            device=DEVICE, requires_grad=True) if tensor_temp else temperature
-        return xs, temp
-
-    def diff(out, xs, temp, go):
-        ins = [x for x in xs if x is not None] + ([temp] if tensor_temp else [])
-        return torch.autograd.grad(out, ins, go.to(out.dtype), allow_unused=True)
-
-    xs, temp = leaves(torch.float64)
-    oracle = dense_nce_masked(xs[0], xs[1], xs[2], keep, temperature=temp, **kw)
-    go = torch.randn(oracle.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
-    oracle_g = diff(oracle, xs, temp, go)
-    xs, temp = leaves(dtype)
-    lowp = dense_nce_masked(xs[0], xs[1], xs[2], keep, temperature=temp, **kw).float()
-    lowp_g = diff(lowp, xs, temp, go)
-    xs, temp = leaves(dtype)
-    with embedkit.use_backend(backend):
-        actual = embedkit.nce_loss(xs[0], xs[1], negatives=xs[2], temperature=temp, candidate_mask=keep, **kw)
-    assert actual.shape == oracle.shape
-    actual_g = diff(actual, xs, temp, go)
-    names = ["d_query", "d_target"] + (["d_negatives"] if neg is not None else []) + \
-        (["d_temperature"] if tensor_temp else [])
-    slack = (1e-5 if dtype in (torch.float32, torch.float64) else 2e-3)
-    assert_by_rule("loss", actual, oracle, lowp, atol=slack * max(1.0, oracle.abs().max().item()))
-    for name, a, o, lo in zip(names, actual_g, oracle_g, lowp_g):
-        a = torch.zeros_like(o) if a is None else a
-        o = torch.zeros_like(a) if o is None else o
-        lo = torch.zeros_like(a) if lo is None else lo
-        assert torch.isfinite(a).all(), name
-        assert_by_rule(name, a, o, lo, factor=3.0, atol=slack * max(1.0, o.abs().max().item()))
-
-
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("ids", ["none", "dups"])
 @pytest.mark.parametrize("shared, symmetric", [(False, False), (True, False), (False, True), (True, True)])
@@ -719,7 +686,7 @@ def test_cand_mask_matches_dense_oracle(backend, ids, shared, symmetric):
     # 3 unaligned MRL levels, 2 negatives, learnable temperature; B not a multiple of the 16-row tile.
     B, K = 19, 2
     keep = _random_mask(B, _mask_columns(B, K, shared), seed=3 + shared + 2 * symmetric)
-    check_masked(backend, torch.float32, B, 24, K, keep, ids=ids, tensor_temp=True, shared=shared,
+    check(backend, torch.float32, B, 24, K, keep=keep, ids=ids, tensor_temp=True, shared=shared,
                  symmetric=symmetric, mrl_dims=[8, 16, 24], mrl_weights=[1.0, 0.5, 2.0], reduction="none")
 
 
@@ -730,14 +697,14 @@ def test_cand_mask_matches_dense_oracle(backend, ids, shared, symmetric):
        levels=st.sampled_from([1, 3]), p_keep=st.sampled_from([0.0, 0.3, 0.8, 1.0]), seed=st.integers(0, 2 ** 16))
 def test_cand_mask_hypothesis(backend, B, D, K, ids, symmetric, shared, levels, p_keep, seed):
     keep = _random_mask(B, _mask_columns(B, K, shared), seed, p_keep)
-    check_masked(backend, torch.float32, B, D, K, keep, ids=ids, tensor_temp=True, symmetric=symmetric,
+    check(backend, torch.float32, B, D, K, keep=keep, ids=ids, tensor_temp=True, symmetric=symmetric,
                  shared=shared, mrl_dims=_dims_for(D, levels), reduction="sum", seed=seed)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_cand_mask_fp16(backend):
     B, K = 13, 2
-    check_masked(backend, torch.float16, B, 24, K, _random_mask(B, B + B * K, 7), tensor_temp=True, shared=True,
+    check(backend, torch.float16, B, 24, K, keep=_random_mask(B, B + B * K, 7), tensor_temp=True, shared=True,
                  mrl_dims=[8, 24])
 
 
@@ -749,10 +716,10 @@ def test_cand_mask_backward_in_owner_chunks(backend, monkeypatch):
     monkeypatch.setattr(kernels, "ROW_CHUNK", 16)
     monkeypatch.setattr(kernels, "CAND_CHUNK", 16)
     B = 37
-    check_masked(backend, torch.float32, B, 24, 2, _random_mask(B, B + 2, 1), ids="dups", tensor_temp=True,
+    check(backend, torch.float32, B, 24, 2, keep=_random_mask(B, B + 2, 1), ids="dups", tensor_temp=True,
                  mrl_dims=[8, 24])
     B = 21
-    check_masked(backend, torch.float32, B, 24, 2, _random_mask(B, B + 2 * B, 2), symmetric=True, shared=True,
+    check(backend, torch.float32, B, 24, 2, keep=_random_mask(B, B + 2 * B, 2), symmetric=True, shared=True,
                  mrl_dims=[8, 16, 24])
 
 
