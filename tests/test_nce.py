@@ -24,21 +24,28 @@ KERNEL_BACKENDS = [b for b in ("triton", "native") if b in embedkit.available_ba
 # ---- the oracle: the plain materialized loss, straight from the design text ---------------------------
 
 def dense_nce(q, t, neg=None, temperature=0.05, query_ids=None, target_ids=None, symmetric=False,
-              shared_negatives=False, mrl_dims=None, mrl_weights=None, reduction="mean"):
+              shared_negatives=False, mrl_dims=None, mrl_weights=None, reduction="mean", keep=None):
+    """The loss with every [B, B] logit materialized. keep: a candidate_mask [B, C] (targets, then the
+    negatives): a False entry is -inf in that row's logits, the positive excepted; the reverse direction
+    uses keep[:, :B].T."""
     B, D = q.shape
     dims = list(mrl_dims) if mrl_dims is not None else [D]
     weights = list(mrl_weights) if mrl_weights is not None else [1.0] * len(dims)
-    drop = torch.zeros(B, B, dtype=torch.bool, device=q.device)
+    ids_drop = torch.zeros(B, B, dtype=torch.bool, device=q.device)
     if query_ids is not None:
-        drop |= query_ids[:, None] == query_ids[None, :]
+        ids_drop |= query_ids[:, None] == query_ids[None, :]
     if target_ids is not None:
-        drop |= target_ids[:, None] == target_ids[None, :]
-    drop.fill_diagonal_(False)
+        ids_drop |= target_ids[:, None] == target_ids[None, :]
     K = neg.shape[1] if neg is not None else 0
     shared = neg.reshape(B * K, D) if (neg is not None and shared_negatives) else None
     own = neg if (neg is not None and not shared_negatives) else None
+    if keep is None:
+        keep = torch.ones(B, B + (B * K if shared_negatives else K), dtype=torch.bool, device=q.device)
+    neg_keep = keep[:, B:]
 
-    def direction(rows, cands, own_neg, shared_neg):
+    def direction(rows, cands, own_neg, shared_neg, block):
+        drop = ids_drop | ~block
+        drop.fill_diagonal_(False)
         total = 0
         for d, w in zip(dims, weights):
             r = F.normalize(rows[:, :d], dim=-1)
@@ -48,12 +55,14 @@ def dense_nce(q, t, neg=None, temperature=0.05, query_ids=None, target_ids=None,
                 parts.append(r @ F.normalize(shared_neg[:, :d], dim=-1).T / temperature)
             if own_neg is not None:
                 parts.append(torch.einsum("bd,bkd->bk", r, F.normalize(own_neg[..., :d], dim=-1)) / temperature)
+            if len(parts) > 1:
+                parts[1] = parts[1].masked_fill(~neg_keep, float("-inf"))
             total = total + w * (torch.logsumexp(torch.cat(parts, 1), 1) - logits.diagonal())
         return total
 
-    loss = direction(q, t, own, shared)
+    loss = direction(q, t, own, shared, keep[:, :B])
     if symmetric:
-        loss = (loss + direction(t, q, None, None)) / 2
+        loss = (loss + direction(t, q, None, None, keep[:, :B].T)) / 2
     return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
 
 
@@ -82,11 +91,11 @@ def _case(B, D, K, ids, seed):
 def check(backend, dtype, B, D, K, *, ids="none", tensor_temp=False, temperature=0.07, symmetric=False,
           shared=False, mrl_dims=None, mrl_weights=None, reduction="mean", seed=0, keep=None):
     """The loss and every gradient (query, target, negatives, temperature tensor) of `backend` against the
-    dense float64 oracle, by the tolerance rule; keep: a candidate_mask (then dense_nce_masked)."""
+    dense float64 oracle, by the tolerance rule; keep: a candidate_mask (dense_nce takes it too)."""
     q, t, neg, qid, tid = _case(B, D, K, ids, seed)
 
     def oracle_fn(*xs, **kwargs):
-        return dense_nce(*xs, **kwargs) if keep is None else dense_nce_masked(*xs, keep, **kwargs)
+        return dense_nce(*xs, keep=keep, **kwargs)
     extra = {} if keep is None else {"candidate_mask": keep}
     kw = dict(query_ids=qid, target_ids=tid, symmetric=symmetric, shared_negatives=shared, mrl_dims=mrl_dims,
               mrl_weights=mrl_weights, reduction=reduction)
@@ -629,46 +638,6 @@ def test_ddp_example_runs():
 
 
 # ---- candidate_mask (GISTEmbedLoss's guide filter, issue 16) --------------------------------------------
-
-def dense_nce_masked(q, t, neg, keep, temperature=0.05, query_ids=None, target_ids=None, symmetric=False,
-                     shared_negatives=False, mrl_dims=None, mrl_weights=None, reduction="mean"):
-    """dense_nce with candidate_mask `keep` [B, C] (targets, then the negatives): a False entry is -inf in
-    that row's logits, the positive excepted; the reverse direction uses keep[:, :B].T."""
-    B, D = q.shape
-    dims = list(mrl_dims) if mrl_dims is not None else [D]
-    weights = list(mrl_weights) if mrl_weights is not None else [1.0] * len(dims)
-    ids_drop = torch.zeros(B, B, dtype=torch.bool, device=q.device)
-    if query_ids is not None:
-        ids_drop |= query_ids[:, None] == query_ids[None, :]
-    if target_ids is not None:
-        ids_drop |= target_ids[:, None] == target_ids[None, :]
-    K = neg.shape[1] if neg is not None else 0
-    shared = neg.reshape(B * K, D) if (neg is not None and shared_negatives) else None
-    own = neg if (neg is not None and not shared_negatives) else None
-    neg_keep = keep[:, B:]
-
-    def direction(rows, cands, own_neg, shared_neg, block):
-        drop = ids_drop | ~block
-        drop.fill_diagonal_(False)
-        total = 0
-        for d, w in zip(dims, weights):
-            r = F.normalize(rows[:, :d], dim=-1)
-            logits = r @ F.normalize(cands[:, :d], dim=-1).T / temperature
-            parts = [logits.masked_fill(drop, float("-inf"))]
-            if shared_neg is not None:
-                parts.append(r @ F.normalize(shared_neg[:, :d], dim=-1).T / temperature)
-            if own_neg is not None:
-                parts.append(torch.einsum("bd,bkd->bk", r, F.normalize(own_neg[..., :d], dim=-1)) / temperature)
-            if len(parts) > 1:
-                parts[1] = parts[1].masked_fill(~neg_keep, float("-inf"))
-            total = total + w * (torch.logsumexp(torch.cat(parts, 1), 1) - logits.diagonal())
-        return total
-
-    loss = direction(q, t, own, shared, keep[:, :B])
-    if symmetric:
-        loss = (loss + direction(t, q, None, None, keep[:, :B].T)) / 2
-    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
-
 
 def _mask_columns(B, K, shared):
     return B + (B * K if shared else K)
