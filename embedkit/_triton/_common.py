@@ -68,3 +68,16 @@ def dot_acc(acc, a, b, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc + a @ b, the operands cast to DOT_DTYPE (fp32 accumulation)."""
     acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PREC)
     return acc
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors (tl.make_tensor_descriptor) need a global scratch allocator at launch
+    on a GPU: set a torch one, only when none is set (a caller's own allocator is kept)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import dot_acc, dot_args, gpu_autotune, interpreter_config, launch_arg
+from ._common import dot_acc, dot_args, ensure_tma_allocator, gpu_autotune, interpreter_config, launch_arg
 
 MAX_LEVELS = 3
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
@@ -50,30 +50,76 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: 
 # ---- device helpers ---------------------------------------------------------------------------
 
 @triton.jit
-def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi,
+def _dot_range(acc, x, stride_x, offs_x, x_ok, y, stride_y, offs_y, y_ok, lo, hi, x0, y0,
                BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-               ALIGNED: tl.constexpr):
+               ALIGNED: tl.constexpr, USE_TMA: tl.constexpr):
     """acc[m, n] += <x[offs_x[m], lo:hi], y[offs_y[n], lo:hi]>; rows / candidates outside x_ok / y_ok
-    give garbage dots that the callers never use (the score mask includes them)."""
-    # Rows past the end read row 0 instead of being masked: a [BLOCK, BLOCK_D] predicate per operand
-    # held through the pipelined loop cost registers (the callers drop those rows' scores anyway).
-    rx = tl.where(x_ok, offs_x, 0).to(tl.int64) * stride_x
-    ry = tl.where(y_ok, offs_y, 0).to(tl.int64) * stride_y
-    if ALIGNED:
-        # Every level width a multiple of BLOCK_D: no D predicate, one pointer tile per operand
-        # advanced by the scalar d0.
-        px = x + rx[:, None] + tl.arange(0, BLOCK_D)[None, :]
-        py = y + ry[None, :] + tl.arange(0, BLOCK_D)[:, None]
+    give garbage dots that the callers never use (the score mask includes them).
+
+    USE_TMA: x, y are device-side tensor descriptors (_level_desc) whose column count ends at hi or at a
+    multiple of BLOCK_D past it, and the tiles start at rows x0 / y0 (offs_x = x0 + arange): TMA zero-fills
+    what lies outside, so there are no pointer tiles, row clamps or D predicates (the pointer tiles cost
+    about 64 registers per operand at 8 warps)."""
+    if USE_TMA:
         for d0 in range(lo, hi, BLOCK_D):
-            acc = dot_acc(acc, tl.load(px + d0), tl.load(py + d0), DOT_DTYPE, DOT_PREC)
+            acc = dot_acc(acc, x.load([x0, d0]), tl.trans(y.load([y0, d0])), DOT_DTYPE, DOT_PREC)
     else:
-        for d0 in range(lo, hi, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < hi
-            xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            acc = dot_acc(acc, xt, yt, DOT_DTYPE, DOT_PREC)
+        # Rows past the end read row 0 instead of being masked: a [BLOCK, BLOCK_D] predicate per operand
+        # held through the pipelined loop cost registers (the callers drop those rows' scores anyway).
+        rx = tl.where(x_ok, offs_x, 0).to(tl.int64) * stride_x
+        ry = tl.where(y_ok, offs_y, 0).to(tl.int64) * stride_y
+        if ALIGNED:
+            # Every level width a multiple of BLOCK_D: no D predicate, one pointer tile per operand
+            # advanced by the scalar d0.
+            px = x + rx[:, None] + tl.arange(0, BLOCK_D)[None, :]
+            py = y + ry[None, :] + tl.arange(0, BLOCK_D)[:, None]
+            for d0 in range(lo, hi, BLOCK_D):
+                acc = dot_acc(acc, tl.load(px + d0), tl.load(py + d0), DOT_DTYPE, DOT_PREC)
+        else:
+            for d0 in range(lo, hi, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < hi
+                xt = tl.load(x + rx[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                yt = tl.load(y + ry[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+                acc = dot_acc(acc, xt, yt, DOT_DTYPE, DOT_PREC)
     return acc
+
+
+@triton.jit
+def _level_desc(ptr, rows, stride, width, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [rows, width] view of ptr (row stride `stride`) as a TMA descriptor of [BLOCK_R, BLOCK_D] boxes
+    under USE_TMA, else ptr itself. width = a level's end: TMA zero-fills the columns past it, which stands
+    in for the D predicate of unaligned levels."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(ptr, shape=[rows, width], strides=[stride, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return ptr
+
+
+@triton.jit
+def _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, USE_TMA: tl.constexpr):
+    """The operands of each level's dot range (x0, x1, x2, y0, y1, y2): pointers, or (USE_TMA) descriptors
+    ending at the level's width (ALIGNED: one pair D2 wide serves every level; unused levels repeat level 0)."""
+    if ALIGNED:
+        xa = _level_desc(x, M, stride_x, D2, BLOCK_M, BLOCK_D, USE_TMA)
+        ya = _level_desc(y, N, stride_y, D2, BLOCK_N, BLOCK_D, USE_TMA)
+        return xa, xa, xa, ya, ya, ya
+    else:
+        x0 = _level_desc(x, M, stride_x, D0, BLOCK_M, BLOCK_D, USE_TMA)
+        y0 = _level_desc(y, N, stride_y, D0, BLOCK_N, BLOCK_D, USE_TMA)
+        x1 = x0
+        y1 = y0
+        x2 = x0
+        y2 = y0
+        if NUM_LEVELS > 1:
+            x1 = _level_desc(x, M, stride_x, D1, BLOCK_M, BLOCK_D, USE_TMA)
+            y1 = _level_desc(y, N, stride_y, D1, BLOCK_N, BLOCK_D, USE_TMA)
+        if NUM_LEVELS > 2:
+            x2 = _level_desc(x, M, stride_x, D2, BLOCK_M, BLOCK_D, USE_TMA)
+            y2 = _level_desc(y, N, stride_y, D2, BLOCK_N, BLOCK_D, USE_TMA)
+        return x0, x1, x2, y0, y1, y2
 
 
 @triton.jit
@@ -235,16 +281,16 @@ def _fit_operands(configs, named_args, kwargs):
 
 
 @triton.jit
-def _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, d_lo, d_hi, a, inv_y_level, it,
-                   m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
-                   HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr,
-                   HAS_CAND_MASK: tl.constexpr):
+def _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, d_lo, d_hi, m_start, n_start, a,
+                   inv_y_level, it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm,
+                   cm_col0, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr,
+                   HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr):
     """One MRL level's step of the forward: the dot carried on over columns [d_lo, d_hi), then that level's
     logits (scaled by its inverse norms a, b and 1 / tau) folded into its online logsumexp (m, l, t) and
     positive logit p. The pair mask is rebuilt here, after the dot range (see the caller)."""
     acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                     d_lo, d_hi, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
+                     d_lo, d_hi, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
     valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
                                HAS_CAND_MASK)
@@ -270,7 +316,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 @gpu_autotune(_FWD_CONFIGS, key=["N", "D2", "NUM_LEVELS", "DOT_DTYPE", "HAS_DIAG", "HAS_IDS_A", "HAS_IDS_B",
-                                   "ALIGNED", "HAS_CAND_MASK"],
+                                   "ALIGNED", "HAS_CAND_MASK", "USE_TMA"],
               prune=_prune_fwd)
 @triton.jit
 def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, inv_temp,
@@ -279,7 +325,7 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
                     NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                     HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                    ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
+                    ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr):
     """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
 
     Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
@@ -290,7 +336,8 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
     of row m takes part only where the uint8 mask cmask[m * stride_cm + cm_col0 + n] is nonzero.
     """
     pid_s = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_start = tl.program_id(0) * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     it = tl.load(inv_temp).to(tl.float32)
     m0 = tl.full([BLOCK_M], _NEG_INIT, tl.float32)
@@ -308,6 +355,9 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
     a0, a1, a2 = _load_levels(inv_x, M, offs_m, m_ok, NUM_LEVELS)
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
+    # USE_TMA: one descriptor pair per level (ALIGNED: one pair for all, D2 wide), made once per program.
+    xd0, xd1, xd2, yd0, yd1, yd2 = _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M, BLOCK_N,
+                                                BLOCK_D, NUM_LEVELS, ALIGNED, USE_TMA)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
@@ -315,20 +365,20 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
         # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
         # two predicate tiles held through the D loop made ptxas spill).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc, m0, l0, t0, p0 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, 0, D0, a0,
+        acc, m0, l0, t0, p0 = _nce_fwd_level(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok, 0, D0, m_start, n0, a0,
                                              inv_y, it, m0, l0, t0, p0, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                              diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE,
-                                             DOT_PREC, ALIGNED, HAS_CAND_MASK)
+                                             DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA)
         if NUM_LEVELS > 1:
-            acc, m1, l1, t1, p1 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D0, D1,
+            acc, m1, l1, t1, p1 = _nce_fwd_level(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok, D0, D1, m_start, n0,
                                                  a1, inv_y + N, it, m1, l1, t1, p1, ids_a_r, ids_b_r, ids_a_c,
                                                  ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK)
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA)
         if NUM_LEVELS > 2:
-            acc, m2, l2, t2, p2 = _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, D1, D2,
+            acc, m2, l2, t2, p2 = _nce_fwd_level(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok, D1, D2, m_start, n0,
                                                  a2, inv_y + 2 * N, it, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c,
                                                  ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK)
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA)
     base = pid_s * NUM_LEVELS * M
     _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
     _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
@@ -396,7 +446,7 @@ def _prune_coef(configs, named_args, **kwargs):
 # rpart / cpart are sized for the smallest tile and a larger tile fills a prefix: zeroed before every
 # tuning run and the final one, so no config's leftovers are summed.
 @gpu_autotune(_COEF_CONFIGS, key=["Cr", "Cc", "D2", "NUM_LEVELS", "DOT_DTYPE", "HAS_DIAG", "HAS_IDS_A",
-                                    "HAS_IDS_B", "ALIGNED", "HAS_CAND_MASK"],
+                                    "HAS_IDS_B", "ALIGNED", "HAS_CAND_MASK", "USE_TMA"],
               prune=_prune_coef, reset_to_zero=["rpart", "cpart"])
 @triton.jit
 def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c0, Cc, lse, g, zpos, inv_temp,
@@ -405,7 +455,7 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
                          NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                          HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                         ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
+                         ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr):
     """The backward's coefficient block of rows [r0, r0 + Cr) x candidates [c0, c0 + Cc).
 
     Recomputes the score tiles (all levels in one pass over D, as the forward), and writes
@@ -425,6 +475,10 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     n_ok = loc_n < Cc
     offs_m = r0 + loc_m
     offs_n = c0 + loc_n
+    m_start = r0 + pid_m * BLOCK_M
+    n_start = c0 + pid_n * BLOCK_N
+    xd0, xd1, xd2, yd0, yd1, yd2 = _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M, BLOCK_N,
+                                                BLOCK_D, NUM_LEVELS, ALIGNED, USE_TMA)
     it = tl.load(inv_temp).to(tl.float32)
     # One int32 offset tile for every E access (L Cr Cc < 2^31, checked by the launcher).
     e_off = loc_m[:, None] * Cc + loc_n[None, :]
@@ -436,8 +490,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     # only E_0's running sum stays live through the later D loops: the live tiles are the accumulator and
     # E_0 whatever the level count (with three raw dot tiles live, 3 levels spilled above 64 x 64).
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                     0, D0, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
+    acc = _dot_range(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok,
+                     0, D0, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
     valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
                                HAS_CAND_MASK)
@@ -446,8 +500,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
     tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
     if NUM_LEVELS > 1:
-        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                         D0, D1, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
+        acc = _dot_range(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok,
+                         D0, D1, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                    True, HAS_CAND_MASK)
@@ -457,8 +511,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
         tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
         e0 += e1
         if NUM_LEVELS > 2:
-            acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                             D1, D2, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED)
+            acc = _dot_range(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok,
+                             D1, D2, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                        True, HAS_CAND_MASK)
@@ -575,6 +629,25 @@ def _blocks(D: int) -> tuple[int, int, int]:
 _NUM_WARPS = 8
 _SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static report)
 
+# TMA loads in the score kernels' dot ranges where the operands qualify (_use_tma); False forces the pointer
+# path everywhere (the tests run both).
+TMA = True
+
+
+def _use_tma(grp: tuple[int, ...], *ts: torch.Tensor) -> bool:
+    """Whether the score kernels load these [rows, D] operands through device-side TMA descriptors: fp16 /
+    bf16 (fp32 operands take the FMA dot, no HGMMA to feed), unit column stride, base address and row
+    stride in bytes multiples of 16 (TMA's rules), and every level width of the group too (each level's
+    loads start at the previous width: a box start must be 16-byte aligned). Sets the scratch allocator
+    the descriptors need on a GPU."""
+    ok = TMA and all(t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 2 and t.stride(1) == 1
+                     and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts) \
+        and all(d * ts[0].element_size() % 16 == 0 for d in grp)
+    if ok and any(t.device.type == "cuda" for t in ts):
+        ensure_tma_allocator()
+    return ok
+
+
 # Forward split of the candidate axis: None = as many splits as fill about two waves of the GPU.
 FWD_SPLIT: int | None = None
 
@@ -680,7 +753,7 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
             *idp, diag_offset, *cm, pm, pl, pt, pp, *_pad3(grp),
             NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, **dot, ALIGNED=_aligned(grp),
-            HAS_CAND_MASK=has_cm, _D=D)
+            HAS_CAND_MASK=has_cm, USE_TMA=_use_tma(grp, rows, cands), _D=D)
     return pm, pl, pt, (pp if has_diag else None)
 
 
@@ -911,7 +984,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                             r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0, *cm,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
                             HAS_IDS_B=masked and has_b, HAS_DIAG=masked, **dot,
-                            ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm, _D=D)
+                            ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm, USE_TMA=_use_tma(grp, rows, y), _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
