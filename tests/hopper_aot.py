@@ -153,7 +153,7 @@ def _nce_spec(name: str, consts: dict, emb: str = "*bf16", warps: int | None = N
 def pinned_specs() -> list[dict]:
     """The pinned NCE configs (needs the real compiler's kernels: call without TRITON_INTERPRET)."""
     blk = dict(BLOCK_M=64, BLOCK_D=64)
-    flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True, HAS_CAND_MASK=False)
+    flags = dict(HAS_IDS_A=True, HAS_IDS_B=True, HAS_DIAG=True, HAS_CAND_MASK=False, USE_TMA=False)
     # the tl.dot constexprs embedkit._triton._common.dot_args gives on a GPU (recorded form)
     bf16 = dict(DOT_DTYPE={"tl_dtype": "bf16"}, DOT_PREC="tf32")
     fp16 = dict(DOT_DTYPE={"tl_dtype": "fp16"}, DOT_PREC="tf32")
@@ -162,22 +162,29 @@ def pinned_specs() -> list[dict]:
              _nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=False, **blk), warps=4)]
     for aligned in (True, False):
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
-                                                       ALIGNED=aligned, **flags)))
+                                                       ALIGNED=aligned, SPLIT_FROM=128, **flags)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
                                                             **bf16, ALIGNED=aligned, **flags)))
     specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
-                                                   ALIGNED=False, **flags), emb="*fp16", warps=4))
+                                                   ALIGNED=False, SPLIT_FROM=128, **flags), emb="*fp16", warps=4))
     specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                         ALIGNED=False, **flags), emb="*fp16", e="*fp32", warps=4))
     # candidate_mask (HAS_CAND_MASK): the tiles the launchers pick with a mask (3 levels: 64 x 64 forward),
     # against the targets (ids, diagonal) and the shared negatives (neither), and the own negatives' backward.
     for diag in (True, False):
-        masked = dict(HAS_IDS_A=diag, HAS_IDS_B=diag, HAS_DIAG=diag, HAS_CAND_MASK=True)
+        masked = dict(HAS_IDS_A=diag, HAS_IDS_B=diag, HAS_DIAG=diag, HAS_CAND_MASK=True, USE_TMA=False)
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **bf16,
-                                                       ALIGNED=True, **masked)))
+                                                       ALIGNED=True, SPLIT_FROM=128, **masked)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
                                                             **bf16, ALIGNED=True, **masked)))
     specs.append(_nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=True, **blk), warps=4))
+    # TMA (USE_TMA, bf16): the 3-level forward at 128 x 64 (aligned or not) and the 1-level coefficient tile.
+    tma = dict(flags, USE_TMA=True)
+    for aligned in (True, False):
+        specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, **bf16,
+                                                       ALIGNED=aligned, SPLIT_FROM=128, **tma)))
+    specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
+                                                        ALIGNED=True, **tma)))
     for scaled in (False, True):
         specs.append(_nce_spec("_nce_acc_kernel", dict(HAS_LO=True, SCALED=scaled, BLOCK_R=32, BLOCK_C=128),
                                warps=4))

@@ -267,6 +267,10 @@ def _nce_row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0
 # operand; unaligned 128 x 64 spills in the loop) or at 64 x 128 / 8, 3 stages (4 stages spill a few words
 # in the loop); 128 x 256 and 16 warps (128-register cap) spill everywhere. BLOCK_D = 64: 128-byte rows of
 # bf16; the pipeline depth is tuned.
+# With TMA (USE_TMA: no pointer tiles, row clamps or D predicates) 1 level 128 x 128 takes about 220 registers
+# instead of 255, 3 levels 128 x 64 about 177 instead of 255 (aligned or not); 3 levels at 128 x 128 run as two
+# 128 x 64 accumulators sharing each X tile (SPLIT), spill-free under Triton 3.6 but 6 words reloaded in the
+# loop under 3.9: kept per version (_FWD_SPLIT_128_VERSIONS). With the candidate mask: 64 x 64 as before.
 _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
                 for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                                    (64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3))]
@@ -281,35 +285,88 @@ def _fit_operands(configs, named_args, kwargs):
 
 
 @triton.jit
-def _nce_fwd_level(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, d_lo, d_hi, m_start, n_start, a,
-                   inv_y_level, it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm,
-                   cm_col0, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr,
-                   HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr):
-    """One MRL level's step of the forward: the dot carried on over columns [d_lo, d_hi), then that level's
-    logits (scaled by its inverse norms a, b and 1 / tau) folded into its online logsumexp (m, l, t) and
-    positive logit p. The pair mask is rebuilt here, after the dot range (see the caller)."""
-    acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
-                     d_lo, d_hi, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
+def _dot_range_halves(acc_a, acc_b, x, y, lo, hi, x0, y0, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_dot_range's TMA path for two candidate halves [y0, y0 + HALF), [y0 + HALF, y0 + 2 HALF) sharing
+    each X tile (x, y descriptors; y's boxes HALF rows)."""
+    for d0 in range(lo, hi, BLOCK_D):
+        xt = x.load([x0, d0])
+        acc_a = dot_acc(acc_a, xt, tl.trans(y.load([y0, d0])), DOT_DTYPE, DOT_PREC)
+        acc_b = dot_acc(acc_b, xt, tl.trans(y.load([y0 + HALF, d0])), DOT_DTYPE, DOT_PREC)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _nce_fwd_update(acc, offs_m, m_ok, offs_n, n_ok, a, inv_y_level, it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c,
+                    ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A: tl.constexpr,
+                    HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_CAND_MASK: tl.constexpr,
+                    POS_FIRST: tl.constexpr):
+    """A level's logits of one [rows, cands] dot tile (scaled by its inverse norms a, b and 1 / tau) folded
+    into its online logsumexp (m, l, t) and positive logit p. The pair mask is built here, after the dot
+    range, never kept live across one."""
+    z = acc * a[:, None] * tl.load(inv_y_level + offs_n, mask=n_ok, other=0.0)[None, :] * it
+    if HAS_DIAG and POS_FIRST:
+        # The positive's logit taken before the pair mask is built, with its own comparison (not the
+        # mask's is_pos, which the compiler would keep live beside the mask): the split 3-level 128 x 128
+        # tile spilled less so (static report), the unsplit 1-level one more. An in-range positive is
+        # never masked; rows past M are never stored.
+        p += tl.sum(tl.where(((offs_n[None, :] - offs_m[:, None]) == diag_offset) & n_ok[None, :], z, 0.0),
+                    axis=1)
     valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
                                HAS_CAND_MASK)
-    z = acc * a[:, None] * tl.load(inv_y_level + offs_n, mask=n_ok, other=0.0)[None, :] * it
-    if HAS_DIAG:
+    if HAS_DIAG and not POS_FIRST:
         p += tl.sum(tl.where(is_pos, z, 0.0), axis=1)
     m, l, t = _online_update(m, l, t, z, valid)
-    return acc, m, l, t, p
+    return m, l, t, p
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+@triton.jit
+def _nce_fwd_level(acc, acc_b, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok, n_hi, d_lo, d_hi, m_start,
+                   n_start, a, inv_y_level, it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask,
+                   stride_cm, cm_col0, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr,
+                   HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr, HALF: tl.constexpr):
+    """One MRL level's step of the forward: the dot carried on over columns [d_lo, d_hi), then that level's
+    online update (_nce_fwd_update). SPLIT: the candidate tile is two HALF-wide accumulators (acc, acc_b)
+    sharing each X tile, updated one after the other, so that one half's logits and the other half's
+    accumulator are what is live (not a full tile's logits beside the full accumulator)."""
+    if SPLIT:
+        acc, acc_b = _dot_range_halves(acc, acc_b, x, y, d_lo, d_hi, m_start, n_start, HALF, BLOCK_D,
+                                       DOT_DTYPE, DOT_PREC)
+        offs_a = n_start + tl.arange(0, HALF)
+        m, l, t, p = _nce_fwd_update(acc, offs_m, m_ok, offs_a, offs_a < n_hi, a, inv_y_level, it, m, l, t, p,
+                                     ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
+                                     HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, SPLIT)
+        m, l, t, p = _nce_fwd_update(acc_b, offs_m, m_ok, offs_a + HALF, (offs_a + HALF) < n_hi, a, inv_y_level,
+                                     it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask,
+                                     stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, SPLIT)
+    else:
+        acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
+                         d_lo, d_hi, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
+        m, l, t, p = _nce_fwd_update(acc, offs_m, m_ok, offs_n, n_ok, a, inv_y_level, it, m, l, t, p,
+                                     ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
+                                     HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, SPLIT)
+    return acc, acc_b, m, l, t, p
+
+
+TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
+# Triton versions whose 3-level split 128 x 128 forward (TMA) compiles without spills (static reports).
+_FWD_SPLIT_128_VERSIONS = {"3.6"}
+
+
+def _prune_fwd(configs, named_args, version: str = TRITON_VERSION, **kwargs):
     levels = launch_arg(named_args, kwargs, "NUM_LEVELS")
     kept = _fit_operands(configs, named_args, kwargs)
     aligned = launch_arg(named_args, kwargs, "ALIGNED")
+    tma = bool(launch_arg(named_args, kwargs, "USE_TMA"))
     if levels is not None and levels > 1:  # the spill-free ones (see above)
         # With the candidate mask, 128 x 64 and 64 x 128 spill a few words in the loop (static report): 64 x 64.
-        largest = 64 * 64 if launch_arg(named_args, kwargs, "HAS_CAND_MASK") else 128 * 64
-        kept = [c for c in kept if c.num_warps == 8 and c.num_stages == 3
-                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= largest and (aligned or c.kwargs["BLOCK_M"] == 64)]
+        masked = launch_arg(named_args, kwargs, "HAS_CAND_MASK")
+        largest = 64 * 64 if masked else 128 * 128 if tma and version in _FWD_SPLIT_128_VERSIONS else 128 * 64
+        kept = [c for c in kept if c.num_warps == 8 and (c.num_stages == 3 or (tma and not masked))
+                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= largest
+                and (aligned or tma or c.kwargs["BLOCK_M"] == 64)]
     else:  # 128 x 64 is for the level groups; one level has 128 x 128
         kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 64)]
     return kept or configs[-1:]
@@ -325,7 +382,8 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
                     NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                     HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                    ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr):
+                    ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr,
+                    SPLIT_FROM: tl.constexpr):
     """Streams candidates [split * n_per_split, +n_per_split) through the online logsumexp of a row tile.
 
     Grid (row tiles, splits): the candidate axis is split when the row tiles alone cannot fill the GPU;
@@ -356,7 +414,11 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
     # USE_TMA: one descriptor pair per level (ALIGNED: one pair for all, D2 wide), made once per program.
-    xd0, xd1, xd2, yd0, yd1, yd2 = _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M, BLOCK_N,
+    # SPLIT (TMA, several levels, candidate tiles at least SPLIT_FROM wide): two half-wide accumulators (see
+    # _nce_fwd_level).
+    SPLIT: tl.constexpr = USE_TMA and NUM_LEVELS > 1 and BLOCK_N >= SPLIT_FROM
+    HALF: tl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
+    xd0, xd1, xd2, yd0, yd1, yd2 = _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M, HALF,
                                                 BLOCK_D, NUM_LEVELS, ALIGNED, USE_TMA)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -364,21 +426,22 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
         # One live fp32 tile: each level's update runs when the dot has crossed that level's width. The
         # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
         # two predicate tiles held through the D loop made ptxas spill).
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc, m0, l0, t0, p0 = _nce_fwd_level(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok, 0, D0, m_start, n0, a0,
+        acc = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+        acc_b = acc
+        acc, acc_b, m0, l0, t0, p0 = _nce_fwd_level(acc, acc_b, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok, n_hi, 0, D0, m_start, n0, a0,
                                              inv_y, it, m0, l0, t0, p0, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                              diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE,
-                                             DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA)
+                                             DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF)
         if NUM_LEVELS > 1:
-            acc, m1, l1, t1, p1 = _nce_fwd_level(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok, D0, D1, m_start, n0,
+            acc, acc_b, m1, l1, t1, p1 = _nce_fwd_level(acc, acc_b, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok, n_hi, D0, D1, m_start, n0,
                                                  a1, inv_y + N, it, m1, l1, t1, p1, ids_a_r, ids_b_r, ids_a_c,
                                                  ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA)
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF)
         if NUM_LEVELS > 2:
-            acc, m2, l2, t2, p2 = _nce_fwd_level(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok, D1, D2, m_start, n0,
+            acc, acc_b, m2, l2, t2, p2 = _nce_fwd_level(acc, acc_b, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok, n_hi, D1, D2, m_start, n0,
                                                  a2, inv_y + 2 * N, it, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c,
                                                  ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA)
+                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF)
     base = pid_s * NUM_LEVELS * M
     _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
     _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
@@ -420,6 +483,9 @@ def _level_coef(acc, lvl, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g
 # used. Static sm_90a report: 1 level 128 x 128 / 8 warps without spills; 3 levels (widths multiples of
 # 64) 128 x 64 / 8 warps with about 20 spilled words in the once-per-tile epilogue (Triton 3.9 and 3.6),
 # none in the D loop; 64 x 128 / 8 spills about 100 words under 3.6 and 128 x 128 about 500: not offered.
+# TMA (USE_TMA) for single levels only: at 3 levels it spills 128 x 64 inside the loop (15 / 16 STL / LDL,
+# Triton 3.9; 8 / 14 under 3.6) and leaves 128 x 128 at about 400 / 500: E_0's and E_1's running sums,
+# not addresses, are what does not fit.
 _COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
                  for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 4, 4),
                                     (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4))]
@@ -629,6 +695,10 @@ def _blocks(D: int) -> tuple[int, int, int]:
 _NUM_WARPS = 8
 _SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static report)
 
+# The narrowest forward candidate tile run as two halves at several levels with TMA (SPLIT in _nce_fwd_kernel):
+# 128 (the GPU tiles); the tests lower it to reach that path with the interpreter's small tiles.
+SPLIT_FROM = 128
+
 # TMA loads in the score kernels' dot ranges where the operands qualify (_use_tma); False forces the pointer
 # path everywhere (the tests run both).
 TMA = True
@@ -753,7 +823,7 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
             *idp, diag_offset, *cm, pm, pl, pt, pp, *_pad3(grp),
             NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, **dot, ALIGNED=_aligned(grp),
-            HAS_CAND_MASK=has_cm, USE_TMA=_use_tma(grp, rows, cands), _D=D)
+            HAS_CAND_MASK=has_cm, USE_TMA=_use_tma(grp, rows, cands), SPLIT_FROM=SPLIT_FROM, _D=D)
     return pm, pl, pt, (pp if has_diag else None)
 
 
@@ -984,7 +1054,8 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                             r0, Cr, c0, Cc, lse_g, g_g, z_g, inv_temp, *idp, diag_offset if masked else 0, *cm,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
                             HAS_IDS_B=masked and has_b, HAS_DIAG=masked, **dot,
-                            ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm, USE_TMA=_use_tma(grp, rows, y), _D=D)
+                            ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm,
+                            USE_TMA=L == 1 and _use_tma(grp, rows, y), _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
