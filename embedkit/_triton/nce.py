@@ -700,7 +700,10 @@ _SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static repor
 SPLIT_FROM = 128
 
 # TMA loads in the score kernels' dot ranges where the operands qualify (_use_tma); False forces the pointer
-# path everywhere (the tests run both).
+# path everywhere (the tests run both). Not with a candidate mask: there the 1-level 128 x 128 tiles reload
+# spilled words in the loop with TMA (forward under Triton 3.9, coefficients under 3.6) and not without it,
+# and the 3-level tiles are 64 x 64 / 128 x 64 either way. The coefficient kernel: single levels only (see
+# _COEF_CONFIGS).
 TMA = True
 
 
@@ -823,7 +826,8 @@ def _fwd_parts(rows, cands, inv_rows, inv_cands, inv_temp, ids, diag_offset, grp
             rows, cands, rows.stride(0), cands.stride(0), inv_rows, inv_cands, M, N, per, inv_temp,
             *idp, diag_offset, *cm, pm, pl, pt, pp, *_pad3(grp),
             NUM_LEVELS=L, HAS_IDS_A=has_a, HAS_IDS_B=has_b, HAS_DIAG=has_diag, **dot, ALIGNED=_aligned(grp),
-            HAS_CAND_MASK=has_cm, USE_TMA=_use_tma(grp, rows, cands), SPLIT_FROM=SPLIT_FROM, _D=D)
+            HAS_CAND_MASK=has_cm, USE_TMA=not has_cm and _use_tma(grp, rows, cands), SPLIT_FROM=SPLIT_FROM,
+            _D=D)
     return pm, pl, pt, (pp if has_diag else None)
 
 
@@ -1055,7 +1059,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
                             HAS_IDS_B=masked and has_b, HAS_DIAG=masked, **dot,
                             ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm,
-                            USE_TMA=L == 1 and _use_tma(grp, rows, y), _D=D)
+                            USE_TMA=L == 1 and not has_cm and _use_tma(grp, rows, y), _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
