@@ -50,11 +50,12 @@ def _inputs(lens, Hq, Hkv, D, seed, rotary=None, device=DEVICE):
     return [x.to(device) for x in (q, k, v, g)], _rotary(rotary, lens, D, gen, device)
 
 
-def _run(backend, q, k, v, g, cu, max_seqlen, *, dtype, causal=False, rotary=None, scale=None, g_lse=None):
+def _run(backend, q, k, v, g, cu, max_seqlen, *, dtype, causal=False, rotary=None, scale=None, g_lse=None,
+         deterministic=True):
     q, k, v = leaf(q, dtype), leaf(k, dtype), leaf(v, dtype)
     with embedkit.use_backend(backend):
         out, lse = embedkit.varlen_attention(q, k, v, cu, max_seqlen, causal=causal, softmax_scale=scale,
-                                             rotary=rotary, return_lse=True)
+                                             rotary=rotary, return_lse=True, deterministic=deterministic)
     if g_lse is None:
         dq, dk, dv = grads(out, (q, k, v), g)
     else:
@@ -63,7 +64,7 @@ def _run(backend, q, k, v, g, cu, max_seqlen, *, dtype, causal=False, rotary=Non
 
 
 def check_against_reference(lens, Hq, Hkv, D, dtype, *, causal=False, rotary=None, seed=0, scale=None,
-                            with_lse_grad=False, device=DEVICE):
+                            with_lse_grad=False, device=DEVICE, deterministic=True):
     (q, k, v, g), rot = _inputs(lens, Hq, Hkv, D, seed, rotary, device)
     # The oracle sees the same (rounded) inputs as the kernel: only the computation is compared.
     q, k, v, g = (x.to(dtype).double() for x in (q, k, v, g))
@@ -72,7 +73,7 @@ def check_against_reference(lens, Hq, Hkv, D, dtype, *, causal=False, rotary=Non
     g_lse = torch.randn(Hq, sum(lens), generator=torch.Generator().manual_seed(seed + 1)).to(device) \
         if with_lse_grad else None
     kw = dict(causal=causal, rotary=rot, scale=scale, g_lse=g_lse)
-    got = _run("triton", q, k, v, g, cu, max_seqlen, dtype=dtype, **kw)
+    got = _run("triton", q, k, v, g, cu, max_seqlen, dtype=dtype, deterministic=deterministic, **kw)
     oracle = _run("reference", q, k, v, g, cu, max_seqlen, dtype=torch.float64, **kw)
     lowp = _run("reference", q, k, v, g, cu, max_seqlen, dtype=dtype, **kw)
     for name, a, o, lp in zip(NAMES, got, oracle, lowp):
