@@ -791,10 +791,29 @@ _dq_launch = gpu_autotune(_DQ_CONFIGS, _KEY, _prune)(_attn_bwd_dq_kernel)
 # long-sequence tiles: resident key tiles of 64 / 128 rows (the M of the dk / dv products), streamed
 # query blocks of 32 / 64. Tile sizes are among _sched_blocks' defaults (16..128): no schedule entry to add.
 _FUSED_BWD_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2),
-                      _cfg(32, 64, 4, 2), _cfg(16, 16, 2, 2)]
-# In-loop spills of the fused kernel on sm_90a (kind "bwd_fused"; rows as SM90_KNOWN_SPILLS, appended
-# here so the deterministic kernels' table stays as it is).
-SM90_FUSED_BWD_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = []
+                      _cfg(32, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(16, 64, 4, 2),
+                      _cfg(16, 128, 8, 2), _cfg(16, 16, 2, 2)]
+# In-loop spills of the fused kernel on sm_90a (kind "bwd_fused"; rows as SM90_KNOWN_SPILLS, kept apart
+# so the deterministic kernels' table stays as it is), from compiling every config at head dims 64 / 128,
+# GROUP 1 / 4, no / full / partial rotary (rotary rows: the union of full and partial), bucket 512 / 1024,
+# under Triton 3.9 and 3.6. At D128 the resident dk + dv (fp32) plus k, v leave room for 16-32-row query
+# blocks only; (16, 128, 8, 2) is the one tile clean in every case.
+SM90_FUSED_BWD_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = [
+    ("bwd_fused", 64, False, 2, None, frozenset({(64, 64, 4, 2)})),
+    ("bwd_fused", 64, False, 2, frozenset({"3.6"}), frozenset({(64, 128, 8, 2)})),
+    ("bwd_fused", 64, True, 2, None, frozenset({(64, 64, 4, 2)})),
+    ("bwd_fused", 64, True, 2, frozenset({"3.6"}), frozenset({(64, 64, 8, 2), (64, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 1, None, frozenset({(64, 64, 4, 2), (64, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 1, frozenset({"3.9"}), frozenset({(64, 64, 8, 2)})),
+    ("bwd_fused", 128, False, 1, frozenset({"3.6"}), frozenset({(32, 64, 4, 2)})),
+    ("bwd_fused", 128, False, 2, None, frozenset({(32, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 2, frozenset({"3.9"}), frozenset({(32, 64, 4, 2)})),
+    ("bwd_fused", 128, False, 2, frozenset({"3.6"}), frozenset({(64, 64, 8, 2)})),
+    ("bwd_fused", 128, True, 1, None, frozenset({(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                                                 (64, 128, 8, 2)})),
+    ("bwd_fused", 128, True, 1, frozenset({"3.6"}), frozenset({(16, 64, 4, 2)})),
+    ("bwd_fused", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2)})),
+]
 
 
 def prune_fused_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON_VERSION) -> list:
@@ -818,7 +837,7 @@ def prune_fused_configs(configs, named_args: dict, kwargs: dict, version: str = 
         return (bm <= bucket and bn <= bucket
                 and smem_estimate("dkdv_dq", bm, bn, c.num_stages, head_dim) <= SM90_SMEM_LIMIT
                 and (bm, bn, c.num_warps, c.num_stages) not in spills
-                and (bucket < 128 or (bn >= 64 and bm >= 32)))
+                and (bucket < 128 or bn >= 64))
 
     keep = [c for c in configs if ok(c)]
     return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
