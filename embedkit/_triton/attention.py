@@ -34,6 +34,9 @@ Backward (deterministic by construction, no atomics):
 Both loops are written for the bidirectional and the causal case. When every sequence fits in one
 key tile (max_seqlen <= FUSED_DQ_MAX_SEQLEN), step 3 is folded into step 2: the dk / dv program then
 holds all the scores of its sequence and writes each dq element exactly once.
+Opt-in (attention_bwd(deterministic=False)): steps 2 and 3 in one kernel, FA2's schedule, 5 matrix
+products instead of 7, dq summed over key tiles by fp32 atomics (_attn_bwd_fused_kernel, then a cast
+pass); not bit-reproducible, so never the default.
 
 Head dims that are not powers of two (80, 96, ...) run in a tile padded to the next power of two
 (masked loads / stores); D is any size up to 256.
