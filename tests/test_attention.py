@@ -50,11 +50,12 @@ def _inputs(lens, Hq, Hkv, D, seed, rotary=None, device=DEVICE):
     return [x.to(device) for x in (q, k, v, g)], _rotary(rotary, lens, D, gen, device)
 
 
-def _run(backend, q, k, v, g, cu, max_seqlen, *, dtype, causal=False, rotary=None, scale=None, g_lse=None):
+def _run(backend, q, k, v, g, cu, max_seqlen, *, dtype, causal=False, rotary=None, scale=None, g_lse=None,
+         deterministic=True):
     q, k, v = leaf(q, dtype), leaf(k, dtype), leaf(v, dtype)
     with embedkit.use_backend(backend):
         out, lse = embedkit.varlen_attention(q, k, v, cu, max_seqlen, causal=causal, softmax_scale=scale,
-                                             rotary=rotary, return_lse=True)
+                                             rotary=rotary, return_lse=True, deterministic=deterministic)
     if g_lse is None:
         dq, dk, dv = grads(out, (q, k, v), g)
     else:
@@ -63,7 +64,7 @@ def _run(backend, q, k, v, g, cu, max_seqlen, *, dtype, causal=False, rotary=Non
 
 
 def check_against_reference(lens, Hq, Hkv, D, dtype, *, causal=False, rotary=None, seed=0, scale=None,
-                            with_lse_grad=False, device=DEVICE):
+                            with_lse_grad=False, device=DEVICE, deterministic=True):
     (q, k, v, g), rot = _inputs(lens, Hq, Hkv, D, seed, rotary, device)
     # The oracle sees the same (rounded) inputs as the kernel: only the computation is compared.
     q, k, v, g = (x.to(dtype).double() for x in (q, k, v, g))
@@ -72,7 +73,7 @@ def check_against_reference(lens, Hq, Hkv, D, dtype, *, causal=False, rotary=Non
     g_lse = torch.randn(Hq, sum(lens), generator=torch.Generator().manual_seed(seed + 1)).to(device) \
         if with_lse_grad else None
     kw = dict(causal=causal, rotary=rot, scale=scale, g_lse=g_lse)
-    got = _run("triton", q, k, v, g, cu, max_seqlen, dtype=dtype, **kw)
+    got = _run("triton", q, k, v, g, cu, max_seqlen, dtype=dtype, deterministic=deterministic, **kw)
     oracle = _run("reference", q, k, v, g, cu, max_seqlen, dtype=torch.float64, **kw)
     lowp = _run("reference", q, k, v, g, cu, max_seqlen, dtype=dtype, **kw)
     for name, a, o, lp in zip(NAMES, got, oracle, lowp):
@@ -92,17 +93,24 @@ CASES = [(shape, torch.float16) for shape in SHAPES] + [
     (SHAPES[1], torch.float32), (SHAPES[2], torch.float32), (SHAPES[1], torch.bfloat16), (SHAPES[3], torch.bfloat16)]
 
 
+# deterministic=False: the one-kernel backward (dq by atomics) wherever max_seqlen > one tile.
+DET = pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+
+
+@DET
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("shape,dtype", CASES, ids=lambda c: str(c).replace("torch.", "").replace(" ", ""))
-def test_matches_reference(shape, dtype, causal):
+def test_matches_reference(shape, dtype, causal, deterministic):
     Hq, Hkv, D = shape
-    check_against_reference([5, 17, 1, 33], Hq, Hkv, D, dtype, causal=causal, seed=D + Hq)
+    check_against_reference([5, 17, 1, 33], Hq, Hkv, D, dtype, causal=causal, seed=D + Hq,
+                            deterministic=deterministic)
 
 
+@DET
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_head_dim_256(causal, dtype):
-    check_against_reference([3, 18], 2, 1, 256, dtype, causal=causal, seed=3)
+def test_head_dim_256(causal, dtype, deterministic):
+    check_against_reference([3, 18], 2, 1, 256, dtype, causal=causal, seed=3, deterministic=deterministic)
 
 
 ROTARY_CASES = [(kind, D, torch.float16) for kind, D in
@@ -111,18 +119,23 @@ ROTARY_CASES = [(kind, D, torch.float16) for kind, D in
     ("1d-partial", 32, torch.bfloat16)]
 
 
+@DET
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("rotary,D,dtype", ROTARY_CASES, ids=lambda c: str(c).replace("torch.", ""))
-def test_rotary(rotary, D, causal, dtype):
+def test_rotary(rotary, D, causal, dtype, deterministic):
     # Full (R = D) and partial (R < D) rotary take the same path: the two rotary halves and the rest
-    # of the head are separate column pieces.
-    check_against_reference([7, 20, 2], 4, 2, D, dtype, causal=causal, rotary=rotary, seed=11)
+    # of the head are separate column pieces. (deterministic=False: dq summed in the rotated frame,
+    # rotated back once in the cast pass.)
+    check_against_reference([7, 20, 2], 4, 2, D, dtype, causal=causal, rotary=rotary, seed=11,
+                            deterministic=deterministic)
 
 
-def test_custom_scale_and_lse_gradient():
-    check_against_reference([9, 21], 2, 1, 32, torch.float32, scale=0.37, with_lse_grad=True, seed=5)
+@DET
+def test_custom_scale_and_lse_gradient(deterministic):
+    check_against_reference([9, 21], 2, 1, 32, torch.float32, scale=0.37, with_lse_grad=True, seed=5,
+                            deterministic=deterministic)
     check_against_reference([9, 21], 2, 2, 32, torch.float16, causal=True, rotary="1d", with_lse_grad=True,
-                            seed=6)
+                            seed=6, deterministic=deterministic)
 
 
 lengths = st.lists(st.integers(1, 40), min_size=1, max_size=6)
@@ -130,14 +143,17 @@ lengths = st.lists(st.integers(1, 40), min_size=1, max_size=6)
 
 @settings(max_examples=8)
 @given(lens=lengths, causal=st.booleans(), group=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16),
-       dtype=st.sampled_from([torch.float32, torch.float16]))
-@example(lens=[1], causal=False, group=1, seed=0, dtype=torch.float32)            # a single 1-token sequence
-@example(lens=[40], causal=True, group=2, seed=1, dtype=torch.float16)            # a single sequence
-@example(lens=[15, 16, 17, 31, 32, 33], causal=False, group=1, seed=2, dtype=torch.float32)  # tile borders
-@example(lens=[15, 16, 17, 31, 32, 33], causal=True, group=2, seed=3, dtype=torch.float16)
-@example(lens=[1, 1, 1, 2, 1], causal=True, group=1, seed=4, dtype=torch.float16)
-def test_hypothesis_lengths(lens, causal, group, seed, dtype):
-    check_against_reference(lens, 2 * group, 2, 16, dtype, causal=causal, seed=seed)
+       dtype=st.sampled_from([torch.float32, torch.float16]), deterministic=st.booleans())
+@example(lens=[1], causal=False, group=1, seed=0, dtype=torch.float32, deterministic=True)  # one 1-token sequence
+@example(lens=[40], causal=True, group=2, seed=1, dtype=torch.float16, deterministic=True)  # a single sequence
+@example(lens=[40], causal=True, group=2, seed=1, dtype=torch.float16, deterministic=False)
+@example(lens=[15, 16, 17, 31, 32, 33], causal=False, group=1, seed=2, dtype=torch.float32,  # tile borders
+         deterministic=True)
+@example(lens=[15, 16, 17, 31, 32, 33], causal=True, group=2, seed=3, dtype=torch.float16, deterministic=True)
+@example(lens=[15, 16, 17, 31, 32, 33], causal=True, group=2, seed=3, dtype=torch.float16, deterministic=False)
+@example(lens=[1, 1, 1, 2, 1], causal=True, group=1, seed=4, dtype=torch.float16, deterministic=True)
+def test_hypothesis_lengths(lens, causal, group, seed, dtype, deterministic):
+    check_against_reference(lens, 2 * group, 2, 16, dtype, causal=causal, seed=seed, deterministic=deterministic)
 
 
 def test_many_short_sequences(monkeypatch):
@@ -166,6 +182,49 @@ def test_fused_dq_backward(monkeypatch, causal):
 def test_empty_sequences():
     check_against_reference([0, 5, 0, 0, 12, 0], 2, 1, 16, torch.float32, seed=8)
     check_against_reference([0, 5, 0, 0, 12, 0], 2, 1, 16, torch.float16, causal=True, seed=9)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("rotary", [None, "1d", "1d-partial"], ids=["norot", "rot", "partial"])
+def test_one_kernel_backward_varlen_empty_and_single(causal, rotary):
+    """deterministic=False on a batch longer than one tile, with empty first / middle / last
+    sequences and 1-token ones, GQA 2: every value and gradient against the oracle."""
+    check_against_reference([0, 1, 20, 0, 1, 35, 3, 0], 4, 2, 32, torch.float16, causal=causal, rotary=rotary,
+                            seed=70, deterministic=False)
+
+
+class _CountingLaunch:
+    """Stands in for a kernel launcher (kernel[grid](...)) and counts its launches."""
+
+    def __init__(self, launcher):
+        self.launcher, self.launches = launcher, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.launcher[grid]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_deterministic_flag_picks_the_backward_kernels(monkeypatch, deterministic):
+    """deterministic=False runs the one-kernel backward (never silently the dk / dv + dq pair) on
+    sequences longer than one tile; True runs the pair and never the atomic kernel. Batches that fit
+    one tile keep the fused-dq path either way (already 5 products, no atomics)."""
+    from embedkit._triton import attention as kernels
+
+    counts = {name: _CountingLaunch(getattr(kernels, name))
+              for name in ("_dkdv_launch", "_dq_launch", "_fused_bwd_launch")}
+    for name, wrapper in counts.items():
+        monkeypatch.setattr(kernels, name, wrapper)
+    (q, k, v, g), rot = _inputs([9, 30], 4, 2, 32, 31, "1d")
+    _run("triton", q, k, v, g, _cu([9, 30]), 30, dtype=torch.float16, rotary=rot, deterministic=deterministic)
+    got = {name: w.launches for name, w in counts.items()}
+    assert got == ({"_dkdv_launch": 1, "_dq_launch": 1, "_fused_bwd_launch": 0} if deterministic else
+                   {"_dkdv_launch": 0, "_dq_launch": 0, "_fused_bwd_launch": 1}), got
+    (q, k, v, g), _ = _inputs([9, 12], 4, 2, 32, 32)
+    assert kernels.fuse_dq(12)
+    _run("triton", q, k, v, g, _cu([9, 12]), 12, dtype=torch.float16, deterministic=deterministic)
+    got2 = {name: w.launches - got[name] for name, w in counts.items()}
+    assert got2 == {"_dkdv_launch": 1, "_dq_launch": 0, "_fused_bwd_launch": 0}, got2
 
 
 # ---- isolation, determinism, layouts ----------------------------------------------------------
@@ -381,6 +440,9 @@ def test_custom_ops_opcheck():
     out, lse = ops._fwd(q, k, v, cu, 17, False, 0.25, cos, sin, "triton")
     detached = [x.detach() for x in (q, k, v, out, lse)]
     torch.library.opcheck(ops._bwd, (g, None, *detached, cu, 17, False, 0.25, cos, sin, "triton"))
+    # the flag's non-default value through both schemas (the forward ignores it)
+    torch.library.opcheck(ops._fwd, (q, k, v, cu, 17, False, 0.25, cos, sin, "triton", False))
+    torch.library.opcheck(ops._bwd, (g, None, *detached, cu, 17, False, 0.25, cos, sin, "triton", False))
 
 
 def test_flash_attn_drop_in():

@@ -41,9 +41,10 @@ BAD_CU = {  # T = 24 tokens
 }
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("name", list(BAD_CU))
-def test_bad_cu_seqlens_stay_in_bounds(name, causal):
+def test_bad_cu_seqlens_stay_in_bounds(name, causal, deterministic):
     """Validation off, hostile cu_seqlens: every kernel reads and writes inside its tensors only.
     Inputs live in NaN-padded buffers (an out-of-bounds read would bring NaN into the results),
     outputs and gradients in canary-padded buffers (an out-of-bounds write would change them)."""
@@ -66,7 +67,7 @@ def test_bad_cu_seqlens_stay_in_bounds(name, causal):
         kernels.attention_fwd(q, k, v, cu, max_seqlen, causal, 0.25, (cos, sin), out=out, lse=lse)
         bufs = [_embedded(x.shape, torch.float32) for x in (q, k, v)]
         kernels.attention_bwd(g, q, k, v, out, lse, None, cu, max_seqlen, causal, 0.25, (cos, sin),
-                              dq=bufs[0][1], dk=bufs[1][1], dv=bufs[2][1])
+                              dq=bufs[0][1], dk=bufs[1][1], dv=bufs[2][1], deterministic=deterministic)
         for what, buf, x in [("out", obuf, out), ("dq", *bufs[0]), ("dk", *bufs[1]), ("dv", *bufs[2])]:
             assert (buf[:40] == CANARY).all() and (buf[40 + T:] == CANARY).all(), f"{what}: canary overwritten"
             assert torch.isfinite(x).all(), f"{what}: out-of-bounds read or uninitialised rows"
@@ -74,17 +75,20 @@ def test_bad_cu_seqlens_stay_in_bounds(name, causal):
         assert torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("max_seqlen,deterministic", [(11, True), (24, False)], ids=["det", "atomic"])
 @pytest.mark.parametrize("cu_list,covered", [([0, 7, 13], (0, 13)), ([5, 12, 24], (5, 24))])
-def test_rows_no_sequence_covers_are_zero(validation_off, cu_list, covered):
+def test_rows_no_sequence_covers_are_zero(validation_off, cu_list, covered, max_seqlen, deterministic):
     """cu_seqlens[-1] < T or cu_seqlens[0] > 0 (validation off): the rows outside every sequence
-    come back as zeros (out, lse and gradients), never as uninitialised memory."""
+    come back as zeros (out, lse and gradients), never as uninitialised memory. (max_seqlen 24 with
+    deterministic=False: the one-kernel backward, whose dq rows come from the zeroed atomic buffer.)"""
     T = 24
     (q, k, v, g), _ = _inputs([T], 2, 1, 16, seed=1)
     cu = torch.tensor(cu_list, dtype=torch.int32, device=DEVICE)
     # Fill the allocator's cache with garbage of the right size first.
     del_me = [torch.full((T, 2, 16), 7.0, device=DEVICE) for _ in range(4)]
     del del_me
-    out, lse, dq, dk, dv = _run("triton", q, k, v, g, cu, 11, dtype=torch.float32)
+    out, lse, dq, dk, dv = _run("triton", q, k, v, g, cu, max_seqlen, dtype=torch.float32,
+                                deterministic=deterministic)
     lo, hi = covered
     outside = torch.ones(T, dtype=torch.bool)
     outside[lo:hi] = False
@@ -92,7 +96,8 @@ def test_rows_no_sequence_covers_are_zero(validation_off, cu_list, covered):
         assert (x[outside] == 0).all(), name
     assert (lse[:, outside] == 0).all()
     # The covered rows are the attention of those sequences alone.
-    alone = _run("triton", q[lo:hi], k[lo:hi], v[lo:hi], g[lo:hi], cu - lo, 11, dtype=torch.float32)
+    alone = _run("triton", q[lo:hi], k[lo:hi], v[lo:hi], g[lo:hi], cu - lo, max_seqlen, dtype=torch.float32,
+                 deterministic=deterministic)
     for a, b in zip((out, dq, dk, dv), alone[:1] + alone[2:]):
         assert torch.equal(a[lo:hi], b)
 
@@ -109,15 +114,16 @@ def test_max_seqlen_too_small_still_computes_every_row(validation_off):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_single_key_rows_have_exactly_zero_dq_dk(causal, dtype):
+def test_single_key_rows_have_exactly_zero_dq_dk(causal, dtype, deterministic):
     """A 1-token sequence (and, when causal, every sequence's first token) has softmax == 1: the
     exact dq, and that row's contribution to dk, is 0 -- bit for bit, not ~1e-6."""
     lens = [1, 6, 1, 19, 1]
     (q, k, v, g), _ = _inputs(lens, 2, 1, 16, seed=4)
     cu = _cu(lens)
-    _, _, dq, dk, _ = _run("triton", q, k, v, g, cu, 19, dtype=dtype, causal=causal)
+    _, _, dq, dk, _ = _run("triton", q, k, v, g, cu, 19, dtype=dtype, causal=causal, deterministic=deterministic)
     singles = cu[:-1][torch.tensor(lens) == 1].long()
     assert (dq[singles] == 0).all() and (dk[singles] == 0).all()
     if causal:
@@ -305,15 +311,17 @@ def test_model_forward_syncs_do_not_grow_with_depth_on_triton(monkeypatch):
 
 # ---- dk / dv over diagonal, full and tail query blocks ---------------------------------------------
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("rotary", [None, "1d"], ids=["norot", "rot"])
 @pytest.mark.parametrize("lens", [[0, 1, 16, 17, 33, 0], [16, 1, 0, 16, 5]], ids=["split-dq", "fused-dq"])
-def test_dkdv_full_and_masked_blocks(lens, rotary, causal):
+def test_dkdv_full_and_masked_blocks(lens, rotary, causal, deterministic):
     """dk / dv (and dq) against the oracle where query blocks straddle the causal diagonal, lie
     wholly past it, or hold the sequence's tail: 33 tokens give two full key tiles with full query
     blocks past the diagonal and a partial key tile; the 16-token sequences run the fused-dq path
     with one full block. (The guard for a kernel that skips the score mask on full blocks.)"""
-    check_against_reference(lens, 4, 2, 32, torch.float16, causal=causal, rotary=rotary, seed=50 + len(lens))
+    check_against_reference(lens, 4, 2, 32, torch.float16, causal=causal, rotary=rotary, seed=50 + len(lens),
+                            deterministic=deterministic)
 
 
 def test_dkdv_full_blocks_deterministic():
@@ -355,3 +363,28 @@ def test_prune_drops_known_spills_per_triton_version_and_group():
     assert (64, 64, 8, 2) in _prune_kept("dkdv", 1024, 128, False, 1, "3.9")
     assert (64, 64, 8, 2) not in _prune_kept("dkdv", 1024, 128, False, 4, "3.9")
     assert kernels.known_spills("dkdv_dq", 64, True, 4, "3.6") and not kernels.known_spills("dkdv_dq", 64, True, 4, "3.9")
+
+
+def test_fused_backward_prune_drops_its_known_spills():
+    """The one-kernel backward's prune (deterministic=False): never empty, long-sequence key tiles,
+    and none of the configs its table says spill in the loop, for each Triton version."""
+    from embedkit._triton import attention as kernels
+
+    for version in ("3.6", "3.9"):
+        for hd in (64, 128):
+            for rotary in (False, True):
+                for group in (1, 4):
+                    spills = set()
+                    for k, h, rot, min_group, versions, cfgs in kernels.SM90_FUSED_BWD_KNOWN_SPILLS:
+                        if (h, rot) == (hd, rotary) and group >= min_group and (versions is None or version in versions):
+                            spills |= cfgs
+                    kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                            for c in kernels.prune_fused_configs(kernels._FUSED_BWD_CONFIGS, {"LEN_BUCKET": 1024},
+                                                                 {"HEAD_DIM": hd, "ROTARY": rotary, "GROUP": group},
+                                                                 version=version)}
+                    assert kept and not kept & spills and all(c[1] >= 64 for c in kept), (version, hd, rotary, group)
+    # D128 + rotary + GQA 4 under Triton 3.6: only the tiles that compile without in-loop spills
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in kernels.prune_fused_configs(kernels._FUSED_BWD_CONFIGS, {"LEN_BUCKET": 1024},
+                                                 {"HEAD_DIM": 128, "ROTARY": True, "GROUP": 4}, version="3.6")} == \
+        {(32, 64, 8, 1), (16, 128, 8, 2)}

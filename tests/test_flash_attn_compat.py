@@ -166,3 +166,37 @@ def test_refusals_are_clear():
         fac.flash_attn_varlen_kvpacked_func(torch.randn(10, 4, 8), torch.randn(10, 2, 4, 8), cu, cu_k, 6, 5)
     with pytest.raises(ValueError, match=r"qkv must have shape \[total, 3, nheads, headdim\]"):
         fac.flash_attn_varlen_qkvpacked_func(torch.randn(10, 4, 8), cu, 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_varlen_deterministic_flag_matches_sdpa(backend, deterministic, causal, monkeypatch):
+    """flash-attn 2's flag: deterministic=False (its default) lets the Triton backend take its
+    one-kernel backward (dq by atomics) on sequences longer than one tile; True keeps the
+    bit-reproducible pair of kernels. Values and every gradient against SDPA either way, and the
+    launched kernel is the flag's (the reference backend ignores the flag: deterministic anyway)."""
+    from embedkit._triton import attention as kernels
+
+    launches = {"fused": 0}
+    launcher = kernels._fused_bwd_launch
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches["fused"] += 1
+            return launcher[grid]
+
+    monkeypatch.setattr(kernels, "_fused_bwd_launch", Counting())
+    g = torch.Generator().manual_seed(2)
+    lens = [5, 1, 30, 0, 18]
+    T, H, Hk, D = sum(lens), 4, 2, 16
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (H, Hk, Hk))
+    gout = torch.randn(T, H, D, generator=g)
+    attend = _varlen_oracle(lens, causal, 0.3)
+    with embedkit.use_backend(backend):
+        _check("flash_attn_varlen_func",
+               _run(lambda q, k, v: embedkit.flash_attn_varlen_func(q, k, v, cu, cu, 30, 30, 0.0, 0.3, causal,
+                                                                    deterministic=deterministic)),
+               [q, k, v], lambda q, k, v: (attend(q, k, v),), gout)
+    assert launches["fused"] == (1 if backend == "triton" and not deterministic else 0)

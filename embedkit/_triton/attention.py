@@ -34,6 +34,9 @@ Backward (deterministic by construction, no atomics):
 Both loops are written for the bidirectional and the causal case. When every sequence fits in one
 key tile (max_seqlen <= FUSED_DQ_MAX_SEQLEN), step 3 is folded into step 2: the dk / dv program then
 holds all the scores of its sequence and writes each dq element exactly once.
+Opt-in (attention_bwd(deterministic=False)): steps 2 and 3 in one kernel, FA2's schedule, 5 matrix
+products instead of 7, dq summed over key tiles by fp32 atomics (_attn_bwd_fused_kernel, then a cast
+pass); not bit-reproducible, so never the default.
 
 Head dims that are not powers of two (80, 96, ...) run in a tile padded to the next power of two
 (masked loads / stores); D is any size up to 256.
@@ -513,6 +516,136 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
                     ROTARY, ROT_W, REST_W)
 
 
+# ---- backward in one kernel, dq by atomics (deterministic=False) -----------------------------------
+# FA2's schedule: the key-tile owner computes S and P once per (query block, key tile) and does all
+# five products there -- S = Q K^T, dV += P^T dO, dP = dO V^T, dK += dS^T Q, dQ += dS K -- instead of
+# the seven of the deterministic pair of kernels (S and dP recomputed by the dq kernel). dq is then
+# summed over key tiles by fp32 atomics into a [T, Hq, D] buffer, whose addition order is not fixed:
+# the result is not bit-reproducible run to run, hence opt-in only. dq is accumulated in the rotated
+# frame (the column pieces of q as loaded) and unscaled; the cast pass applies sm_scale and the
+# transposed rotation once per element (both linear, so summing first is exact).
+
+@triton.jit
+def _attn_atomic_add_cols(base, stride_t, offs_t, t_ok, c0, c1, x, W: tl.constexpr):
+    """x[rows, W] added into columns [c0, c1) of an fp32 [T, D] slice (relaxed: only the sum after
+    the kernel matters)."""
+    cols = c0 + tl.arange(0, W)
+    tl.atomic_add(base + offs_t[:, None].to(tl.int64) * stride_t + cols[None, :], x,
+                  mask=t_ok[:, None] & (cols < c1)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, COS, SIN, SCHED,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                           stride_acc_t, stride_acc_h,
+                           T, D, HALF, qk_scale, sm_scale, LEN_BUCKET, N_SEQ, HKV,
+                           GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
+                           ROT_W: tl.constexpr, REST_W: tl.constexpr,
+                           HAS_DLSE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key tile, kv head) of the exact grid, kv head fastest (as
+    _attn_bwd_dkdv_kernel): dk, dv in registers over the group's heads x query blocks, and each
+    block's dS K added into DQ_ACC (fp32, zeroed by the host; rows no sequence covers stay 0)."""
+    kv_head, seq, tile = _attn_tile(SCHED, tl.program_id(0), HKV, BLOCK_N)
+    start, end = _attn_seq_bounds(cu_seqlens, seq, T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    dk_base = DK + kv_head.to(tl.int64) * stride_dkh
+    dv_base = DV + kv_head.to(tl.int64) * stride_dvh
+    step = tl.maximum(tl.cdiv(end - start, BLOCK_N), 1) * BLOCK_N
+    if seq == 0:
+        _attn_zero_rows(dk_base, stride_dkt, 0, start, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+        _attn_zero_rows(dv_base, stride_dvt, 0, start, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+    if seq == N_SEQ - 1:
+        _attn_zero_rows(dk_base, stride_dkt, end, T, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+        _attn_zero_rows(dv_base, stride_dvt, end, T, tile * BLOCK_N, step, offs_d, D, BLOCK_N, HEAD_DIM)
+    k_lo = start + tile * BLOCK_N
+    if k_lo < end:  # false only for the placeholder tile of an empty first / last sequence
+        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        ka, kb, kr = _load_qk(K + kv_head.to(tl.int64) * stride_kh, stride_kt, offs_n, n_ok, D, COS, SIN, HALF,
+                              ROTARY, ROT_W, REST_W, DOT_DTYPE)
+        v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
+                     + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+        if ROTARY:
+            dka = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
+            dkb = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
+        else:
+            dka = 0
+            dkb = 0
+        if REST_W > 0:
+            dkr = tl.zeros([BLOCK_N, REST_W], dtype=tl.float32)
+        else:
+            dkr = 0
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        lo = start
+        if CAUSAL:  # query blocks (aligned to the sequence start) wholly before this key tile see none of it
+            lo = start + ((k_lo - start) // BLOCK_M) * BLOCK_M
+        for g in range(GROUP):
+            head = (kv_head * GROUP + g).to(tl.int64)
+            acc_base = DQ_ACC + head * stride_acc_h
+            for q_lo in range(lo, end, BLOCK_M):
+                offs_m = q_lo + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < end
+                multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
+                qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
+                                      ROTARY, ROT_W, REST_W, DOT_DTYPE)
+                do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                              mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+                lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
+                delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
+                # Transposed scores [BLOCK_N, BLOCK_M] (as the dk / dv kernel): dk / dv need no transpose of P.
+                s_t = _dot_qk(ka, kb, kr, qa, qb, qr, ROTARY, REST_W, DOT_PREC)
+                valid = n_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_m[None, :] >= offs_n[:, None])
+                p_t = tl.where(valid, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+                dv += tl.dot(p_t.to(DOT_DTYPE), do, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                ds_t = tl.where(multi[None, :], p_t * (dp_t - delta[None, :]), 0.0).to(DOT_DTYPE)
+                ds = tl.trans(ds_t)
+                if ROTARY:
+                    dka = tl.dot(ds_t, qa, dka, input_precision=DOT_PREC)
+                    dkb = tl.dot(ds_t, qb, dkb, input_precision=DOT_PREC)
+                    _attn_atomic_add_cols(acc_base, stride_acc_t, offs_m, m_ok, 0, HALF,
+                                          tl.dot(ds, ka, input_precision=DOT_PREC), ROT_W)
+                    _attn_atomic_add_cols(acc_base, stride_acc_t, offs_m, m_ok, HALF, 2 * HALF,
+                                          tl.dot(ds, kb, input_precision=DOT_PREC), ROT_W)
+                if REST_W > 0:
+                    dkr = tl.dot(ds_t, qr, dkr, input_precision=DOT_PREC)
+                    _attn_atomic_add_cols(acc_base, stride_acc_t, offs_m, m_ok, 2 * HALF, D,
+                                          tl.dot(ds, kr, input_precision=DOT_PREC), REST_W)
+        _store_grad(dk_base, stride_dkt, offs_n, n_ok, D, COS, SIN, HALF, dka, dkb, dkr, sm_scale,
+                    ROTARY, ROT_W, REST_W)
+        tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_cast_kernel(DQ_ACC, DQ, COS, SIN, stride_acc_t, stride_acc_h, stride_dqt, stride_dqh,
+                             T, D, HALF, sm_scale, ROTARY: tl.constexpr, ROT_W: tl.constexpr,
+                             REST_W: tl.constexpr, BLOCK: tl.constexpr):
+    """dq = sm_scale * R^T (the fp32 rotated-frame sum) in dq's dtype, for every row (the rows no
+    sequence covers are 0 in the buffer)."""
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t_ok = offs_t < T
+    head = tl.program_id(1).to(tl.int64)
+    acc = DQ_ACC + head * stride_acc_h
+    if ROTARY:
+        ga = _load_cols(acc, stride_acc_t, offs_t, t_ok, 0, HALF, ROT_W)
+        gb = _load_cols(acc, stride_acc_t, offs_t, t_ok, HALF, 2 * HALF, ROT_W)
+    else:
+        ga = 0
+        gb = 0
+    if REST_W > 0:
+        gr = _load_cols(acc, stride_acc_t, offs_t, t_ok, 2 * HALF, D, REST_W)
+    else:
+        gr = 0
+    _store_grad(DQ + head * stride_dqh, stride_dqt, offs_t, t_ok, D, COS, SIN, HALF, ga, gb, gr, sm_scale,
+                ROTARY, ROT_W, REST_W)
+
+
 # ---- configs ----------------------------------------------------------------------------------
 
 # Under the interpreter autotuning is pointless (and slow): one small fixed config.
@@ -655,6 +788,71 @@ _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "ROT_W", "REST_W"
 _fwd_launch = gpu_autotune(_FWD_CONFIGS, _KEY, _prune)(_attn_fwd_kernel)
 _dkdv_launch = gpu_autotune(_DKDV_CONFIGS, _KEY + ["FUSED_DQ"], _prune)(_attn_bwd_dkdv_kernel)
 _dq_launch = gpu_autotune(_DQ_CONFIGS, _KEY, _prune)(_attn_bwd_dq_kernel)
+
+# The one-kernel backward (_attn_bwd_fused_kernel, deterministic=False). It runs only where the
+# fused-dq path does not (max_seqlen > FUSED_DQ_MAX_SEQLEN: length bucket >= 128), so its configs are
+# long-sequence tiles: resident key tiles of 64 / 128 rows (the M of the dk / dv products), streamed
+# query blocks of 32 / 64. Tile sizes are among _sched_blocks' defaults (16..128): no schedule entry to add.
+_FUSED_BWD_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2),
+                      _cfg(32, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 8, 1), _cfg(16, 64, 4, 2),
+                      _cfg(16, 128, 8, 2), _cfg(16, 16, 2, 2)]
+# In-loop spills of the fused kernel on sm_90a (kind "bwd_fused"; rows as SM90_KNOWN_SPILLS, kept apart
+# so the deterministic kernels' table stays as it is), from compiling every config at head dims 64 / 128,
+# GROUP 1 / 4, no / full / partial rotary (rotary rows: the union of full and partial), bucket 512 / 1024,
+# under Triton 3.9 and 3.6. At D128 the resident dk + dv (fp32) plus k, v leave room for 16-32-row query
+# blocks only; (16, 128, 8, 2) is the one tile clean in every case.
+SM90_FUSED_BWD_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = [
+    ("bwd_fused", 64, False, 2, None, frozenset({(64, 64, 4, 2)})),
+    ("bwd_fused", 64, False, 2, frozenset({"3.6"}), frozenset({(64, 128, 8, 2)})),
+    ("bwd_fused", 64, True, 2, None, frozenset({(64, 64, 4, 2)})),
+    ("bwd_fused", 64, True, 2, frozenset({"3.6"}), frozenset({(64, 64, 8, 2), (64, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 1, None, frozenset({(64, 64, 4, 2), (64, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 1, frozenset({"3.9"}), frozenset({(64, 64, 8, 2)})),
+    ("bwd_fused", 128, False, 1, frozenset({"3.6"}), frozenset({(32, 64, 4, 2)})),
+    ("bwd_fused", 128, False, 2, None, frozenset({(32, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 2, frozenset({"3.9"}), frozenset({(32, 64, 4, 2)})),
+    ("bwd_fused", 128, False, 2, frozenset({"3.6"}), frozenset({(64, 64, 8, 2)})),
+    ("bwd_fused", 128, True, 1, None, frozenset({(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                                                 (64, 128, 8, 2)})),
+    ("bwd_fused", 128, True, 1, frozenset({"3.6"}), frozenset({(16, 64, 4, 2)})),
+    ("bwd_fused", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2)})),
+]
+
+
+def prune_fused_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON_VERSION) -> list:
+    """_attn_bwd_fused_kernel's configs: tiles no larger than the length bucket, within shared memory
+    (the dk / dv kernel's model: resident k, v; streamed q, dO; dS), no known in-loop spill under this
+    Triton, and long-sequence tiles on long sequences. Never empty (the smallest tile is the fallback)."""
+    def arg(name, default=None):
+        return launch_arg(named_args, kwargs, name, default)
+
+    bucket = named_args["LEN_BUCKET"]
+    head_dim = arg("HEAD_DIM") or 64
+    rotary, group = bool(arg("ROTARY", False)), int(arg("GROUP", 1))
+    spills: set = set()
+    for k, hd, rot, min_group, versions, cfgs in SM90_FUSED_BWD_KNOWN_SPILLS:
+        if (k, hd, rot) == ("bwd_fused", head_dim, rotary) and group >= min_group and \
+                (versions is None or version in versions):
+            spills |= cfgs
+
+    def ok(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return (bm <= bucket and bn <= bucket
+                and smem_estimate("dkdv_dq", bm, bn, c.num_stages, head_dim) <= SM90_SMEM_LIMIT
+                and (bm, bn, c.num_warps, c.num_stages) not in spills
+                and (bucket < 128 or bn >= 64))
+
+    keep = [c for c in configs if ok(c)]
+    return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
+
+
+def _prune_fused(configs, named_args, **kwargs):
+    return prune_fused_configs(configs, named_args, kwargs)
+
+
+# The autotuner runs each config more than once: the atomic dq buffer must start from zero each time.
+_fused_bwd_launch = gpu_autotune(_FUSED_BWD_CONFIGS, _KEY, _prune_fused, reset_to_zero=["DQ_ACC"])(
+    _attn_bwd_fused_kernel)
 
 
 # ---- the exact (sequence, tile) grid ------------------------------------------------------------
@@ -810,9 +1008,12 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
                   cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, softmax_scale: float,
                   rotary: tuple[torch.Tensor, torch.Tensor] | None, *, dq: torch.Tensor | None = None,
-                  dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
-    """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. Deterministic (no atomics).
-    dq / dk / dv may be given (contiguous in the last dim; see attention_fwd)."""
+                  dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, deterministic: bool = True):
+    """Returns (dq, dk, dv) in the dtypes / shapes of q, k, v. dq / dk / dv may be given (contiguous
+    in the last dim; see attention_fwd). deterministic (default): no atomics, bit-reproducible.
+    deterministic=False: the one-kernel backward (5 products instead of 7, dq summed by fp32 atomics)
+    on sequences longer than one tile; short batches (fuse_dq) keep the fused-dq path, which already
+    does 5 products without atomics."""
     q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
     cu_seqlens = cu_seqlens.contiguous()
     T, Hq, D = q.shape
@@ -845,6 +1046,10 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     def grid_kv(meta):  # kv head fastest
         return (sched.programs(meta["BLOCK_N"]) * Hkv,)
 
+    if not deterministic and not fused_dq:  # one kernel, dq by atomics (see _attn_bwd_fused_kernel)
+        _attention_bwd_fused(q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, cos, sin, sched, grid_kv,
+                             scalars, Hkv, common)
+        return dq, dk, dv
     _dkdv_launch[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, dq, cu_seqlens, cos, sin, sched.table,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -862,6 +1067,24 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
         *scalars, Hq, **common)
     return dq, dk, dv
+
+
+def _attention_bwd_fused(q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, cos, sin, sched, grid_kv,
+                         scalars, Hkv, common):
+    """attention_bwd's deterministic=False branch: _attn_bwd_fused_kernel into a zeroed fp32 dq buffer,
+    then one cast pass (scale, inverse rotation, dtype) into dq."""
+    T, Hq, D = q.shape
+    dq_acc = torch.zeros(T, Hq, D, dtype=torch.float32, device=q.device)
+    _fused_bwd_launch[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens, cos, sin, sched.table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        dq_acc.stride(0), dq_acc.stride(1), *scalars, Hkv, **common)
+    sm_scale, half = scalars[4], scalars[2]
+    block_t = 64 if common["HEAD_DIM"] <= 128 else 32
+    _attn_bwd_dq_cast_kernel[(triton.cdiv(T, block_t), Hq)](
+        dq_acc, dq, cos, sin, dq_acc.stride(0), dq_acc.stride(1), dq.stride(0), dq.stride(1), T, D, half, sm_scale,
+        ROTARY=common["ROTARY"], ROT_W=common["ROT_W"], REST_W=common["REST_W"], BLOCK=block_t)
 
 
 __all__ = ["attention_fwd", "attention_bwd", "length_bucket", "tile_schedule"]

@@ -54,13 +54,14 @@ def _rotary(cos, sin):
 @torch.library.custom_op("embedkit::varlen_attention_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
          causal: bool, softmax_scale: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+         backend: str, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward (kept by _setup_context); the forward has no atomics.
     return _kernels(backend).attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale,
                                            _rotary(cos, sin))
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, backend):
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, backend, deterministic=True):
     T, Hq, D = q.shape
     return q.new_empty(T, Hq, D), torch.empty(Hq, T, dtype=torch.float32, device=q.device)
 
@@ -69,27 +70,28 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, 
 def _bwd(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
          causal: bool, softmax_scale: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         backend: str, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels(backend).attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, max_seqlen,
-                                           causal, softmax_scale, _rotary(cos, sin))
+                                           causal, softmax_scale, _rotary(cos, sin), deterministic=deterministic)
 
 
 @_bwd.register_fake
 def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin,
-              backend):
+              backend, deterministic=True):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, cos, sin, backend, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cos, sin)
     ctx.max_seqlen = max_seqlen
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
     ctx.backend = backend
+    ctx.deterministic = rest[0] if rest else True
     # An unused lse gets grad None (not materialized zeros): the kernels then skip the dlse term
     # and keep single-key rows' dS exactly 0.
     ctx.set_materialize_grads(False)
@@ -100,9 +102,9 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal,
-                      ctx.softmax_scale, cos, sin, ctx.backend)
+                      ctx.softmax_scale, cos, sin, ctx.backend, ctx.deterministic)
     # The rotary tables are constants of the op (no gradient), like cu_seqlens.
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("embedkit::varlen_attention_fwd", _backward, setup_context=_setup_context)
@@ -188,7 +190,8 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float = 10
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
                      causal: bool = False, softmax_scale: float | None = None,
                      rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False, deterministic: bool = True
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention within each packed sequence (flash-attn varlen layout).
 
     q [T, Hq, D], k / v [T, Hkv, D] (Hq % Hkv == 0; D from 1 to 256), fp16 / bf16 /
@@ -197,9 +200,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     rotate-half rotary on the first R dims of q and k, inside the kernel. Returns out [T, Hq, D]
     and, with return_lse, lse fp32 [Hq, T] (natural log). Differentiable in q, k, v (and through
     lse).
+
+    deterministic (default True): the backward is bit-reproducible (no atomics). False lets the
+    Triton backend use its one-kernel backward on sequences longer than one tile (5 matrix products
+    instead of 7, dq summed with fp32 atomics: not bit-reproducible run to run). The reference backend
+    (the only other one of this op) is deterministic either way and ignores it.
     """
     # cu_seqlens goes to the custom op as given; the launchers make it contiguous at run time.
     causal = _as_bool(causal, "causal")
+    deterministic = _as_bool(deterministic, "deterministic")
     max_seqlen, scale, _ = _validate(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, rotary)
     backend = _dispatch.resolve(OP, q.device)
     if backend == "reference":  # a custom op too, so torch.compile never traces its per-sequence loop
@@ -211,7 +220,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise TypeError(f"q: the {backend} backend of {OP} takes float16, bfloat16 or float32, "
                         "got float64 (use backend 'reference' for float64)")
     cos, sin = (None, None) if rotary is None else rotary
-    out, lse = _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, cos, sin, backend)
+    out, lse = _fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, cos, sin, backend, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -239,7 +248,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     """flash-attn's `flash_attn_varlen_func`, for self-attention over packed sequences.
 
     Supported: cu_seqlens_q equal to cu_seqlens_k (self-attention), softmax_scale, causal, GQA / MQA,
-    deterministic (the backward is always deterministic). return_attn_probs=True returns
+    deterministic (flash-attn 2's meaning: False, the default, allows atomics -- the Triton backend then
+    takes its one-kernel backward with dq summed by atomics on sequences longer than one tile; True
+    keeps the bit-reproducible backward). return_attn_probs=True returns
     (out, softmax_lse [Hq, T], an empty tensor) like flash-attn 2 without dropout. Anything else raises
     NotImplementedError.
     """
@@ -261,7 +272,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         unsupported("alibi_slopes (ALiBi biases)")
     if block_table is not None:
         unsupported("block_table (paged KV cache)")
-    _as_bool(deterministic, "deterministic")
+    deterministic = _as_bool(deterministic, "deterministic")
     max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     if cu_seqlens_k is not cu_seqlens_q and not _same_view(cu_seqlens_k, cu_seqlens_q):
         _checks.check_tensor(cu_seqlens_k, "cu_seqlens_k", ndim=1, dtypes=(torch.int32,))
@@ -275,8 +286,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                     "(cross-attention)")
     if return_attn_probs:
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal,
-                                    softmax_scale=softmax_scale, return_lse=True)
+                                    softmax_scale=softmax_scale, return_lse=True, deterministic=deterministic)
         # flash-attn 2 without dropout returns an empty S_dmask in the third slot.
         return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
     return cast(torch.Tensor, varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, causal=causal,
-                                               softmax_scale=softmax_scale))
+                                               softmax_scale=softmax_scale, deterministic=deterministic))
