@@ -17,6 +17,9 @@ import triton.language as tl
 
 from . import INTERPRET
 
+# Triton major.minor: the spill tables of the kernel files are keyed by it (codegen differs between versions).
+TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
+
 # Constants inside kernels are constexpr globals (the only globals Triton 3.6 and 3.9 accept); on the
 # host use .value.
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import LN2, LOG2E, dot_args, gpu_autotune, interpreter_config, launch_arg
+from ._common import LN2, LOG2E, TRITON_VERSION, dot_args, gpu_autotune, interpreter_config, launch_arg
 
 
 # ---- device helpers ---------------------------------------------------------------------------
@@ -720,13 +720,12 @@ SM90_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]]
     ("dkdv_dq", 64, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2), (64, 64, 8, 2)})),
 ]
 
-TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
-
-
-def known_spills(kind: str, head_dim: int, rotary: bool, group: int, version: str = TRITON_VERSION) -> set:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) that spill in their loop for this kernel and Triton version."""
+def known_spills(kind: str, head_dim: int, rotary: bool, group: int, version: str = TRITON_VERSION,
+                 table: list | None = None) -> set:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) that spill in their loop for this kernel and Triton
+    version, from `table` (default SM90_KNOWN_SPILLS)."""
     out: set = set()
-    for k, hd, rot, min_group, versions, cfgs in SM90_KNOWN_SPILLS:
+    for k, hd, rot, min_group, versions, cfgs in (SM90_KNOWN_SPILLS if table is None else table):
         if (k, hd, rot) == (kind, head_dim, rotary) and group >= min_group and \
                 (versions is None or version in versions):
             out |= cfgs
@@ -828,12 +827,8 @@ def prune_fused_configs(configs, named_args: dict, kwargs: dict, version: str = 
 
     bucket = named_args["LEN_BUCKET"]
     head_dim = arg("HEAD_DIM") or 64
-    rotary, group = bool(arg("ROTARY", False)), int(arg("GROUP", 1))
-    spills: set = set()
-    for k, hd, rot, min_group, versions, cfgs in SM90_FUSED_BWD_KNOWN_SPILLS:
-        if (k, hd, rot) == ("bwd_fused", head_dim, rotary) and group >= min_group and \
-                (versions is None or version in versions):
-            spills |= cfgs
+    spills = known_spills("bwd_fused", head_dim, bool(arg("ROTARY", False)), int(arg("GROUP", 1)), version,
+                          SM90_FUSED_BWD_KNOWN_SPILLS)
 
     def ok(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]

@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import dot_acc, dot_args, ensure_tma_allocator, gpu_autotune, interpreter_config, launch_arg
+from ._common import (TRITON_VERSION, dot_acc, dot_args, ensure_tma_allocator, gpu_autotune,
+                      interpreter_config, launch_arg)
 
 MAX_LEVELS = 3
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
@@ -350,7 +351,6 @@ def _nce_fwd_level(acc, acc_b, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n
     return acc, acc_b, m, l, t, p
 
 
-TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
 # Triton versions whose 3-level split 128 x 128 forward (TMA) compiles without spills (static reports).
 _FWD_SPLIT_128_VERSIONS = {"3.6"}
 
