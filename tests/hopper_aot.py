@@ -164,11 +164,12 @@ def pinned_specs() -> list[dict]:
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
                                                        ALIGNED=aligned, SPLIT_FROM=128, **flags)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
-                                                            **bf16, ALIGNED=aligned, **flags)))
+                                                            **bf16, ALIGNED=aligned, PARK=True, **flags)))
     specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                    ALIGNED=False, SPLIT_FROM=128, **flags), emb="*fp16", warps=4))
     specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
-                                                        ALIGNED=False, **flags), emb="*fp16", e="*fp32", warps=4))
+                                                        ALIGNED=False, PARK=False, **flags), emb="*fp16", e="*fp32",
+                           warps=4))
     # candidate_mask (HAS_CAND_MASK): the tiles the launchers pick with a mask (3 levels: 64 x 64 forward),
     # against the targets (ids, diagonal) and the shared negatives (neither), and the own negatives' backward.
     for diag in (True, False):
@@ -176,15 +177,19 @@ def pinned_specs() -> list[dict]:
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **bf16,
                                                        ALIGNED=True, SPLIT_FROM=128, **masked)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
-                                                            **bf16, ALIGNED=True, **masked)))
+                                                            **bf16, ALIGNED=True, PARK=True, **masked)))
     specs.append(_nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=True, **blk), warps=4))
     # TMA (USE_TMA, bf16): the 3-level forward at 128 x 64 (aligned or not) and the 1-level coefficient tile.
     tma = dict(flags, USE_TMA=True)
     for aligned in (True, False):
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, **bf16,
                                                        ALIGNED=aligned, SPLIT_FROM=128, **tma)))
+    # The split 3-level 128 x 128 forward (the diagonal's tiles apart), 3 stages (Triton 3.9 keeps only those).
+    for aligned in (True, False):
+        specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
+                                                       ALIGNED=aligned, SPLIT_FROM=128, **tma), warps=8, stages=3))
     specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
-                                                        ALIGNED=True, **tma)))
+                                                        ALIGNED=True, PARK=False, **tma)))
     for scaled in (False, True):
         specs.append(_nce_spec("_nce_acc_kernel", dict(HAS_LO=True, SCALED=scaled, BLOCK_R=32, BLOCK_C=128),
                                warps=4))

@@ -184,6 +184,27 @@ def _pair_mask(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, d
     return valid, is_pos
 
 
+@triton.jit
+def _pair_mask_off_diag(offs_r, r_ok, offs_c, c_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cmask, stride_cm, cm_col0,
+                        HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
+    """_pair_mask's `valid` (ROW_FIRST) for a tile that holds none of its rows' positives: the id and candidate
+    mask drops without the positive's comparison tile."""
+    valid = r_ok[:, None] & c_ok[None, :]
+    if HAS_IDS_A:
+        ia = tl.load(ids_a_r + offs_r, mask=r_ok, other=0)
+        ja = tl.load(ids_a_c + offs_c, mask=c_ok, other=0)
+        valid = valid & (ia[:, None] != ja[None, :])
+    if HAS_IDS_B:
+        ib = tl.load(ids_b_r + offs_r, mask=r_ok, other=0)
+        jb = tl.load(ids_b_c + offs_c, mask=c_ok, other=0)
+        valid = valid & (ib[:, None] != jb[None, :])
+    if HAS_CAND_MASK:
+        keep = tl.load(cmask + offs_r[:, None].to(tl.int64) * stride_cm + cm_col0 + offs_c[None, :], mask=valid,
+                       other=0) != 0
+        valid = valid & keep
+    return valid
+
+
 # ---- kernels ----------------------------------------------------------------------------------
 
 @triton.jit
@@ -270,8 +291,8 @@ def _nce_row_negative_cos_kernel(x, stride_x, neg, inv_x, inv_neg, cos, B, K, D0
 # bf16; the pipeline depth is tuned.
 # With TMA (USE_TMA: no pointer tiles, row clamps or D predicates) 1 level 128 x 128 takes about 220 registers
 # instead of 255, 3 levels 128 x 64 about 177 instead of 255 (aligned or not); 3 levels at 128 x 128 run as two
-# 128 x 64 accumulators sharing each X tile (SPLIT), spill-free under Triton 3.6 but 6 words reloaded in the
-# loop under 3.9: kept per version (_FWD_SPLIT_128_VERSIONS). With the candidate mask: 64 x 64 as before.
+# 128 x 64 accumulators sharing each X tile (SPLIT), the diagonal's tiles apart: spill-free in the loops under
+# Triton 3.6 and (3 stages) 3.9: kept per version (_FWD_SPLIT_128_VERSIONS). With the candidate mask: 64 x 64 as before.
 _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
                 for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                                    (64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3))]
@@ -298,26 +319,42 @@ def _dot_range_halves(acc_a, acc_b, x, y, lo, hi, x0, y0, HALF: tl.constexpr, BL
 
 
 @triton.jit
+def _fwd_logits(acc, a, inv_y_level, offs_n, n_ok, it):
+    """A level's logits ((dot * a) * b) * (1 / tau) of one [rows, cands] dot tile: the one expression of the
+    forward's online update and of its positive's extraction (POS_AFTER), so both see the same bits."""
+    return acc * a[:, None] * tl.load(inv_y_level + offs_n, mask=n_ok, other=0.0)[None, :] * it
+
+
+@triton.jit
+def _pos_logit(z, offs_m, offs_n, n_ok, diag_offset):
+    """Row sums of z at each row's positive (candidate offs_m + diag_offset, where inside offs_n / n_ok): the
+    positive's logit where the tile holds it, else exactly 0. An in-range positive is never masked; rows past
+    M are never stored."""
+    return tl.sum(tl.where(((offs_n[None, :] - offs_m[:, None]) == diag_offset) & n_ok[None, :], z, 0.0), axis=1)
+
+
+@triton.jit
 def _nce_fwd_update(acc, offs_m, m_ok, offs_n, n_ok, a, inv_y_level, it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c,
                     ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A: tl.constexpr,
                     HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_CAND_MASK: tl.constexpr,
-                    POS_FIRST: tl.constexpr):
+                    POS_MODE: tl.constexpr):
     """A level's logits of one [rows, cands] dot tile (scaled by its inverse norms a, b and 1 / tau) folded
     into its online logsumexp (m, l, t) and positive logit p. The pair mask is built here, after the dot
-    range, never kept live across one."""
-    z = acc * a[:, None] * tl.load(inv_y_level + offs_n, mask=n_ok, other=0.0)[None, :] * it
-    if HAS_DIAG and POS_FIRST:
-        # The positive's logit taken before the pair mask is built, with its own comparison (not the
-        # mask's is_pos, which the compiler would keep live beside the mask): the split 3-level 128 x 128
-        # tile spilled less so (static report), the unsplit 1-level one more. An in-range positive is
-        # never masked; rows past M are never stored.
-        p += tl.sum(tl.where(((offs_n[None, :] - offs_m[:, None]) == diag_offset) & n_ok[None, :], z, 0.0),
-                    axis=1)
-    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                               diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
-                               HAS_CAND_MASK)
-    if HAS_DIAG and not POS_FIRST:
-        p += tl.sum(tl.where(is_pos, z, 0.0), axis=1)
+    range, never kept live across one. POS_MODE (with HAS_DIAG): 0 the positive's logit through the mask's
+    is_pos; 1 taken before the mask with its own comparison (the split tiles' diagonal tiles); 2 a tile known
+    to hold no positive of its rows (the split tiles off the diagonal): no positive's comparison at all."""
+    z = _fwd_logits(acc, a, inv_y_level, offs_n, n_ok, it)
+    if HAS_DIAG and POS_MODE == 2:
+        valid = _pair_mask_off_diag(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cmask,
+                                    stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_CAND_MASK)
+    else:
+        if HAS_DIAG and POS_MODE == 1:
+            p += _pos_logit(z, offs_m, offs_n, n_ok, diag_offset)
+        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                   diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
+                                   HAS_CAND_MASK)
+        if HAS_DIAG and POS_MODE == 0:
+            p += tl.sum(tl.where(is_pos, z, 0.0), axis=1)
     m, l, t = _online_update(m, l, t, z, valid)
     return m, l, t, p
 
@@ -327,7 +364,8 @@ def _nce_fwd_level(acc, acc_b, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n
                    n_start, a, inv_y_level, it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask,
                    stride_cm, cm_col0, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr,
-                   HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr, HALF: tl.constexpr):
+                   HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr, HALF: tl.constexpr,
+                   POS_MODE: tl.constexpr):
     """One MRL level's step of the forward: the dot carried on over columns [d_lo, d_hi), then that level's
     online update (_nce_fwd_update). SPLIT: the candidate tile is two HALF-wide accumulators (acc, acc_b)
     sharing each X tile, updated one after the other, so that one half's logits and the other half's
@@ -338,21 +376,59 @@ def _nce_fwd_level(acc, acc_b, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n
         offs_a = n_start + tl.arange(0, HALF)
         m, l, t, p = _nce_fwd_update(acc, offs_m, m_ok, offs_a, offs_a < n_hi, a, inv_y_level, it, m, l, t, p,
                                      ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
-                                     HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, SPLIT)
+                                     HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, POS_MODE)
         m, l, t, p = _nce_fwd_update(acc_b, offs_m, m_ok, offs_a + HALF, (offs_a + HALF) < n_hi, a, inv_y_level,
                                      it, m, l, t, p, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask,
-                                     stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, SPLIT)
+                                     stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, POS_MODE)
     else:
         acc = _dot_range(acc, x, stride_x, offs_m, m_ok, y, stride_y, offs_n, n_ok,
                          d_lo, d_hi, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
         m, l, t, p = _nce_fwd_update(acc, offs_m, m_ok, offs_n, n_ok, a, inv_y_level, it, m, l, t, p,
                                      ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0,
-                                     HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, SPLIT)
+                                     HAS_IDS_A, HAS_IDS_B, HAS_DIAG, HAS_CAND_MASK, POS_MODE)
     return acc, acc_b, m, l, t, p
 
 
-# Triton versions whose 3-level split 128 x 128 forward (TMA) compiles without spills (static reports).
-_FWD_SPLIT_128_VERSIONS = {"3.6"}
+@triton.jit
+def _nce_fwd_tile(n0, xd0, xd1, xd2, yd0, yd1, yd2, stride_x, stride_y, offs_m, m_ok, m_start, n_hi, a0, a1, a2, inv_y,
+                  N, it, m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                  diag_offset, cmask, stride_cm, cm_col0, D0, D1, D2, NUM_LEVELS: tl.constexpr,
+                  HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                  ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr,
+                  HALF: tl.constexpr, POS_MODE: tl.constexpr):
+    """Candidate tile [n0, n0 + BLOCK_N) through every level's online update (state m, l, t, p per level)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_hi
+    # One live fp32 tile: each level's update runs when the dot has crossed that level's width. The
+    # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
+    # two predicate tiles held through the D loop made ptxas spill).
+    acc = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    acc_b = acc
+    acc, acc_b, m0, l0, t0, p0 = _nce_fwd_level(
+        acc, acc_b, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok, n_hi, 0, D0, m_start, n0, a0, inv_y,
+        it, m0, l0, t0, p0, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A,
+        HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF, POS_MODE)
+    if NUM_LEVELS > 1:
+        acc, acc_b, m1, l1, t1, p1 = _nce_fwd_level(
+            acc, acc_b, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok, n_hi, D0, D1, m_start, n0, a1,
+            inv_y + N, it, m1, l1, t1, p1, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm,
+            cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA,
+            SPLIT, HALF, POS_MODE)
+    if NUM_LEVELS > 2:
+        acc, acc_b, m2, l2, t2, p2 = _nce_fwd_level(
+            acc, acc_b, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok, n_hi, D1, D2, m_start, n0, a2,
+            inv_y + 2 * N, it, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, cmask, stride_cm,
+            cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA,
+            SPLIT, HALF, POS_MODE)
+    return m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2
+
+
+# Triton versions whose 3-level split 128 x 128 forward (TMA) compiles without spills in its candidate loops
+# (static sm_90a figures), with the pipeline depths that do: Triton 3.6 at 3 and 4 stages; 3.9 at 3 stages only
+# (4 stages reload about 8 words in the loop). Since the diagonal's tiles run apart (_nce_fwd_kernel) 3.9 at 3
+# stages leaves 2-3 words spilled outside the loops (before: 6 reloaded every tile).
+_FWD_SPLIT_128_VERSIONS = {"3.6": (3, 4), "3.9": (3,)}
 
 
 def _prune_fwd(configs, named_args, version: str = TRITON_VERSION, **kwargs):
@@ -363,9 +439,11 @@ def _prune_fwd(configs, named_args, version: str = TRITON_VERSION, **kwargs):
     if levels is not None and levels > 1:  # the spill-free ones (see above)
         # With the candidate mask, 128 x 64 and 64 x 128 spill a few words in the loop (static report): 64 x 64.
         masked = launch_arg(named_args, kwargs, "HAS_CAND_MASK")
-        largest = 64 * 64 if masked else 128 * 128 if tma and version in _FWD_SPLIT_128_VERSIONS else 128 * 64
+        split_stages = _FWD_SPLIT_128_VERSIONS.get(version, ()) if tma and not masked else ()
+        largest = 64 * 64 if masked else 128 * 128 if split_stages else 128 * 64
         kept = [c for c in kept if c.num_warps == 8 and (c.num_stages == 3 or (tma and not masked))
                 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= largest
+                and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_stages in split_stages)
                 and (aligned or tma or c.kwargs["BLOCK_M"] == 64)]
     else:  # 128 x 64 is for the level groups; one level has 128 x 128
         kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 64)]
@@ -420,28 +498,42 @@ def _nce_fwd_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, n_per_split, i
     HALF: tl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
     xd0, xd1, xd2, yd0, yd1, yd2 = _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M, HALF,
                                                 BLOCK_D, NUM_LEVELS, ALIGNED, USE_TMA)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_hi
-        # One live fp32 tile: each level's update runs when the dot has crossed that level's width. The
-        # [BLOCK_M, BLOCK_N] mask is formed after each dot range, never kept live across one (at 128 x 128
-        # two predicate tiles held through the D loop made ptxas spill).
-        acc = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-        acc_b = acc
-        acc, acc_b, m0, l0, t0, p0 = _nce_fwd_level(acc, acc_b, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok, n_hi, 0, D0, m_start, n0, a0,
-                                             inv_y, it, m0, l0, t0, p0, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                                             diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D, DOT_DTYPE,
-                                             DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF)
-        if NUM_LEVELS > 1:
-            acc, acc_b, m1, l1, t1, p1 = _nce_fwd_level(acc, acc_b, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok, n_hi, D0, D1, m_start, n0,
-                                                 a1, inv_y + N, it, m1, l1, t1, p1, ids_a_r, ids_b_r, ids_a_c,
-                                                 ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF)
-        if NUM_LEVELS > 2:
-            acc, acc_b, m2, l2, t2, p2 = _nce_fwd_level(acc, acc_b, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok, n_hi, D1, D2, m_start, n0,
-                                                 a2, inv_y + 2 * N, it, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c,
-                                                 ids_b_c, diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, BLOCK_D,
-                                                 DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF)
+    if HAS_DIAG and SPLIT:
+        # The tiles that hold this row tile's positives (columns m_start + diag_offset + [0, BLOCK_M), one or
+        # two tiles of the split's grid) run last, unsplit as HALF-wide tiles with the mask's is_pos (as the
+        # 3-level 128 x 64 tiles, spill-free); the others split, without the positive's comparison (POS_MODE 2): in the split 3-level 128 x 128 tile that comparison tile, live beside the
+        # accumulators, made Triton 3.9 reload spilled words every tile. The order of the online update
+        # changes, not what it sums: a row whose only candidate is its positive still gets lse = its logit.
+        c_lo = tl.maximum(n_lo, m_start + diag_offset)
+        c_hi = tl.minimum(n_hi, tl.minimum(M, m_start + BLOCK_M) + diag_offset)
+        t_lo = n_lo + (tl.maximum(c_lo - n_lo, 0) // BLOCK_N) * BLOCK_N
+        t_lo = tl.where(c_lo < c_hi, tl.minimum(t_lo, n_hi), n_hi)
+        t_hi = tl.where(c_lo < c_hi, tl.minimum(n_lo + tl.cdiv(c_hi - n_lo, BLOCK_N) * BLOCK_N, n_hi), n_hi)
+        for n0 in range(n_lo, t_lo, BLOCK_N):
+            m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2 = _nce_fwd_tile(
+                n0, xd0, xd1, xd2, yd0, yd1, yd2, stride_x, stride_y, offs_m, m_ok, m_start, n_hi, a0, a1, a2, inv_y,
+                N, it, m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                diag_offset, cmask, stride_cm, cm_col0, D0, D1, D2, NUM_LEVELS, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF, 2)
+        for n0 in range(t_hi, n_hi, BLOCK_N):
+            m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2 = _nce_fwd_tile(
+                n0, xd0, xd1, xd2, yd0, yd1, yd2, stride_x, stride_y, offs_m, m_ok, m_start, n_hi, a0, a1, a2, inv_y,
+                N, it, m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                diag_offset, cmask, stride_cm, cm_col0, D0, D1, D2, NUM_LEVELS, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF, 2)
+        for n0 in range(t_lo, t_hi, HALF):
+            m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2 = _nce_fwd_tile(
+                n0, xd0, xd1, xd2, yd0, yd1, yd2, stride_x, stride_y, offs_m, m_ok, m_start, n_hi, a0, a1, a2, inv_y,
+                N, it, m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                diag_offset, cmask, stride_cm, cm_col0, D0, D1, D2, NUM_LEVELS, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                BLOCK_M, HALF, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, False, HALF, 0)
+    else:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2 = _nce_fwd_tile(
+                n0, xd0, xd1, xd2, yd0, yd1, yd2, stride_x, stride_y, offs_m, m_ok, m_start, n_hi, a0, a1, a2, inv_y,
+                N, it, m0, l0, t0, p0, m1, l1, t1, p1, m2, l2, t2, p2, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                diag_offset, cmask, stride_cm, cm_col0, D0, D1, D2, NUM_LEVELS, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, HAS_CAND_MASK, USE_TMA, SPLIT, HALF, 0)
     base = pid_s * NUM_LEVELS * M
     _store_levels(part_m + base, M, offs_m, m_ok, m0, m1, m2, NUM_LEVELS)
     _store_levels(part_l + base, M, offs_m, m_ok, l0, l1, l2, NUM_LEVELS)
@@ -478,14 +570,42 @@ def _level_coef(acc, lvl, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g
                  tl.load(zpos + lvl * M + offs_m, mask=m_ok, other=0.0), it, valid, is_pos, HAS_DIAG)
 
 
-# Coefficient tiles. Each level's coefficients are formed when the dot crosses its width, so the live tiles
-# are the accumulator, E_0's running sum and the level being formed; each level's scales are loaded when
-# used. Static sm_90a report: 1 level 128 x 128 / 8 warps without spills; 3 levels (widths multiples of
-# 64) 128 x 64 / 8 warps with about 20 spilled words in the once-per-tile epilogue (Triton 3.9 and 3.6),
-# none in the D loop; 64 x 128 / 8 spills about 100 words under 3.6 and 128 x 128 about 500: not offered.
-# TMA (USE_TMA) for single levels only: at 3 levels it spills 128 x 64 inside the loop (15 / 16 STL / LDL,
-# Triton 3.9; 8 / 14 under 3.6) and leaves 128 x 128 at about 400 / 500: E_0's and E_1's running sums,
-# not addresses, are what does not fit.
+@triton.jit
+def _park(e_buf, slot: tl.constexpr, Cr, Cc, e_off, e_ok, v, E_F32: tl.constexpr):
+    """Parks the fp32 tile v in the coefficient block's memory, exactly: in slot `slot` when E is fp32, else
+    (16-bit E) its high / low 16 bits in slots `slot`, `slot + 1`. Every element goes back to the same
+    element's addresses (no other tile's), read back by _unpark after a barrier."""
+    if E_F32:
+        tl.store(e_buf + slot * Cr * Cc + e_off, v, mask=e_ok)
+    else:
+        e16 = e_buf.to(tl.pointer_type(tl.int16))
+        bits = v.to(tl.int32, bitcast=True)
+        tl.store(e16 + slot * Cr * Cc + e_off, (bits >> 16).to(tl.int16), mask=e_ok)
+        tl.store(e16 + (slot + 1) * Cr * Cc + e_off, bits.to(tl.int16), mask=e_ok)
+
+
+@triton.jit
+def _unpark(e_buf, slot: tl.constexpr, Cr, Cc, e_off, e_ok, E_F32: tl.constexpr):
+    """The tile _park left in slot `slot` (bit-exact)."""
+    if E_F32:
+        return tl.load(e_buf + slot * Cr * Cc + e_off, mask=e_ok, other=0.0)
+    else:
+        e16 = e_buf.to(tl.pointer_type(tl.int16))
+        hi = tl.load(e16 + slot * Cr * Cc + e_off, mask=e_ok, other=0).to(tl.int32)
+        lo = tl.load(e16 + (slot + 1) * Cr * Cc + e_off, mask=e_ok, other=0).to(tl.int32) & 0xFFFF
+        return ((hi << 16) | lo).to(tl.float32, bitcast=True)
+
+
+# Coefficient tiles. Each level's coefficients are formed when the dot crosses its width; with PARK (the
+# launcher's default at several levels) each is parked in E's memory at once, so only the accumulator is live
+# through the D loops (without: E_0's running sum too); each level's scales are loaded when used. Static
+# sm_90a figures: 1 level 128 x 128 / 8 warps without spills; 3 levels (widths multiples of 64) 128 x 64 / 8
+# warps: with PARK 5 / 6 spilled words (Triton 3.9; 3.6: 12 / 12), without about 20, all in the once-per-tile
+# epilogues, none in the D loops; 64 x 128 / 8 spills about 100 words under 3.6 and 128 x 128 about 340 / 460
+# even with PARK (the level epilogue's temporaries beside the live accumulator, not the sums): not offered.
+# TMA (USE_TMA) for single levels only: at 3 levels it spills 128 x 64 inside the loop (12 / 13 STL / LDL with
+# PARK, Triton 3.9; 3 / 3 under 3.6). Tried, not kept: 128 x 128 on TMA as two 64-wide accumulators with PARK
+# (none in the D loops but about 160 / 250 STL / LDL in the level epilogues, 3.9 and 3.6).
 _COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
                  for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 4, 4),
                                     (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4))]
@@ -521,7 +641,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
                          NUM_LEVELS: tl.constexpr, HAS_IDS_A: tl.constexpr, HAS_IDS_B: tl.constexpr,
                          HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                         ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr):
+                         ALIGNED: tl.constexpr, HAS_CAND_MASK: tl.constexpr, USE_TMA: tl.constexpr,
+                         PARK: tl.constexpr):
     """The backward's coefficient block of rows [r0, r0 + Cr) x candidates [c0, c0 + Cc).
 
     Recomputes the score tiles (all levels in one pass over D, as the forward), and writes
@@ -532,6 +653,10 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
         order (deterministic, no atomics).
     lse, g (upstream gradient times level weight), zpos: [L, M] per query row. The candidate mask (as the
     forward's) is addressed with the global row / candidate indices, so every chunk reads its own block.
+    PARK (several levels): each level's coefficient tile C^l but the last is parked in e_buf's own slots as
+    soon as it is formed (_park: exact; 16-bit E takes two slots per tile, so 3 levels need a fourth, scratch
+    slot) and the sums E_k are formed once, after the last D loop, in the same order as without PARK (E_0 =
+    (C^0 + C^1) + C^2, E_1 = C^1 + C^2): bit-identical, and only the accumulator is live through the D loops.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -556,27 +681,30 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
     # only E_0's running sum stays live through the later D loops: the live tiles are the accumulator and
     # E_0 whatever the level count (with three raw dot tiles live, 3 levels spilled above 64 x 64).
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _dot_range(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok,
-                     0, D0, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-    valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
-                               diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
-                               HAS_CAND_MASK)
-    e0, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
-                         is_pos, HAS_DIAG)
-    tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
-    tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
-    if NUM_LEVELS > 1:
+    if PARK and NUM_LEVELS > 1:
+        E_F32: tl.constexpr = e_ty == tl.float32
+        SLOT1: tl.constexpr = 1 if E_F32 else 2  # where C^1 is parked (C^0 at slot 0)
+        acc = _dot_range(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok,
+                         0, D0, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
+        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                   diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
+                                   HAS_CAND_MASK)
+        c0_, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
+                              is_pos, HAS_DIAG)
+        tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
+        tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
+        _park(e_buf, 0, Cr, Cc, e_off, e_ok, c0_, E_F32)
         acc = _dot_range(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok,
                          D0, D1, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
         valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                    True, HAS_CAND_MASK)
-        e1, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
-                             is_pos, HAS_DIAG)
+        c1_, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
+                              is_pos, HAS_DIAG)
         tl.store(rp + Cr + loc_m, tl.sum(q1, axis=1), mask=m_ok)
         tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
-        e0 += e1
         if NUM_LEVELS > 2:
+            _park(e_buf, SLOT1, Cr, Cc, e_off, e_ok, c1_, E_F32)
             acc = _dot_range(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok,
                              D1, D2, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
             valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
@@ -586,11 +714,55 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
                                  valid, is_pos, HAS_DIAG)
             tl.store(rp + 2 * Cr + loc_m, tl.sum(q2, axis=1), mask=m_ok)
             tl.store(cp + 2 * Cc + loc_n, tl.sum(q2, axis=0), mask=n_ok)
-            e0 += e2
-            e1 += e2
+            tl.debug_barrier()  # every thread's parked stores before any thread's reads (layouts may differ)
+            c1_ = _unpark(e_buf, SLOT1, Cr, Cc, e_off, e_ok, E_F32)
+            e1 = c1_ + e2
+            e0 = (_unpark(e_buf, 0, Cr, Cc, e_off, e_ok, E_F32) + c1_) + e2
+            tl.debug_barrier()  # every read of the parked slots before they are overwritten
             tl.store(e_buf + 2 * Cr * Cc + e_off, e2.to(e_ty), mask=e_ok)
+        else:
+            e1 = c1_
+            tl.debug_barrier()
+            e0 = _unpark(e_buf, 0, Cr, Cc, e_off, e_ok, E_F32) + c1_
+            tl.debug_barrier()
         tl.store(e_buf + Cr * Cc + e_off, e1.to(e_ty), mask=e_ok)
-    tl.store(e_buf + e_off, e0.to(e_ty), mask=e_ok)
+        tl.store(e_buf + e_off, e0.to(e_ty), mask=e_ok)
+    else:
+        acc = _dot_range(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok,
+                         0, D0, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
+        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                   diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
+                                   HAS_CAND_MASK)
+        e0, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
+                             is_pos, HAS_DIAG)
+        tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
+        tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
+        if NUM_LEVELS > 1:
+            acc = _dot_range(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok,
+                             D0, D1, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
+            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                       diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                                       True, HAS_CAND_MASK)
+            e1, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
+                                 is_pos, HAS_DIAG)
+            tl.store(rp + Cr + loc_m, tl.sum(q1, axis=1), mask=m_ok)
+            tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
+            e0 += e1
+            if NUM_LEVELS > 2:
+                acc = _dot_range(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok,
+                                 D1, D2, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
+                valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                                           diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
+                                           True, HAS_CAND_MASK)
+                e2, q2 = _level_coef(acc, 2, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it,
+                                     valid, is_pos, HAS_DIAG)
+                tl.store(rp + 2 * Cr + loc_m, tl.sum(q2, axis=1), mask=m_ok)
+                tl.store(cp + 2 * Cc + loc_n, tl.sum(q2, axis=0), mask=n_ok)
+                e0 += e2
+                e1 += e2
+                tl.store(e_buf + 2 * Cr * Cc + e_off, e2.to(e_ty), mask=e_ok)
+            tl.store(e_buf + Cr * Cc + e_off, e1.to(e_ty), mask=e_ok)
+        tl.store(e_buf + e_off, e0.to(e_ty), mask=e_ok)
 
 
 @triton.jit
@@ -698,6 +870,9 @@ _SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static repor
 # The narrowest forward candidate tile run as two halves at several levels with TMA (SPLIT in _nce_fwd_kernel):
 # 128 (the GPU tiles); the tests lower it to reach that path with the interpreter's small tiles.
 SPLIT_FROM = 128
+# The multi-level coefficient kernel parks each level's coefficient tile in E's memory (_nce_bwd_coef_kernel's
+# PARK): fewer registers, the same bits. False: the running sums in registers (tests compare the two).
+PARK = True
 
 # TMA loads in the score kernels' dot ranges where the operands qualify (_use_tma); False forces the pointer
 # path everywhere (the tests run both). Not with a candidate mask: there the 1-level 128 x 128 tiles reload
@@ -984,9 +1159,10 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
         raise ValueError(f"row_chunk and cand_chunk must be >= 1, got {row_chunk}, {cand_chunk}")
     # The coefficient kernel addresses its [L, Cr, Cc] block with int32 offsets.
     n_cand = max(N, shared_neg.shape[0] if shared_neg is not None else 0, 1)
-    if MAX_LEVELS * min(row_chunk, max(M, 1)) * min(cand_chunk, n_cand) >= 2 ** 31:
+    # (MAX_LEVELS + 1 slots: PARK's scratch slot.)
+    if (MAX_LEVELS + 1) * min(row_chunk, max(M, 1)) * min(cand_chunk, n_cand) >= 2 ** 31:
         raise ValueError(f"row_chunk * cand_chunk too large for the coefficient block: {row_chunk} x {cand_chunk} "
-                         f"(at most {(2 ** 31 - 1) // MAX_LEVELS} elements)")
+                         f"(at most {(2 ** 31 - 1) // (MAX_LEVELS + 1)} elements)")
     bm, _, bd = _blocks(D)
     dot = dot_args(rows.dtype)
     # fp16 coefficients P a b are tiny at large B (P ~ p / (B tau)) and would flush in fp16's exponent
@@ -1043,7 +1219,11 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                     iy = per_group[gi][inv_idx]
                     L = len(grp)
                     bm_c, bn_c = (16, 16) if INTERPRET else (64, 64)  # the smallest config: buffer sizes
-                    e = torch.empty(L, Cr, Cc, dtype=e_dtype, device=dev)
+                    # PARK (several levels): 16-bit E parks each fp32 tile in two slots, so 3 levels take
+                    # a fourth, scratch slot (+ Cr Cc 2 bytes); only e[:L] is read.
+                    park = PARK and L > 1
+                    slots = L + 1 if park and L == 3 and e_dtype.itemsize == 2 else L
+                    e = torch.empty(slots, Cr, Cc, dtype=e_dtype, device=dev)
                     rpart = torch.empty(triton.cdiv(Cc, bn_c), L, Cr, **f32)
                     cpart = torch.empty(triton.cdiv(Cr, bm_c), L, Cc, **f32)
                     idp = ids if masked else (dummy,) * 4
@@ -1059,7 +1239,7 @@ def nce_bwd(g: torch.Tensor, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r,
                             e, rpart, cpart, *_pad3(grp), NUM_LEVELS=L, HAS_IDS_A=masked and has_a,
                             HAS_IDS_B=masked and has_b, HAS_DIAG=masked, **dot,
                             ALIGNED=_aligned(grp), HAS_CAND_MASK=has_cm,
-                            USE_TMA=L == 1 and not has_cm and _use_tma(grp, rows, y), _D=D)
+                            USE_TMA=L == 1 and not has_cm and _use_tma(grp, rows, y), PARK=park, _D=D)
                     rsum[sl] += rpart.sum(0)
                     rc[sl, c0:c1] += cpart.sum(0)
                     for k, (lo, hi) in enumerate(_spans(grp)):
