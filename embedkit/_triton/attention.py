@@ -421,12 +421,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         k_head = K + kv_head.to(tl.int64) * stride_kh
-        v_head = V + kv_head.to(tl.int64) * stride_vh
         k_descs = _qk_descs(k_head, start, end, stride_kt, D, HALF, BLOCK_N, ROTARY, ROT_W, REST_W, USE_TMA)
-        v_desc = _rows_desc(v_head, start, end, stride_vt, D, BLOCK_N, HEAD_DIM, USE_TMA)
         ka, kb, kr = _load_qk(k_head, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE,
                               k_descs, k_lo - start, USE_TMA)
-        v = _load_rows(v_head, v_desc, stride_vt, offs_n, n_ok, offs_d, D, k_lo - start, USE_TMA).to(DOT_DTYPE)
+        v_head = V + kv_head.to(tl.int64) * stride_vh
+        v_desc = _rows_desc(v_head, start, end, stride_vt, D, BLOCK_N, HEAD_DIM, USE_TMA)
+        if USE_TMA:
+            v = v_desc.load([k_lo - start, 0]).to(DOT_DTYPE)
+        else:  # (not _load_rows: the pointer path's codegen as before the TMA path)
+            v = (tl.load(v_head + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
         # dk in the pieces of k (taken w.r.t. the rotated k; rotated back once at the end).
         if ROTARY:
             dka = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
@@ -447,9 +451,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
                 offs_m = q_lo + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < end
                 multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
-                qa, qb, qr = _load_qk(q_head, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
+                # (the pointers re-derived here, as before the TMA path: the pointer path's codegen is unchanged)
+                qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
                                       ROTARY, ROT_W, REST_W, DOT_DTYPE, q_descs, q_lo - start, USE_TMA)
-                do = _load_rows(do_head, do_desc, stride_dot, offs_m, m_ok, offs_d, D, q_lo - start, USE_TMA)
+                do = _load_rows(DO + head * stride_doh, do_desc, stride_dot, offs_m, m_ok, offs_d, D, q_lo - start,
+                                USE_TMA)
                 do = do.to(DOT_DTYPE)
                 lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
                 delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
