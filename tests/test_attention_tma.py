@@ -125,3 +125,26 @@ def test_forced_pointers_match_tma(kernels, monkeypatch, gate):
     lowp = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=dtype, causal=True, rotary=rotary)
     for name, a, b, o, lp in zip(NAMES, tma, ptr, oracle, lowp):
         assert max_err(a, b) <= 2.0 * max_err(lp, o) + 1e-5, name
+
+
+def test_prune_picks_the_spill_table_of_the_load_path(kernels):
+    """prune_configs reads SM90_KNOWN_SPILLS_TMA for USE_TMA launches, SM90_KNOWN_SPILLS otherwise."""
+    def kept(kind, head_dim, rotary, group, version, tma):
+        configs = {"fwd": kernels._FWD_CONFIGS, "dq": kernels._DQ_CONFIGS}.get(kind, kernels._DKDV_CONFIGS)
+        named = {"LEN_BUCKET": 512, **({"sm_scale": 1.0} if kind == "dq" else {}),
+                 **({"FUSED_DQ": False} if kind == "dkdv" else {})}
+        kw = {"HEAD_DIM": head_dim, "ROTARY": rotary, "GROUP": group, "USE_TMA": tma}
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in kernels.prune_configs(configs, named, kw, version=version)}
+
+    # forward, rotary, D128: 128x128 spills on pointers, not with descriptors
+    assert (128, 128, 8, 2) not in kept("fwd", 128, True, 1, "3.9", False)
+    assert (128, 128, 8, 2) in kept("fwd", 128, True, 1, "3.9", True)
+    # dq, rotary, D128, Triton 3.6: 128x64 spills with descriptors only
+    assert (128, 64, 8, 2) in kept("dq", 128, True, 1, "3.6", False)
+    assert (128, 64, 8, 2) not in kept("dq", 128, True, 1, "3.6", True)
+    assert (128, 64, 8, 2) in kept("dq", 128, True, 1, "3.9", True)
+    # dk / dv, no rotary, D128, GQA 4: 64x64 spills on pointers (any version), with descriptors under 3.9 only
+    assert (64, 64, 8, 2) not in kept("dkdv", 128, False, 4, "3.6", False)
+    assert (64, 64, 8, 2) in kept("dkdv", 128, False, 4, "3.6", True)
+    assert (64, 64, 8, 2) not in kept("dkdv", 128, False, 4, "3.9", True)

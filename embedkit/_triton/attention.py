@@ -545,6 +545,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
     start, end = _attn_seq_bounds(cu_seqlens, seq, T)
     kv_head = head // GROUP
     offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
     dq_base = DQ + head * stride_dqh
     step = tl.maximum(tl.cdiv(end - start, BLOCK_M), 1) * BLOCK_M
     if seq == 0:
@@ -564,10 +565,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
         do_desc = _rows_desc(do_head, start, end, stride_dot, D, BLOCK_M, HEAD_DIM, USE_TMA)
         k_descs = _qk_descs(k_base, start, end, stride_kt, D, HALF, BLOCK_N, ROTARY, ROT_W, REST_W, USE_TMA)
         v_desc = _rows_desc(v_base, start, end, stride_vt, D, BLOCK_N, HEAD_DIM, USE_TMA)
-        qa, qb, qr = _load_qk(q_head, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
+        qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
                               ROTARY, ROT_W, REST_W, DOT_DTYPE, q_descs, q_lo - start, USE_TMA)
-        do = _load_rows(do_head, do_desc, stride_dot, offs_m, m_ok, offs_d, D, q_lo - start,
-                        USE_TMA).to(DOT_DTYPE)
+        if USE_TMA:
+            do = do_desc.load([q_lo - start, 0]).to(DOT_DTYPE)
+        else:  # (not _load_rows: the pointer path's codegen as before the TMA path)
+            do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
         lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
         if ROTARY:
