@@ -748,7 +748,9 @@ def _cfg(bm, bn, warps, stages):
 # sm_90a report: every config below compiles to wgmma where its dots have M >= 64 and, where it
 # is not listed in SM90_KNOWN_SPILLS, has no spill inside its main loop at head dims 64 / 128.
 # Tiles of 64+ rows run with a multiple of 4 warps (wgmma is issued per warpgroup of 4).
-_FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
+# 128x64 w8 with three stages (fwd and dq): compiles without an in-loop spill on both load paths under Triton
+# 3.9 and 3.6 at head dims 64 / 128 (except dq + rotary at D128 on TMA under 3.6: SM90_KNOWN_SPILLS_TMA).
+_FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                 _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
 # dk / dv: the dots have M = BLOCK_N (the resident key tile), so BLOCK_N >= 64 on long sequences;
 # square tiles of each length bucket for the fused-dq path of short sequences.
@@ -757,7 +759,7 @@ _FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _
 _DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 1),
                  _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 # dq: M = BLOCK_M (the resident query tile).
-_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
+_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 
 
@@ -817,7 +819,7 @@ SM90_KNOWN_SPILLS_TMA: list[tuple[str, int, bool, int, frozenset | None, frozens
     ("dkdv", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2)})),
     ("dkdv", 128, False, 2, frozenset({"3.9"}), frozenset({(64, 64, 8, 2)})),
     ("dkdv", 128, False, 2, frozenset({"3.6"}), frozenset({(32, 128, 8, 2)})),
-    ("dq", 128, True, 1, frozenset({"3.6"}), frozenset({(128, 64, 8, 2)})),
+    ("dq", 128, True, 1, frozenset({"3.6"}), frozenset({(128, 64, 8, 2), (128, 64, 8, 3)})),
     ("dkdv_dq", 128, True, 1, None, frozenset({(64, 64, 8, 2)})),
     ("dkdv_dq", 128, True, 1, frozenset({"3.6"}), frozenset({(32, 64, 8, 2), (32, 64, 8, 1)})),
     ("dkdv_dq", 128, False, 2, frozenset({"3.6"}), frozenset({(64, 64, 8, 2)})),
