@@ -75,8 +75,20 @@ def attention_cases(quick: bool):
 
 
 def _run_attention(D, Hq, Hkv, L, rot, dtype):
+    """Both load paths: TMA descriptors (USE_TMA, what these aligned bf16 inputs get) and pointer tiles
+    (what misaligned or strided inputs get; attention.TMA = False forces them here)."""
     from embedkit._triton import attention as A
 
+    saved = A.TMA
+    try:
+        for tma in (True, False):
+            A.TMA = tma
+            _run_attention_path(A, D, Hq, Hkv, L, rot, dtype)
+    finally:
+        A.TMA = saved
+
+
+def _run_attention_path(A, D, Hq, Hkv, L, rot, dtype):
     T = 2 * L  # two sequences of max_seqlen: T, strides and offsets keep their divisibility by 16
     q = torch.empty(T, Hq, D, dtype=dtype)
     k = torch.empty(T, Hkv, D, dtype=dtype)

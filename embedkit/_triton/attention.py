@@ -63,7 +63,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import LN2, LOG2E, TRITON_VERSION, dot_args, gpu_autotune, interpreter_config, launch_arg
+from ._common import (LN2, LOG2E, TRITON_VERSION, dot_args, ensure_tma_allocator, gpu_autotune, interpreter_config,
+                      launch_arg)
 
 
 # ---- device helpers ---------------------------------------------------------------------------
@@ -101,13 +102,19 @@ def _tables(COS, SIN, offs_t, t_ok, HALF, ROT_W: tl.constexpr):
 
 @triton.jit
 def _load_qk(base, stride_t, offs_t, t_ok, D, COS, SIN, HALF, ROTARY: tl.constexpr, ROT_W: tl.constexpr,
-             REST_W: tl.constexpr, DOT_DTYPE: tl.constexpr):
+             REST_W: tl.constexpr, DOT_DTYPE: tl.constexpr, descs=None, row=0, USE_TMA: tl.constexpr = False):
     """(A, B, C) pieces of a q or k tile in DOT_DTYPE, A / B rotated when ROTARY:
     A' = A cos - B sin, B' = B cos + A sin. Pieces a configuration does not have are 1-column
-    placeholders (never used)."""
+    placeholders (never used). USE_TMA: the pieces come from the descriptors `descs` (_qk_descs) at
+    row `row` of the sequence (offs_t = its first token + row + arange): TMA zero-fills the rows past
+    the sequence and the columns past each piece, so no row / column masks."""
     if ROTARY:
-        x1 = _load_cols(base, stride_t, offs_t, t_ok, 0, HALF, ROT_W).to(tl.float32)
-        x2 = _load_cols(base, stride_t, offs_t, t_ok, HALF, 2 * HALF, ROT_W).to(tl.float32)
+        if USE_TMA:
+            x1 = descs[0].load([row, 0]).to(tl.float32)
+            x2 = descs[1].load([row, 0]).to(tl.float32)
+        else:
+            x1 = _load_cols(base, stride_t, offs_t, t_ok, 0, HALF, ROT_W).to(tl.float32)
+            x2 = _load_cols(base, stride_t, offs_t, t_ok, HALF, 2 * HALF, ROT_W).to(tl.float32)
         c, s = _tables(COS, SIN, offs_t, t_ok, HALF, ROT_W)
         a = (x1 * c - x2 * s).to(DOT_DTYPE)
         b = (x2 * c + x1 * s).to(DOT_DTYPE)
@@ -115,10 +122,58 @@ def _load_qk(base, stride_t, offs_t, t_ok, D, COS, SIN, HALF, ROTARY: tl.constex
         a = 0
         b = 0
     if REST_W > 0:
-        r = _load_cols(base, stride_t, offs_t, t_ok, 2 * HALF, D, REST_W).to(DOT_DTYPE)
+        if USE_TMA:
+            r = descs[2].load([row, 0]).to(DOT_DTYPE)
+        else:
+            r = _load_cols(base, stride_t, offs_t, t_ok, 2 * HALF, D, REST_W).to(DOT_DTYPE)
     else:
         r = 0
     return a, b, r
+
+
+@triton.jit
+def _qk_descs(head_base, start, end, stride_t, D, HALF, BLOCK: tl.constexpr, ROTARY: tl.constexpr,
+              ROT_W: tl.constexpr, REST_W: tl.constexpr, USE_TMA: tl.constexpr):
+    """The column pieces of _load_qk as device-side TMA descriptors over one head of one sequence (rows
+    [start, end), [BLOCK, piece] boxes): A = [0, HALF), B = [HALF, 2 HALF), C = [2 HALF, D). Without
+    USE_TMA (or for a piece a configuration does not have) the head's pointer stands in."""
+    base = head_base + start.to(tl.int64) * stride_t
+    da = head_base
+    db = head_base
+    dc = head_base
+    if USE_TMA:
+        if ROTARY:
+            da = tl.make_tensor_descriptor(base, shape=[end - start, HALF], strides=[stride_t, 1],
+                                           block_shape=[BLOCK, ROT_W])
+            db = tl.make_tensor_descriptor(base + HALF, shape=[end - start, HALF], strides=[stride_t, 1],
+                                           block_shape=[BLOCK, ROT_W])
+        if REST_W > 0:
+            dc = tl.make_tensor_descriptor(base + 2 * HALF, shape=[end - start, D - 2 * HALF], strides=[stride_t, 1],
+                                           block_shape=[BLOCK, REST_W])
+    return da, db, dc
+
+
+@triton.jit
+def _rows_desc(head_base, start, end, stride_t, D, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """A [BLOCK, HEAD_DIM]-box TMA descriptor over one head of one sequence (v, dO) under USE_TMA, else
+    the head's pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(head_base + start.to(tl.int64) * stride_t, shape=[end - start, D],
+                                         strides=[stride_t, 1], block_shape=[BLOCK, HEAD_DIM])
+    else:
+        return head_base
+
+
+@triton.jit
+def _load_rows(base, desc, stride_t, offs_t, t_ok, offs_d, D, row, USE_TMA: tl.constexpr):
+    """Tile [rows, HEAD_DIM] of a [T, D] head slice (v, dO), zero past D and for rows not t_ok."""
+    if USE_TMA:
+        x = desc.load([row, 0])
+    else:
+        x = tl.load(base + offs_t[:, None].to(tl.int64) * stride_t + offs_d[None, :],
+                    mask=t_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -200,14 +255,15 @@ def _attn_fwd_block(acc, m_i, l_i, qa, qb, qr, k_base, v_base, stride_kt, stride
                     offs_d, D, COS, SIN, HALF, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, ROT_W: tl.constexpr,
                     REST_W: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, k_descs, v_desc, start, USE_TMA: tl.constexpr):
     """One key block of the online softmax. MASKED: the block straddles the sequence end or the
-    causal diagonal; the others skip the score mask."""
+    causal diagonal; the others skip the score mask. USE_TMA: k / v from the sequence's descriptors
+    (k_descs, v_desc; rows past the sequence read as zeros, their scores are masked)."""
     offs_n = k_lo + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hi
-    ka, kb, kr = _load_qk(k_base, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    ka, kb, kr = _load_qk(k_base, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE,
+                          k_descs, k_lo - start, USE_TMA)
+    v = _load_rows(v_base, v_desc, stride_vt, offs_n, n_ok, offs_d, D, k_lo - start, USE_TMA)
     s = _dot_qk(qa, qb, qr, ka, kb, kr, ROTARY, REST_W, DOT_PREC)
     if MASKED:
         valid = n_ok[None, :]
@@ -230,10 +286,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN, SCHED,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
                      ROT_W: tl.constexpr, REST_W: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_TMA: tl.constexpr):
     """One program per (query tile of one sequence, query head) of the exact grid (tile_schedule),
     query head fastest: the GROUP heads sharing one kv head run as neighbouring programs, so a
-    tile's K / V come from DRAM once per group and from L2 for the rest of the group."""
+    tile's K / V come from DRAM once per group and from L2 for the rest of the group.
+    USE_TMA: q, k, v loaded through device-side descriptors of the sequence (_qk_descs, _rows_desc)."""
     head, seq, tile = _attn_tile(SCHED, tl.program_id(0), HQ, BLOCK_M)
     start, end = _attn_seq_bounds(cu_seqlens, seq, T)
     kv_head = head // GROUP
@@ -253,8 +311,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN, SCHED,
     if q_lo < end:  # false only for the placeholder tile of an empty first / last sequence
         offs_m = q_lo + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
-        qa, qb, qr = _load_qk(Q + head.to(tl.int64) * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
-                              ROTARY, ROT_W, REST_W, DOT_DTYPE)
+        q_head = Q + head.to(tl.int64) * stride_qh
+        q_descs = _qk_descs(q_head, start, end, stride_qt, D, HALF, BLOCK_M, ROTARY, ROT_W, REST_W, USE_TMA)
+        k_descs = _qk_descs(k_base, start, end, stride_kt, D, HALF, BLOCK_N, ROTARY, ROT_W, REST_W, USE_TMA)
+        v_desc = _rows_desc(v_base, start, end, stride_vt, D, BLOCK_N, HEAD_DIM, USE_TMA)
+        qa, qb, qr = _load_qk(q_head, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
+                              ROTARY, ROT_W, REST_W, DOT_DTYPE, q_descs, q_lo - start, USE_TMA)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -267,13 +329,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, COS, SIN, SCHED,
         for k_lo in range(start, full_hi, BLOCK_N):
             acc, m_i, l_i = _attn_fwd_block(acc, m_i, l_i, qa, qb, qr, k_base, v_base, stride_kt, stride_vt, k_lo,
                                             hi, offs_m, offs_d, D, COS, SIN, HALF, qk_scale, False, CAUSAL, ROTARY,
-                                            ROT_W, REST_W, DOT_DTYPE, DOT_PREC, BLOCK_N)
+                                            ROT_W, REST_W, DOT_DTYPE, DOT_PREC, BLOCK_N,
+                                            k_descs, v_desc, start, USE_TMA)
         # The sequence-end / diagonal blocks. Every row sees its sequence's first key in the first
         # block it processes, so m_i is finite from then on.
         for k_lo in range(full_hi, hi, BLOCK_N):
             acc, m_i, l_i = _attn_fwd_block(acc, m_i, l_i, qa, qb, qr, k_base, v_base, stride_kt, stride_vt, k_lo,
                                             hi, offs_m, offs_d, D, COS, SIN, HALF, qk_scale, True, CAUSAL, ROTARY,
-                                            ROT_W, REST_W, DOT_DTYPE, DOT_PREC, BLOCK_N)
+                                            ROT_W, REST_W, DOT_DTYPE, DOT_PREC, BLOCK_N,
+                                            k_descs, v_desc, start, USE_TMA)
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
@@ -323,9 +387,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
                           ROT_W: tl.constexpr, REST_W: tl.constexpr,
                           HAS_DLSE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_DTYPE: tl.constexpr,
                           DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (key tile, kv head) of the exact grid, kv head fastest: dk, dv accumulated
-    over the group's heads x query blocks.
+    over the group's heads x query blocks. USE_TMA: q, k, v, dO through descriptors of the sequence
+    (q / dO: one pair per head of the group).
 
     FUSED_DQ (every sequence fits in one query block and one key tile): the program sees all of its
     sequence's scores, so it also writes the complete dq of each head of its group -- each element
@@ -356,9 +421,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         k_head = K + kv_head.to(tl.int64) * stride_kh
-        ka, kb, kr = _load_qk(k_head, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE)
-        v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
-                     + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+        k_descs = _qk_descs(k_head, start, end, stride_kt, D, HALF, BLOCK_N, ROTARY, ROT_W, REST_W, USE_TMA)
+        ka, kb, kr = _load_qk(k_head, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE,
+                              k_descs, k_lo - start, USE_TMA)
+        v_head = V + kv_head.to(tl.int64) * stride_vh
+        v_desc = _rows_desc(v_head, start, end, stride_vt, D, BLOCK_N, HEAD_DIM, USE_TMA)
+        if USE_TMA:
+            v = v_desc.load([k_lo - start, 0]).to(DOT_DTYPE)
+        else:  # (not _load_rows: the pointer path's codegen as before the TMA path)
+            v = (tl.load(v_head + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
         # dk in the pieces of k (taken w.r.t. the rotated k; rotated back once at the end).
         if ROTARY:
             dka = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
@@ -371,14 +443,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_seqlens, COS, 
             lo = start + ((k_lo - start) // BLOCK_M) * BLOCK_M
         for g in range(GROUP):
             head = (kv_head * GROUP + g).to(tl.int64)
+            q_head = Q + head * stride_qh
+            do_head = DO + head * stride_doh
+            q_descs = _qk_descs(q_head, start, end, stride_qt, D, HALF, BLOCK_M, ROTARY, ROT_W, REST_W, USE_TMA)
+            do_desc = _rows_desc(do_head, start, end, stride_dot, D, BLOCK_M, HEAD_DIM, USE_TMA)
             for q_lo in range(lo, end, BLOCK_M):
                 offs_m = q_lo + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < end
                 multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
+                # (the pointers re-derived here, as before the TMA path: the pointer path's codegen is unchanged)
                 qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
-                                      ROTARY, ROT_W, REST_W, DOT_DTYPE)
-                do = tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                                      ROTARY, ROT_W, REST_W, DOT_DTYPE, q_descs, q_lo - start, USE_TMA)
+                do = _load_rows(DO + head * stride_doh, do_desc, stride_dot, offs_m, m_ok, offs_d, D, q_lo - start,
+                                USE_TMA)
                 do = do.to(DOT_DTYPE)
                 lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
                 delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
@@ -426,13 +503,13 @@ def _attn_dq_block(dqa, dqb, dqr, qa, qb, qr, do, lse2, delta, multi, k_base, v_
                    k_lo, hi, offs_m, offs_d, D, COS, SIN, HALF, qk_scale,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, ROT_W: tl.constexpr,
                    REST_W: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """One key block of dq = sum_k dS k (see _attn_fwd_block for MASKED)."""
+                   BLOCK_N: tl.constexpr, k_descs, v_desc, start, USE_TMA: tl.constexpr):
+    """One key block of dq = sum_k dS k (see _attn_fwd_block for MASKED and USE_TMA)."""
     offs_n = k_lo + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hi
-    ka, kb, kr = _load_qk(k_base, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE)
-    v = (tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                 mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)).to(DOT_DTYPE)
+    ka, kb, kr = _load_qk(k_base, stride_kt, offs_n, n_ok, D, COS, SIN, HALF, ROTARY, ROT_W, REST_W, DOT_DTYPE,
+                          k_descs, k_lo - start, USE_TMA)
+    v = _load_rows(v_base, v_desc, stride_vt, offs_n, n_ok, offs_d, D, k_lo - start, USE_TMA).to(DOT_DTYPE)
     s = _dot_qk(qa, qb, qr, ka, kb, kr, ROTARY, REST_W, DOT_PREC)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
@@ -458,9 +535,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
                         GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
                         ROT_W: tl.constexpr, REST_W: tl.constexpr,
                         HAS_DLSE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        USE_TMA: tl.constexpr):
     """One program per (query tile, query head) of the exact grid, query head fastest (see
-    _attn_fwd_kernel): dq accumulated over the key blocks of its sequence."""
+    _attn_fwd_kernel): dq accumulated over the key blocks of its sequence. USE_TMA: q, k, v, dO
+    through descriptors of the sequence."""
     head, seq, tile = _attn_tile(SCHED, tl.program_id(0), HQ, BLOCK_M)
     head = head.to(tl.int64)
     start, end = _attn_seq_bounds(cu_seqlens, seq, T)
@@ -480,10 +559,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
         offs_m = q_lo + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
         multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
+        q_head = Q + head * stride_qh
+        do_head = DO + head * stride_doh
+        q_descs = _qk_descs(q_head, start, end, stride_qt, D, HALF, BLOCK_M, ROTARY, ROT_W, REST_W, USE_TMA)
+        do_desc = _rows_desc(do_head, start, end, stride_dot, D, BLOCK_M, HEAD_DIM, USE_TMA)
+        k_descs = _qk_descs(k_base, start, end, stride_kt, D, HALF, BLOCK_N, ROTARY, ROT_W, REST_W, USE_TMA)
+        v_desc = _rows_desc(v_base, start, end, stride_vt, D, BLOCK_N, HEAD_DIM, USE_TMA)
         qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
-                              ROTARY, ROT_W, REST_W, DOT_DTYPE)
-        do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+                              ROTARY, ROT_W, REST_W, DOT_DTYPE, q_descs, q_lo - start, USE_TMA)
+        if USE_TMA:
+            do = do_desc.load([q_lo - start, 0]).to(DOT_DTYPE)
+        else:  # (not _load_rows: the pointer path's codegen as before the TMA path)
+            do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
         lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
         if ROTARY:
@@ -506,12 +594,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, COS, SIN, SCHED
             dqa, dqb, dqr = _attn_dq_block(dqa, dqb, dqr, qa, qb, qr, do, lse2, delta, multi, k_base, v_base,
                                            stride_kt, stride_vt, k_lo, hi, offs_m, offs_d, D, COS, SIN, HALF,
                                            qk_scale, False, CAUSAL, ROTARY, ROT_W, REST_W, DOT_DTYPE, DOT_PREC,
-                                           BLOCK_N)
+                                           BLOCK_N, k_descs, v_desc, start, USE_TMA)
         for k_lo in range(full_hi, hi, BLOCK_N):
             dqa, dqb, dqr = _attn_dq_block(dqa, dqb, dqr, qa, qb, qr, do, lse2, delta, multi, k_base, v_base,
                                            stride_kt, stride_vt, k_lo, hi, offs_m, offs_d, D, COS, SIN, HALF,
                                            qk_scale, True, CAUSAL, ROTARY, ROT_W, REST_W, DOT_DTYPE, DOT_PREC,
-                                           BLOCK_N)
+                                           BLOCK_N, k_descs, v_desc, start, USE_TMA)
         _store_grad(dq_base, stride_dqt, offs_m, m_ok, D, COS, SIN, HALF, dqa, dqb, dqr, sm_scale,
                     ROTARY, ROT_W, REST_W)
 
@@ -660,7 +748,9 @@ def _cfg(bm, bn, warps, stages):
 # sm_90a report: every config below compiles to wgmma where its dots have M >= 64 and, where it
 # is not listed in SM90_KNOWN_SPILLS, has no spill inside its main loop at head dims 64 / 128.
 # Tiles of 64+ rows run with a multiple of 4 warps (wgmma is issued per warpgroup of 4).
-_FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
+# 128x64 w8 with three stages (fwd and dq): compiles without an in-loop spill on both load paths under Triton
+# 3.9 and 3.6 at head dims 64 / 128 (except dq + rotary at D128 on TMA under 3.6: SM90_KNOWN_SPILLS_TMA).
+_FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                 _cfg(32, 32, 2, 2), _cfg(16, 16, 2, 2)]
 # dk / dv: the dots have M = BLOCK_N (the resident key tile), so BLOCK_N >= 64 on long sequences;
 # square tiles of each length bucket for the fused-dq path of short sequences.
@@ -669,7 +759,7 @@ _FWD_CONFIGS = [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _
 _DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 1),
                  _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 # dq: M = BLOCK_M (the resident query tile).
-_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
+_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                _cfg(32, 32, 4, 2), _cfg(16, 16, 2, 2)]
 
 
@@ -720,6 +810,25 @@ SM90_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, frozenset]]
     ("dkdv_dq", 64, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2), (64, 64, 8, 2)})),
 ]
 
+# The same for the TMA path (USE_TMA: no pointer tiles or masks, other register figures), from the sm_90a
+# compile under Triton 3.9 and 3.6 of every config at head dims 64 / 128, GROUP 1 / 4, rotary off / full,
+# max_seqlen 64 / 512, and the full static report (partial rotary too).
+SM90_KNOWN_SPILLS_TMA: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = [
+    ("fwd", 128, True, 1, None, frozenset({(128, 128, 8, 2)})),  # partial rotary (full rotary does not spill)
+    # dk / dv with rotary at D >= 128 launch on pointers (attention_bwd); the rows say why.
+    ("dkdv", 128, True, 1, None, frozenset({(32, 128, 8, 2), (64, 64, 8, 2)})),
+    ("dkdv", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 2)})),
+    ("dkdv", 128, False, 2, frozenset({"3.9"}), frozenset({(64, 64, 8, 2)})),
+    ("dkdv", 128, False, 2, frozenset({"3.6"}), frozenset({(32, 128, 8, 2)})),
+    ("dq", 128, True, 1, frozenset({"3.6"}), frozenset({(128, 64, 8, 2), (128, 64, 8, 3)})),
+    ("dkdv_dq", 128, True, 1, None, frozenset({(64, 64, 8, 2)})),
+    ("dkdv_dq", 128, True, 1, frozenset({"3.6"}), frozenset({(32, 64, 8, 2), (32, 64, 8, 1)})),
+    ("dkdv_dq", 128, False, 2, None, frozenset({(64, 64, 8, 2)})),
+    # partial rotary at D64, GQA 4 (the CI subset of bench/static_report, Triton 3.9): 1 / 7 STL / LDL per block
+    ("dkdv_dq", 64, True, 2, None, frozenset({(64, 64, 8, 2)})),
+]
+
+
 def known_spills(kind: str, head_dim: int, rotary: bool, group: int, version: str = TRITON_VERSION,
                  table: list | None = None) -> set:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) that spill in their loop for this kernel and Triton
@@ -749,7 +858,8 @@ def prune_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON
     bucket = named_args["LEN_BUCKET"]
     head_dim = arg("HEAD_DIM") or 64
     kind = _kind_of(named_args, kwargs)
-    spills = known_spills(kind, head_dim, bool(arg("ROTARY", False)), int(arg("GROUP", 1)), version)
+    spills = known_spills(kind, head_dim, bool(arg("ROTARY", False)), int(arg("GROUP", 1)), version,
+                          SM90_KNOWN_SPILLS_TMA if arg("USE_TMA") else SM90_KNOWN_SPILLS)
 
     def fits(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -784,9 +894,9 @@ def _prune(configs, named_args, **kwargs):
 
 # Keyed on head dim and length bucket (plus the flags that change the kernel's work).
 _KEY = ["HEAD_DIM", "LEN_BUCKET", "GROUP", "CAUSAL", "ROTARY", "ROT_W", "REST_W", "DOT_DTYPE"]
-_fwd_launch = gpu_autotune(_FWD_CONFIGS, _KEY, _prune)(_attn_fwd_kernel)
-_dkdv_launch = gpu_autotune(_DKDV_CONFIGS, _KEY + ["FUSED_DQ"], _prune)(_attn_bwd_dkdv_kernel)
-_dq_launch = gpu_autotune(_DQ_CONFIGS, _KEY, _prune)(_attn_bwd_dq_kernel)
+_fwd_launch = gpu_autotune(_FWD_CONFIGS, _KEY + ["USE_TMA"], _prune)(_attn_fwd_kernel)
+_dkdv_launch = gpu_autotune(_DKDV_CONFIGS, _KEY + ["FUSED_DQ", "USE_TMA"], _prune)(_attn_bwd_dkdv_kernel)
+_dq_launch = gpu_autotune(_DQ_CONFIGS, _KEY + ["USE_TMA"], _prune)(_attn_bwd_dq_kernel)
 
 # The one-kernel backward (_attn_bwd_fused_kernel, deterministic=False). It runs only where the
 # fused-dq path does not (max_seqlen > FUSED_DQ_MAX_SEQLEN: length bucket >= 128), so its configs are
@@ -958,6 +1068,31 @@ def _rotary_args(rotary, q, head_dim: int):
         (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
+# Device-side TMA descriptors for the q / k / v / dO loads of the forward, dk / dv and dq kernels where the
+# inputs allow (_use_tma); False forces the pointer path everywhere (tests, A/B benchmarks).
+TMA = True
+
+
+def _use_tma(half: int, rotary: bool, *ts: torch.Tensor) -> bool:
+    """Whether the attention kernels load these [T, H, D] operands through TMA descriptors (_qk_descs,
+    _rows_desc): fp16 / bf16 (fp32 operands take the FMA dot, nothing for TMA to feed), unit last stride,
+    base address, token and head strides in bytes multiples of 16 (TMA's rules: every descriptor starts at
+    a token row of a head), and the piece widths too (the B / C pieces start HALF / 2 HALF columns in:
+    HALF and D - 2 HALF, or D without rotary, times the element size). Sets the scratch allocator the
+    descriptors need on a GPU."""
+    if not TMA:
+        return False
+    D = ts[0].shape[-1]
+    elem = ts[0].element_size()
+    widths = (half, D - 2 * half) if rotary else (D,)
+    ok = all(t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 3 and t.stride(2) == 1
+             and t.data_ptr() % 16 == 0 and (t.stride(0) * elem) % 16 == 0 and (t.stride(1) * elem) % 16 == 0
+             and t.element_size() == elem for t in ts) and all((w * elem) % 16 == 0 for w in widths)
+    if ok and any(t.device.type == "cuda" for t in ts):
+        ensure_tma_allocator()
+    return ok
+
+
 def _grid_seqlen(max_seqlen: int, sched: TileSchedule) -> int:
     """max_seqlen as the tile choice sees it: the longest clamped length when the caller's figure
     is too small (validation off) -- the fused-dq path needs every sequence in one tile."""
@@ -995,7 +1130,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         T, D, half, softmax_scale * LOG2E.value, length_bucket(max_seqlen), B, Hq,
         GROUP=Hq // Hkv, CAUSAL=bool(causal), ROTARY=has_rot, ROT_W=rot_w, REST_W=rest_w, **dot_args(q.dtype),
-        HEAD_DIM=head_dim, **interpreter_config(INTERPRET_CONFIG))
+        HEAD_DIM=head_dim, USE_TMA=_use_tma(half, has_rot, q, k, v), **interpreter_config(INTERPRET_CONFIG))
     return out, lse
 
 
@@ -1045,11 +1180,16 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         _attention_bwd_fused(q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, cos, sin, sched, grid_kv,
                              scalars, Hkv, common)
         return dq, dk, dv
+    # Not in `common`: the one-kernel backward above has no TMA path (its specializations stay as they are).
+    use_tma = _use_tma(half, has_rot, q, k, v, grad_out)
+    # dk / dv with rotary at head dims >= 128 stay on pointers: with descriptors every config spills in its
+    # loop at GQA 4 under Triton 3.6 (32x64 w8 included; the pointer path's 32x64 does not).
+    dkdv_tma = use_tma and not (has_rot and head_dim >= 128)
     _dkdv_launch[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, dq, cu_seqlens, cos, sin, sched.table,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        dq.stride(0), dq.stride(1), *scalars, Hkv, FUSED_DQ=fused_dq, **common)
+        dq.stride(0), dq.stride(1), *scalars, Hkv, FUSED_DQ=fused_dq, USE_TMA=dkdv_tma, **common)
     if fused_dq:
         return dq, dk, dv
 
@@ -1060,7 +1200,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, cos, sin, sched.table,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
-        *scalars, Hq, **common)
+        *scalars, Hq, USE_TMA=use_tma, **common)
     return dq, dk, dv
 
 
