@@ -164,7 +164,7 @@ def pinned_specs() -> list[dict]:
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, **bf16,
                                                        ALIGNED=aligned, SPLIT_FROM=128, **flags)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
-                                                            **bf16, ALIGNED=aligned, PARK=True, **flags)))
+                                                            **bf16, ALIGNED=aligned, PARK=False, **flags)))
     specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
                                                    ALIGNED=False, SPLIT_FROM=128, **flags), emb="*fp16", warps=4))
     specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **fp16,
@@ -177,7 +177,7 @@ def pinned_specs() -> list[dict]:
         specs.append(_nce_spec("_nce_fwd_kernel", dict(NUM_LEVELS=3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **bf16,
                                                        ALIGNED=True, SPLIT_FROM=128, **masked)))
         specs.append(_nce_spec("_nce_bwd_coef_kernel", dict(NUM_LEVELS=3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
-                                                            **bf16, ALIGNED=True, PARK=True, **masked)))
+                                                            **bf16, ALIGNED=True, PARK=False, **masked)))
     specs.append(_nce_spec("_nce_row_negative_bwd_kernel", dict(NUM_LEVELS=3, HAS_CAND_MASK=True, **blk), warps=4))
     # TMA (USE_TMA, bf16): the 3-level forward at 128 x 64 (aligned or not) and the 1-level coefficient tile.
     tma = dict(flags, USE_TMA=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import embedkit
 from embedkit.ops import reference
@@ -186,6 +186,10 @@ def test_kernel_matches_dense_oracle(backend, B, D, K, ids, tensor_temp, symmetr
        ids=st.sampled_from(["none", "dups", "one_label"]), tensor_temp=st.booleans(), symmetric=st.booleans(),
        shared=st.booleans(), levels=st.integers(1, 4), reduction=st.sampled_from(["mean", "sum", "none"]),
        seed=st.integers(0, 2 ** 16))
+# Found by a random run: d_temperature as sum_i <rows_i, dS_i C> cancelled two 1 / tau sums (2.6e-4 error,
+# limit 7.2e-5); now centred on the positive.
+@example(B=19, D=768, K=1, ids="none", tensor_temp=True, symmetric=False, shared=False, levels=1,
+         reduction="none", seed=0)
 def test_reference_matches_dense_oracle(B, D, K, ids, tensor_temp, symmetric, shared, levels, reduction, seed):
     check("reference", torch.float32, B, D, K, ids=ids, tensor_temp=tensor_temp, symmetric=symmetric,
           shared=shared, mrl_dims=_dims_for(D, levels), reduction=reduction, seed=seed)

@@ -39,6 +39,7 @@ def _grads(dtype, dims, symmetric, K, seed=3, B=37, D=None, temp=0.05):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("dims", [[16, 40], [16, 40, 72]], ids=["L2", "L3"])
 def test_park_is_bit_identical_to_registers(kernels, monkeypatch, dtype, dims):
+    monkeypatch.setattr(kernels, "PARK", True)
     parked = _grads(dtype, dims, symmetric=True, K=1)
     monkeypatch.setattr(kernels, "PARK", False)
     held = _grads(dtype, dims, symmetric=True, K=1)
@@ -60,6 +61,10 @@ def test_park_is_taken_and_sizes_the_scratch_slot(kernels, monkeypatch):
             seen.append((kw["NUM_LEVELS"], kw["PARK"], e.shape[0], e.dtype))
         return real(kernel, grid, *args, _D=_D, **kw)
     monkeypatch.setattr(kernels, "_launch", spy)
+    _grads(torch.bfloat16, [16, 40, 72], symmetric=False, K=0)  # the default: no PARK
+    assert seen == [(3, False, 3, torch.bfloat16)] * len(seen) and seen
+    seen.clear()
+    monkeypatch.setattr(kernels, "PARK", True)
     _grads(torch.bfloat16, [16, 40, 72], symmetric=False, K=0)
     _grads(torch.float16, [16, 40, 72], symmetric=False, K=0)
     _grads(torch.bfloat16, [16, 40], symmetric=False, K=0)

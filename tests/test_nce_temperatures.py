@@ -4,7 +4,7 @@ every kernel backend. 1/tau amplifies any difference between the forward's score
 recomputation, so this is where an inexact recomputation shows first."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import embedkit
 from conftest import DEVICE
@@ -27,6 +27,9 @@ def _loss(backend, q, t, neg, temp, ids, dtype):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @settings(max_examples=3)
 @given(seed=st.integers(0, 2**16), B=st.integers(2, 12), K=st.integers(1, 2))
+# Found by a random run: E_p[z] - z_pos formed as the difference of two ~1 / tau logits lost 20x the
+# reference's accuracy in d_temperature at tau = 0.05 (1.8e-5 vs 2.4e-6); now taken about the max.
+@example(seed=3381, B=2, K=2)
 def test_loss_and_gradients_by_the_rule_at_small_temperatures(backend, tau, seed, B, K):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, 24, generator=g, dtype=torch.float64).to(DEVICE)

@@ -126,15 +126,19 @@ def _level_descs(x, M, stride_x, y, N, stride_y, D0, D1, D2, BLOCK_M: tl.constex
 @triton.jit
 def _online_update(m, l, t, z, valid):
     """One tile of the online logsumexp in logit units: running max m (_NEG_INIT while a row has had
-    nothing valid), l = sum exp(z - m), t = sum exp(z - m) z (for E_p[z], the temperature's gradient).
-    Only the masked logits zm are kept live (no separate cosine tile, no predicate tile after the max)."""
+    nothing valid), l = sum exp(z - m), t = sum exp(z - m) (z - m) (for E_p[z] - m, the temperature's
+    gradient: taken about the running max, its terms are small where p is large, so E_p[z] - z_pos does
+    not cancel two logits of size 1 / tau). Only the masked logits zm are kept live (no separate cosine
+    tile, no predicate tile after the max)."""
     zm = tl.where(valid, z, _NEG_INIT)
     m_new = tl.maximum(m, tl.max(zm, axis=1))
     # Rows with nothing valid yet subtract 0, so their masked entries give exp(-1e30) = 0 (not exp(0)).
     m_sub = tl.where(m_new > _NEG_INIT, m_new, 0.0)
     alpha = tl.where(m > _NEG_INIT, tl.exp(m - m_sub), 0.0)
-    p = tl.exp(zm - m_sub[:, None])  # exactly 0 when masked
-    return m_new, l * alpha + tl.sum(p, axis=1), t * alpha + tl.sum(p * zm, axis=1)
+    arg = zm - m_sub[:, None]
+    p = tl.exp(arg)  # exactly 0 when masked (and then p * arg = 0: arg is finite)
+    # Moving the centre from m to m_sub: sum e (z - m_sub) = sum e (z - m) + (m - m_sub) l (0 while l = 0).
+    return m_new, l * alpha + tl.sum(p, axis=1), (t + (m - m_sub) * l) * alpha + tl.sum(p * arg, axis=1)
 
 
 @triton.jit
@@ -871,8 +875,11 @@ _SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static repor
 # 128 (the GPU tiles); the tests lower it to reach that path with the interpreter's small tiles.
 SPLIT_FROM = 128
 # The multi-level coefficient kernel parks each level's coefficient tile in E's memory (_nce_bwd_coef_kernel's
-# PARK): fewer registers, the same bits. False: the running sums in registers (tests compare the two).
-PARK = True
+# PARK): fewer registers, the same bits. Off by default: the words it saves spill outside the D loops
+# (128 x 64: 19 -> 5 STL under 3.9, once per tile), which the traffic model does not see, and bf16 at 3
+# levels pays a scratch slot (+16 MiB at the default chunks) against the 512 MB budget; on for an A/B run
+# on a GPU. Tests compare the two.
+PARK = False
 
 # TMA loads in the score kernels' dot ranges where the operands qualify (_use_tma); False forces the pointer
 # path everywhere (the tests run both). Not with a candidate mask: there the 1-level 128 x 128 tiles reload
@@ -1015,7 +1022,7 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
     ids_* int64 or None (rows' and candidates' query ids (a) and target ids (b));
     inv_temp fp32 [1]. Returns fp32 [L, M] tensors in logit units (cosine / tau): lse, pos (the positive's
     logit, the very value the max of its tile saw: loss = lse - pos is exactly 0 for a row whose only
-    candidate is its positive), es (p-weighted mean logit), plus the fp32 norms [L, *] and the per-row
+    candidate is its positive), es (the p-weighted mean logit less the positive's, E_p[z] - z_pos), plus the fp32 norms [L, *] and the per-row
     negative cosines [L, M, K].
     cand_mask: bool [M, N + S + K] or None: False leaves candidate (cands, then shared_neg, then row_neg) out
     of the row's softmax; the positive takes part whatever it says.
@@ -1061,15 +1068,20 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
             else:  # a left-out negative: probability exactly 0 (never a -inf logit, as in the kernels)
                 zm = torch.where(own_keep, z, -1.0e30).max(dim=2).values
                 e = torch.where(own_keep, torch.exp(z - zm[..., None]), 0.0)
-            parts_m.append(zm[None]), parts_l.append(e.sum(2)[None]), parts_t.append((e * z).sum(2)[None])
-        # Merge the parts in a fixed order: deterministic.
+            zc = torch.where(e > 0, z - zm[..., None], 0.0)  # a left-out negative: e = 0, never 0 * inf
+            parts_m.append(zm[None]), parts_l.append(e.sum(2)[None]), parts_t.append((e * zc).sum(2)[None])
+        # Merge the parts in a fixed order: deterministic. Each part's t is centred on its own max m_k;
+        # es = E_p[z] - z_pos = (sum_k w_k (t_k + (m_k - mx) l_k)) / l + (mx - z_pos): no cancellation
+        # of two logits of size 1 / tau (mx - z_pos is exactly 0 when the positive is the maximum).
         m_all = torch.cat(parts_m)
         mx = m_all.max(dim=0).values
         w = torch.exp(m_all - mx)
-        tot_l = (torch.cat(parts_l) * w).sum(0)
+        l_all = torch.cat(parts_l)
+        tot_l = (l_all * w).sum(0)
         lse[sl] = mx + torch.log(tot_l)
-        es[sl] = (torch.cat(parts_t) * w).sum(0) / tot_l
         pos[sl] = pp.sum(0)
+        centred = torch.where(l_all > 0, torch.cat(parts_t) + (m_all - mx) * l_all, 0.0)
+        es[sl] = (centred * w).sum(0) / tot_l + (mx - pos[sl])
     return lse, pos, es, inv_rows, inv_cands, inv_shared, inv_rowneg, row_cos
 
 

@@ -51,7 +51,7 @@ def _fwd(rows: torch.Tensor, cands: torch.Tensor, shared_neg: torch.Tensor | Non
          dims: list[int], weights: list[float], backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss [M] fp32, lse, pos, es [L, M] in logit units, inverse norms of rows / cands / shared / row
+    """Returns (loss [M] fp32, lse, pos, es (E_p[z] - z_pos) [L, M] in logit units, inverse norms of rows / cands / shared / row
     negatives, row-negative cosines [L, M, K]); absent inputs give empty tensors. cand_mask: bool
     [M, N + S + K] or None (see nce_loss's candidate_mask)."""
     rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, cand_mask = _contiguous(
@@ -98,8 +98,9 @@ def _bwd(grad: torch.Tensor, rows: torch.Tensor, cands: torch.Tensor, shared_neg
         g, rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c, diag_offset, inv_temp,
         tuple(dims), lse, pos, inv_r, inv_c, inv_s if shared_neg is not None else None,
         inv_n if row_neg is not None else None, row_cos, cand_mask=cand_mask)
-    # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 = -(E_p[z] - z_pos) / tau at every level (z = s / tau).
-    d_temp = -(g * (es - pos)).sum() * inv_temp[0]
+    # d loss_i / d tau = -(E_p[s] - s_pos) / tau^2 = -(E_p[z] - z_pos) / tau at every level (z = s / tau);
+    # the kernels return es = E_p[z] - z_pos itself (taken about the max: no cancellation at small tau).
+    d_temp = -(g * es).sum() * inv_temp[0]
     return (d_rows, d_cands, d_shared if d_shared is not None else rows.new_empty(0),
             d_neg if d_neg is not None else rows.new_empty(0), d_temp.to(temperature.dtype).reshape(temperature.shape))
 
