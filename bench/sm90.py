@@ -192,12 +192,19 @@ def analyze_sass(text: str) -> dict:
     insns = []
     for m in _INSN.finditer(text):
         insns.append((int(m.group(1), 16), m.group(3), m.group(4)))
-    loops = []  # backward branches: [target, branch address]
+    # Backward branches: [target, branch address]. Not the return jumps of the out-of-line stubs ptxas puts
+    # after the last EXIT (e.g. TMA / mbarrier wait retries): those jump back into the body from past its
+    # end and would make everything from their target on look like a loop.
+    last_exit = max((a for a, op, _ in insns if op == "EXIT"), default=None)
+    loops = []
     for addr, op, rest in insns:
         if op.startswith("BRA") or op.startswith("JMP"):
             t = re.search(r"0x([0-9a-f]+)", rest)
             if t and int(t.group(1), 16) <= addr:
-                loops.append((int(t.group(1), 16), addr))
+                target = int(t.group(1), 16)
+                if last_exit is not None and addr > last_exit and target < last_exit:
+                    continue
+                loops.append((target, addr))
 
     def in_loop(a):
         return any(lo <= a <= hi for lo, hi in loops)

@@ -88,3 +88,19 @@ def test_merge_reports_keeps_other_ops_and_refuses_other_triton():
     assert merged["merged_ops"] == ["nce"] and merged["seconds"] == 12.0
     with pytest.raises(SystemExit, match="cannot take"):
         sr.merge_reports({**old, "triton": "3.6.0"}, new, ["nce"])
+
+
+def test_stub_return_jumps_after_exit_are_not_loops():
+    """ptxas puts TMA / mbarrier wait retries out of line after the last EXIT; their jumps back into the body
+    are not loops (before, the LDL after the real loop below counted as 'in a loop'). The real loop's spill,
+    and a spin loop inside a stub, still count as loops."""
+    from bench import sm90
+
+    def line(addr, insn):
+        return f"        /*{addr:04x}*/                   {insn} ;"
+    body = [(0x10, "MOV R1, R2"), (0x20, "STL [R1], R2"), (0x30, "LDL R3, [R1]"), (0x40, "@!P0 BRA 0x20"),
+            (0x50, "LDL R4, [R1]"), (0x60, "EXIT"), (0x70, "@!P1 BRA 0x70"), (0x80, "BRA 0x50"),
+            (0x90, "BRA 0x90")]
+    fig = sm90.analyze_sass("\n".join(line(a, i) for a, i in body))
+    assert (fig["stl_in_loop"], fig["ldl_in_loop"], fig["ldl"]) == (1, 1, 2)
+    assert fig["loops"] == 3  # the real loop, the stub's spin loop, the trailing self-branch
