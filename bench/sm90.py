@@ -29,7 +29,7 @@ SM90_SMEM_PER_SM = 233472          # 228 KiB
 SM90_SMEM_PER_BLOCK = 232448       # 227 KiB usable by one block
 SM90_THREADS_PER_SM = 2048
 SM90_BLOCKS_PER_SM = 32
-ANALYZER_VERSION = 2  # bump when analyze() changes: part of the cache key
+ANALYZER_VERSION = 3  # bump when analyze() changes: part of the cache key
 
 
 def _target():
