@@ -1087,7 +1087,7 @@ def nce_fwd(rows, cands, shared_neg, row_neg, ids_a_r, ids_b_r, ids_a_c, ids_b_c
 
 # Backward chunk sizes (rows x candidates; CAND_CHUNK / 2 with more than one level). What the backward holds
 # beyond the inputs and gradients (bf16, B = 65,536, D = 3,072): the coefficient block E [L, 4096, 4096 / 2048]
-# (32 MiB at 1 level, 48 MiB at 3 plus PARK's scratch slot: 64), the row chunk's bf16 residual (24 MiB), one GEMM output (<= 12 MiB, see
+# (32 MiB at 1 level, 48 MiB at 3; 64 with PARK's scratch slot, PARK on), the row chunk's bf16 residual (24 MiB), one GEMM output (<= 12 MiB, see
 # GEMM_COLS) and the candidates' bf16 residual [B, D] (384 MiB): about 450-470 MiB. Every element of a gradient is
 # accumulated B / CHUNK times (10 bytes each), so larger chunks move less memory. Launcher arguments override.
 ROW_CHUNK = 4096
