@@ -5,7 +5,8 @@ stops itself before its budget, recording what it skipped:
   1. build the CUDA library (`embedkit build --cuda`),
   2. the gpu-marked tests and the kernel tests on CUDA (bf16 under the tolerance rule),
   3. the headline benchmarks, each with its competitors in the same run: nce_loss B=65,536 D=3,072 at
-     1 and 3 MRL levels; attention mixes a and b, D 64 / 128, Hkv 16 and 4 (GQA 4); pool_project
+     1 and 3 MRL levels; attention mixes a and b, D 64 / 128, Hkv 16 and 4 (GQA 4), with embedkit's
+     atomic backward and full / partial rotary beside its default at mix b D 128; pool_project
      T=256K H=4096; MiniLM encode against sentence-transformers; then the largest NCE batch.
 Everything lands in bench/results/<gpu>/ (the BenchRun's JSON + Markdown + PNG, and gpu_check.json
 with every step's status, time and output tail) and is copied to $OUT when that is set.
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     steps.run("bench nce_loss B=65536 D=3072, 1 and 3 levels", 30,
               lambda: bench_nce.run(bench, batches=[65536], dims=[3072]))
     steps.run("bench attention mixes a, b; D 64/128; Hkv 16/4", 60,
-              lambda: bench_attention.run(bench, mixes=["a", "b"], head_dims=[64, 128]))
+              lambda: bench_attention.run(bench, mixes=["a", "b"], head_dims=[64, 128], variant_cases=[("b", 128)]))
     steps.run("bench pool_project T=256K H=4096", 15,
               lambda: bench_pool_project.run(bench, sizes=[(262144, 4096)]))
     steps.run("bench encode MiniLM vs sentence-transformers", 40 if not args.dry_run else 20,

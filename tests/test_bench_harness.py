@@ -173,3 +173,27 @@ def test_bench_op_takes_every_registered_op():
     sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     op = next(a for a in sub.choices["bench"]._actions if "--op" in a.option_strings)
     assert all(name in op.help for name in run.choices()), op.help
+
+
+def test_attention_variants_run_the_kernel_options_they_name(monkeypatch):
+    """bench_attention's VARIANTS (timed beside embedkit's default row on a GPU) build the calls they say:
+    the atomic backward's flag, and rotary tables over D / D/2 from each token's position in its sequence."""
+    from bench import bench_attention as ba
+
+    import embedkit
+
+    c = ba._Case([3, 5], 4, 2, 16, torch.float32, torch.device("cpu"))
+    pos = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4])
+    with embedkit.use_backend("reference"):
+        plain = embedkit.varlen_attention(c.q, c.k, c.v, c.cu, c.max_len)
+        for name, R in (("embedkit-triton-rotary", 16), ("embedkit-triton-rotary-half", 8)):
+            fwd, leaves, grad_fn = ba._variant_impl(c, "reference", name)
+            want = embedkit.varlen_attention(c.q, c.k, c.v, c.cu, c.max_len, rotary=embedkit.rotary_tables(pos, R))
+            got = fwd()
+            assert torch.equal(got, want) and not torch.allclose(got, plain), name
+            assert leaves == c.leaves() and grad_fn(got) is c.grad
+    calls = []
+    real = embedkit.varlen_attention
+    monkeypatch.setattr(embedkit, "varlen_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    ba._variant_impl(c, "reference", "embedkit-triton-atomic")[0]()
+    assert calls[0]["deterministic"] is False and calls[0]["rotary"] is None
