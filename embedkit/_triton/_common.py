@@ -73,6 +73,22 @@ def dot_acc(acc, a, b, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     return acc
 
 
+def tma_operands(ts, ndim: int, widths) -> bool:
+    """Whether tensors `ts` can be loaded through device-side TMA descriptors (tl.make_tensor_descriptor),
+    TMA's rules as the kernels use them: fp16 / bf16 of one element size (fp32 operands take the FMA dot,
+    no HGMMA to feed), `ndim` dims, unit last stride, base address and every other stride in bytes
+    multiples of 16, and each column offset in `widths` (where a kernel's boxes start inside a row) too.
+    Sets the scratch allocator the descriptors need when any of them is on a GPU."""
+    elem = ts[0].element_size()
+    ok = all(t.dtype in (torch.float16, torch.bfloat16) and t.element_size() == elem and t.dim() == ndim
+             and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+             and all((s * elem) % 16 == 0 for s in t.stride()[:-1]) for t in ts) \
+        and all((w * elem) % 16 == 0 for w in widths)
+    if ok and any(t.device.type == "cuda" for t in ts):
+        ensure_tma_allocator()
+    return ok
+
+
 def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 

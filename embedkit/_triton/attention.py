@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import (LN2, LOG2E, TRITON_VERSION, dot_args, ensure_tma_allocator, gpu_autotune, interpreter_config,
+from ._common import (LN2, LOG2E, TRITON_VERSION, dot_args, gpu_autotune, interpreter_config, tma_operands,
                       launch_arg)
 
 
@@ -1080,17 +1080,8 @@ def _use_tma(half: int, rotary: bool, *ts: torch.Tensor) -> bool:
     a token row of a head), and the piece widths too (the B / C pieces start HALF / 2 HALF columns in:
     HALF and D - 2 HALF, or D without rotary, times the element size). Sets the scratch allocator the
     descriptors need on a GPU."""
-    if not TMA:
-        return False
     D = ts[0].shape[-1]
-    elem = ts[0].element_size()
-    widths = (half, D - 2 * half) if rotary else (D,)
-    ok = all(t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 3 and t.stride(2) == 1
-             and t.data_ptr() % 16 == 0 and (t.stride(0) * elem) % 16 == 0 and (t.stride(1) * elem) % 16 == 0
-             and t.element_size() == elem for t in ts) and all((w * elem) % 16 == 0 for w in widths)
-    if ok and any(t.device.type == "cuda" for t in ts):
-        ensure_tma_allocator()
-    return ok
+    return TMA and tma_operands(ts, 3, (half, D - 2 * half) if rotary else (D,))
 
 
 def _grid_seqlen(max_seqlen: int, sched: TileSchedule) -> int:

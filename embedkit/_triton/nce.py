@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import (TRITON_VERSION, dot_acc, dot_args, ensure_tma_allocator, gpu_autotune,
+from ._common import (TRITON_VERSION, dot_acc, dot_args, gpu_autotune, tma_operands,
                       interpreter_config, launch_arg)
 
 MAX_LEVELS = 3
@@ -895,12 +895,7 @@ def _use_tma(grp: tuple[int, ...], *ts: torch.Tensor) -> bool:
     stride in bytes multiples of 16 (TMA's rules), and every level width of the group too (each level's
     loads start at the previous width: a box start must be 16-byte aligned). Sets the scratch allocator
     the descriptors need on a GPU."""
-    ok = TMA and all(t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 2 and t.stride(1) == 1
-                     and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts) \
-        and all(d * ts[0].element_size() % 16 == 0 for d in grp)
-    if ok and any(t.device.type == "cuda" for t in ts):
-        ensure_tma_allocator()
-    return ok
+    return TMA and tma_operands(ts, 2, grp)
 
 
 # Forward split of the candidate axis: None = as many splits as fill about two waves of the GPU.
