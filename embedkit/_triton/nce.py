@@ -45,6 +45,7 @@ from ._common import (TRITON_VERSION, dot_acc, dot_args, gpu_autotune, tma_opera
                       interpreter_config, launch_arg)
 
 MAX_LEVELS = 3
+_INTERPRET = tl.constexpr(INTERPRET)
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online max: exp(_NEG_INIT - _NEG_INIT) = 1, never NaN
 
 
@@ -600,16 +601,50 @@ def _unpark(e_buf, slot: tl.constexpr, Cr, Cc, e_off, e_ok, E_F32: tl.constexpr)
         return ((hi << 16) | lo).to(tl.float32, bitcast=True)
 
 
-# Coefficient tiles. Each level's coefficients are formed when the dot crosses its width; with PARK (the
-# launcher's default at several levels) each is parked in E's memory at once, so only the accumulator is live
-# through the D loops (without: E_0's running sum too); each level's scales are loaded when used. Static
-# sm_90a figures: 1 level 128 x 128 / 8 warps without spills; 3 levels (widths multiples of 64) 128 x 64 / 8
-# warps: with PARK 5 / 6 spilled words (Triton 3.9; 3.6: 12 / 12), without about 20, all in the once-per-tile
-# epilogues, none in the D loops; 64 x 128 / 8 spills about 100 words under 3.6 and 128 x 128 about 340 / 460
-# even with PARK (the level epilogue's temporaries beside the live accumulator, not the sums): not offered.
-# TMA (USE_TMA) for single levels only: at 3 levels it spills 128 x 64 inside the loop (12 / 13 STL / LDL with
-# PARK, Triton 3.9; 3 / 3 under 3.6). Tried, not kept: 128 x 128 on TMA as two 64-wide accumulators with PARK
-# (none in the D loops but about 160 / 250 STL / LDL in the level epilogues, 3.9 and 3.6).
+@triton.jit
+def _opaque(v, ON: tl.constexpr, HAS_CAND_MASK: tl.constexpr):
+    """v itself (ON: an int32 vector through an asm that the compiler may neither merge with another copy nor
+    hoist; the interpreter returns v). The multi-level coefficient kernel passes each level's row indices
+    through it: the pair-mask, index and offset tiles derived from them are then formed at each level step
+    instead of being merged (CSE) with the first level's and held through the later D loops. Not with the
+    candidate mask (HAS_CAND_MASK): its per-level 64-bit address tile then costs more than it saves (128 x 64
+    spilled 52 -> 88 B under Triton 3.9, 624 -> 836 B under 3.6)."""
+    if ON and not _INTERPRET and not HAS_CAND_MASK:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return v
+
+
+@triton.jit
+def _level_index(r0, Cr, c0, loc_m, loc_n, n_ok, HAS_CAND_MASK: tl.constexpr):
+    """(loc_m, loc_n, m_ok, n_ok, offs_m, offs_n) of the tile for one level step of the parked path, the
+    rows from an _opaque copy (see _opaque; an opaque copy of the candidates instead costs about a thousand
+    spilled words: their MMA-layout vectors, 32 registers each at 128 wide, are then rebuilt per use)."""
+    lm = _opaque(loc_m, True, HAS_CAND_MASK)
+    return lm, loc_n, lm < Cr, n_ok, r0 + lm, c0 + loc_n
+
+
+@triton.jit
+def _e_block(loc_m, loc_n, Cr, Cc):
+    """E's int32 offset tile and bounds mask for the tile's rows loc_m / candidates loc_n."""
+    return loc_m[:, None] * Cc + loc_n[None, :], (loc_m < Cr)[:, None] & (loc_n < Cc)[None, :]
+
+
+# Coefficient tiles. Each level's coefficients are formed when the dot crosses its width; with PARK (off by default,
+# see PARK) each is parked in E's memory at once, so only the accumulator is live through the D loops (without:
+# E_0's running sum too); each level's scales are loaded when used, and each level's pair mask from an _opaque copy
+# of the row indices (else the compiler merges the levels' identical mask / index tiles into the first level's and
+# holds them through the later D loops). Static sm_90a figures: 1 level 128 x 128 / 8 warps without spills; 3 levels
+# (widths multiples of 64) 128 x 64 / 8 warps: 1 / 1 spilled words (Triton 3.9; 3.6: 16 / 16; 19 / 23 and 21 / 30
+# before the _opaque rows), with PARK none (248 / 254 registers); with the candidate mask (rows not _opaque) 13 / 13
+# and 3.6 150 / 180; none in the D loops. 64 x 128 / 8 spills about 100 words under 3.6; 128 x 128 (3 levels) about
+# 390 / 410 (3.9) and 300 / 320 (3.6) with TMA, with PARK 220 / 260 and 160 / 190: not offered. Tried for 128 x 128,
+# not kept: parking the raw accumulator across each level epilogue too (bit-exact, in the slots C^l takes next) --
+# about 100 / 150 STL / LDL left (TMA, both versions), 16 more bytes of E traffic per score; an _opaque copy of the
+# candidate indices (about 1,100 STL: their MMA-layout vectors rebuilt per use); two 64-wide accumulators on TMA
+# (160 / 250). TMA (USE_TMA) for single levels only (at 3 levels 128 x 64 spilled in the loop before the _opaque
+# rows: 12 / 13 STL / LDL with PARK under 3.9; now none in the loop: 1 / 1 words outside (3.9; 3.6 none), with PARK
+# none -- not enabled, unaligned widths and the 64 x 64 tiles not checked).
 _COEF_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": 64}, num_warps=w, num_stages=s)
                  for m, n, w, s in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 4, 4),
                                     (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 4))]
@@ -676,8 +711,7 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
                                                 BLOCK_D, NUM_LEVELS, ALIGNED, USE_TMA)
     it = tl.load(inv_temp).to(tl.float32)
     # One int32 offset tile for every E access (L Cr Cc < 2^31, checked by the launcher).
-    e_off = loc_m[:, None] * Cc + loc_n[None, :]
-    e_ok = m_ok[:, None] & n_ok[None, :]
+    e_off, e_ok = _e_block(loc_m, loc_n, Cr, Cc)
     e_ty = e_buf.dtype.element_ty
     rp = rpart + pid_n * NUM_LEVELS * Cr
     cp = cpart + pid_m * NUM_LEVELS * Cc
@@ -690,51 +724,61 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
         SLOT1: tl.constexpr = 1 if E_F32 else 2  # where C^1 is parked (C^0 at slot 0)
         acc = _dot_range(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok,
                          0, D0, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+        lm, ln, mo, no, om, on = _level_index(r0, Cr, c0, loc_m, loc_n, n_ok, HAS_CAND_MASK)
+        e_off, e_ok = _e_block(lm, ln, Cr, Cc)
+        valid, is_pos = _pair_mask(om, mo, on, no, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
                                    HAS_CAND_MASK)
-        c0_, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
-                              is_pos, HAS_DIAG)
-        tl.store(rp + loc_m, tl.sum(q0, axis=1), mask=m_ok)
-        tl.store(cp + loc_n, tl.sum(q0, axis=0), mask=n_ok)
+        c0_, q0 = _level_coef(acc, 0, inv_x, M, om, mo, inv_y, N, on, no, lse, g, zpos, it, valid, is_pos,
+                              HAS_DIAG)
+        tl.store(rp + lm, tl.sum(q0, axis=1), mask=mo)
+        tl.store(cp + ln, tl.sum(q0, axis=0), mask=no)
         _park(e_buf, 0, Cr, Cc, e_off, e_ok, c0_, E_F32)
         acc = _dot_range(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok,
                          D0, D1, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+        lm, ln, mo, no, om, on = _level_index(r0, Cr, c0, loc_m, loc_n, n_ok, HAS_CAND_MASK)
+        e_off, e_ok = _e_block(lm, ln, Cr, Cc)
+        valid, is_pos = _pair_mask(om, mo, on, no, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                    True, HAS_CAND_MASK)
-        c1_, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
-                              is_pos, HAS_DIAG)
-        tl.store(rp + Cr + loc_m, tl.sum(q1, axis=1), mask=m_ok)
-        tl.store(cp + Cc + loc_n, tl.sum(q1, axis=0), mask=n_ok)
+        c1_, q1 = _level_coef(acc, 1, inv_x, M, om, mo, inv_y, N, on, no, lse, g, zpos, it, valid, is_pos,
+                              HAS_DIAG)
+        tl.store(rp + Cr + lm, tl.sum(q1, axis=1), mask=mo)
+        tl.store(cp + Cc + ln, tl.sum(q1, axis=0), mask=no)
         if NUM_LEVELS > 2:
             _park(e_buf, SLOT1, Cr, Cc, e_off, e_ok, c1_, E_F32)
             acc = _dot_range(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok,
                              D1, D2, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+            lm, ln, mo, no, om, on = _level_index(r0, Cr, c0, loc_m, loc_n, n_ok, HAS_CAND_MASK)
+            e_off, e_ok = _e_block(lm, ln, Cr, Cc)
+            valid, is_pos = _pair_mask(om, mo, on, no, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                        True, HAS_CAND_MASK)
-            e2, q2 = _level_coef(acc, 2, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it,
-                                 valid, is_pos, HAS_DIAG)
-            tl.store(rp + 2 * Cr + loc_m, tl.sum(q2, axis=1), mask=m_ok)
-            tl.store(cp + 2 * Cc + loc_n, tl.sum(q2, axis=0), mask=n_ok)
+            e2, q2 = _level_coef(acc, 2, inv_x, M, om, mo, inv_y, N, on, no, lse, g, zpos, it, valid, is_pos,
+                                 HAS_DIAG)
+            tl.store(rp + 2 * Cr + lm, tl.sum(q2, axis=1), mask=mo)
+            tl.store(cp + 2 * Cc + ln, tl.sum(q2, axis=0), mask=no)
             tl.debug_barrier()  # every thread's parked stores before any thread's reads (layouts may differ)
             c1_ = _unpark(e_buf, SLOT1, Cr, Cc, e_off, e_ok, E_F32)
-            e1 = c1_ + e2
-            e0 = (_unpark(e_buf, 0, Cr, Cc, e_off, e_ok, E_F32) + c1_) + e2
+            # Converted before the barrier: the three tiles wait for it in E's dtype (two 16-bit values per
+            # register), not in fp32.
+            e1 = (c1_ + e2).to(e_ty)
+            e0 = ((_unpark(e_buf, 0, Cr, Cc, e_off, e_ok, E_F32) + c1_) + e2).to(e_ty)
+            e2 = e2.to(e_ty)
             tl.debug_barrier()  # every read of the parked slots before they are overwritten
-            tl.store(e_buf + 2 * Cr * Cc + e_off, e2.to(e_ty), mask=e_ok)
+            tl.store(e_buf + 2 * Cr * Cc + e_off, e2, mask=e_ok)
         else:
-            e1 = c1_
+            e1 = c1_.to(e_ty)
             tl.debug_barrier()
-            e0 = _unpark(e_buf, 0, Cr, Cc, e_off, e_ok, E_F32) + c1_
+            e0 = (_unpark(e_buf, 0, Cr, Cc, e_off, e_ok, E_F32) + c1_).to(e_ty)
             tl.debug_barrier()
-        tl.store(e_buf + Cr * Cc + e_off, e1.to(e_ty), mask=e_ok)
-        tl.store(e_buf + e_off, e0.to(e_ty), mask=e_ok)
+        tl.store(e_buf + Cr * Cc + e_off, e1, mask=e_ok)
+        tl.store(e_buf + e_off, e0, mask=e_ok)
     else:
         acc = _dot_range(acc, xd0, stride_x, offs_m, m_ok, yd0, stride_y, offs_n, n_ok,
                          0, D0, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-        valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+        om = _opaque(offs_m, NUM_LEVELS > 1, HAS_CAND_MASK)  # see _opaque
+        valid, is_pos = _pair_mask(om, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                    diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG, True,
                                    HAS_CAND_MASK)
         e0, q0 = _level_coef(acc, 0, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
@@ -744,7 +788,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
         if NUM_LEVELS > 1:
             acc = _dot_range(acc, xd1, stride_x, offs_m, m_ok, yd1, stride_y, offs_n, n_ok,
                              D0, D1, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-            valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+            om = _opaque(offs_m, NUM_LEVELS > 1, HAS_CAND_MASK)  # see _opaque
+            valid, is_pos = _pair_mask(om, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                        diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                        True, HAS_CAND_MASK)
             e1, q1 = _level_coef(acc, 1, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it, valid,
@@ -755,7 +800,8 @@ def _nce_bwd_coef_kernel(x, y, stride_x, stride_y, inv_x, inv_y, M, N, r0, Cr, c
             if NUM_LEVELS > 2:
                 acc = _dot_range(acc, xd2, stride_x, offs_m, m_ok, yd2, stride_y, offs_n, n_ok,
                                  D1, D2, m_start, n_start, BLOCK_D, DOT_DTYPE, DOT_PREC, ALIGNED, USE_TMA)
-                valid, is_pos = _pair_mask(offs_m, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
+                om = _opaque(offs_m, NUM_LEVELS > 1, HAS_CAND_MASK)  # see _opaque
+                valid, is_pos = _pair_mask(om, m_ok, offs_n, n_ok, ids_a_r, ids_b_r, ids_a_c, ids_b_c,
                                            diag_offset, cmask, stride_cm, cm_col0, HAS_IDS_A, HAS_IDS_B, HAS_DIAG,
                                            True, HAS_CAND_MASK)
                 e2, q2 = _level_coef(acc, 2, inv_x, M, offs_m, m_ok, inv_y, N, offs_n, n_ok, lse, g, zpos, it,
@@ -875,10 +921,11 @@ _SM_COUNT_DEFAULT = 132  # H100 SXM / H200, when no GPU is visible (static repor
 # 128 (the GPU tiles); the tests lower it to reach that path with the interpreter's small tiles.
 SPLIT_FROM = 128
 # The multi-level coefficient kernel parks each level's coefficient tile in E's memory (_nce_bwd_coef_kernel's
-# PARK): fewer registers, the same bits. Off by default: the words it saves spill outside the D loops
-# (128 x 64: 19 -> 5 STL under 3.9, once per tile), which the traffic model does not see, and bf16 at 3
-# levels pays a scratch slot (+16 MiB at the default chunks) against the 512 MB budget; on for an A/B run
-# on a GPU. Tests compare the two.
+# PARK): fewer registers, the same bits. Off by default: the register path keeps 128 x 64 at 1 / 1 (Triton 3.9; 3.6:
+# 16 / 16) spilled words outside the D loops (once per tile), while PARK adds 16 bytes of E traffic per score at 3
+# levels (C^0, C^1 written and read back: 69 GB at B = 65,536, about +7 ms in the model on the L2 -> SM channel) and
+# bf16 at 3 levels a scratch slot (+16 MiB at the default chunks) against the 512 MB budget; on for an A/B run on a
+# GPU. Tests compare the two.
 PARK = False
 
 # TMA loads in the score kernels' dot ranges where the operands qualify (_use_tma); False forces the pointer
