@@ -195,3 +195,43 @@ def test_fused_backward_forced_pointers_match_tma(kernels, monkeypatch, fused_tm
     lowp = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=dtype, causal=True, rotary=rotary)
     for name, a, b, o, lp in zip(NAMES, tma, ptr, oracle, lowp):
         assert max_err(a, b) <= 2.0 * max_err(lp, o) + 1e-5, name
+
+
+def test_fused_backward_gate(kernels):
+    """fused_tma: descriptors where _use_tma allows them, except rotary at head dims >= 128 (every config spills in
+    its loop there at GQA 4 under Triton 3.6) and head dims above 128 (no static figures)."""
+    assert kernels.fused_tma(True, False, 64) and kernels.fused_tma(True, True, 64)
+    assert kernels.fused_tma(True, False, 128) and not kernels.fused_tma(True, True, 128)
+    assert not kernels.fused_tma(True, False, 256) and not kernels.fused_tma(False, False, 64)
+
+
+def test_fused_backward_prune_picks_the_spill_table_of_the_load_path(kernels):
+    """prune_fused_configs reads SM90_FUSED_BWD_KNOWN_SPILLS_TMA for USE_TMA launches, SM90_FUSED_BWD_KNOWN_SPILLS
+    otherwise; with descriptors no kept config is in the TMA table, and the prune is never empty where they launch."""
+    def kept(head_dim, rotary, group, version, tma):
+        kw = {"HEAD_DIM": head_dim, "ROTARY": rotary, "GROUP": group, "USE_TMA": tma}
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in kernels.prune_fused_configs(kernels._FUSED_BWD_CONFIGS, {"LEN_BUCKET": 1024}, kw,
+                                                     version=version)}
+
+    # D128 no rotary, GQA 1: 64x64 w8 spills on pointers under 3.9, not with descriptors
+    assert (64, 64, 8, 2) not in kept(128, False, 1, "3.9", False)
+    assert (64, 64, 8, 2) in kept(128, False, 1, "3.9", True)
+    # D128 no rotary, GQA 4: 16x64 w4 spills with descriptors under 3.6 only
+    assert (16, 64, 4, 2) in kept(128, False, 4, "3.6", False)
+    assert (16, 64, 4, 2) not in kept(128, False, 4, "3.6", True)
+    assert (16, 64, 4, 2) in kept(128, False, 4, "3.9", True)
+    # D64 rotary, GQA 4, 3.6: 64x64 w8 spills on pointers only, 64x128 w8 on both
+    assert (64, 64, 8, 2) not in kept(64, True, 4, "3.6", False)
+    assert (64, 64, 8, 2) in kept(64, True, 4, "3.6", True)
+    assert (64, 128, 8, 2) not in kept(64, True, 4, "3.6", True)
+    for version in ("3.6", "3.9"):
+        for hd in (64, 128):
+            for rotary in (False, True):
+                for group in (1, 4):
+                    if not kernels.fused_tma(True, rotary, hd):
+                        continue
+                    spills = kernels.known_spills("bwd_fused", hd, rotary, group, version,
+                                                  kernels.SM90_FUSED_BWD_KNOWN_SPILLS_TMA)
+                    got = kept(hd, rotary, group, version, True)
+                    assert got and not got & spills and all(c[1] >= 64 for c in got), (version, hd, rotary, group)
