@@ -100,7 +100,9 @@ def _run_attention_path(A, D, Hq, Hkv, L, rot, dtype):
         rotary = (torch.empty(T, R // 2), torch.empty(T, R // 2))
     out, lse = A.attention_fwd(q, k, v, cu, L, False, D ** -0.5, rotary)
     A.attention_bwd(torch.empty_like(out), q, k, v, out, torch.empty(Hq, T), None, cu, L, False, D ** -0.5, rotary)
-    if not A.fuse_dq(L):  # the one-kernel backward (deterministic=False) runs where the fused-dq path does not
+    # The one-kernel backward (deterministic=False) runs where the fused-dq path does not; on descriptors too
+    # when A.TMA (attention.fused_tma: not at D >= 128 with rotary).
+    if not A.fuse_dq(L):
         A.attention_bwd(torch.empty_like(out), q, k, v, out, torch.empty(Hq, T), None, cu, L, False, D ** -0.5, rotary,
                         deterministic=False)
 

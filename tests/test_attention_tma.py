@@ -145,3 +145,93 @@ def test_prune_picks_the_spill_table_of_the_load_path(kernels):
     assert (64, 64, 8, 2) not in kept("dkdv", 128, False, 4, "3.6", False)
     assert (64, 64, 8, 2) in kept("dkdv", 128, False, 4, "3.6", True)
     assert (64, 64, 8, 2) not in kept("dkdv", 128, False, 4, "3.9", True)
+
+
+# ---- the one-kernel backward (_attn_bwd_fused_kernel, deterministic=False) ---------------------------
+
+@pytest.fixture
+def fused_tma(kernels, monkeypatch):
+    """The USE_TMA of each _fused_bwd_launch launch (the interpreter's 16 x 16 tiles: any max_seqlen > 16
+    takes the one-kernel backward when deterministic=False)."""
+    seen = []
+    real = kernels._fused_bwd_launch
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["USE_TMA"])
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_fused_bwd_launch", Spy())
+    return seen
+
+
+FUSED_CASES = [  # (Hq, Hkv, D, dtype, causal, rotary, lens): every max_seqlen > 16, so more than one key tile
+    (4, 1, 32, torch.float16, True, None, LENS),            # GQA 4, no rotary
+    (2, 2, 32, torch.bfloat16, False, "1d", LENS),          # GQA 1, full rotary
+    (4, 1, 64, torch.float16, True, "1d-partial", LENS),    # GQA 4, partial rotary: pieces A, B, C
+    (2, 2, 32, torch.bfloat16, True, "1d-partial", [33, 1, 1, 20]),  # GQA 1, 1-token sequences mid-batch
+]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,causal,rotary,lens", FUSED_CASES,
+                         ids=lambda c: str(c).replace("torch.", "").replace(" ", ""))
+def test_fused_backward_tma_matches_reference(Hq, Hkv, D, dtype, causal, rotary, lens, fused_tma):
+    check_against_reference(lens, Hq, Hkv, D, dtype, causal=causal, rotary=rotary, seed=D + Hq + 1,
+                            deterministic=False)
+    assert fused_tma == [True], fused_tma  # the one-kernel backward ran, on descriptors
+
+
+def test_fused_backward_forced_pointers_match_tma(kernels, monkeypatch, fused_tma):
+    """attention.TMA = False: the one-kernel backward on pointers; its gradients agree with the TMA path's."""
+    lens, Hq, Hkv, D, dtype, rot = [17, 1, 33], 4, 2, 64, torch.bfloat16, "1d"
+    tma = check_against_reference(lens, Hq, Hkv, D, dtype, causal=True, rotary=rot, seed=11, deterministic=False)
+    monkeypatch.setattr(kernels, "TMA", False)
+    ptr = check_against_reference(lens, Hq, Hkv, D, dtype, causal=True, rotary=rot, seed=11, deterministic=False)
+    assert fused_tma == [True, False], fused_tma
+    (q, k, v, g), rotary = _inputs(lens, Hq, Hkv, D, 11, rot)
+    q, k, v, g = (x.to(dtype).double() for x in (q, k, v, g))
+    oracle = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=torch.float64, causal=True, rotary=rotary)
+    lowp = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=dtype, causal=True, rotary=rotary)
+    for name, a, b, o, lp in zip(NAMES, tma, ptr, oracle, lowp):
+        assert max_err(a, b) <= 2.0 * max_err(lp, o) + 1e-5, name
+
+
+def test_fused_backward_gate(kernels):
+    """fused_tma: descriptors where _use_tma allows them, except rotary at head dims >= 128 (every config spills in
+    its loop there at GQA 4 under Triton 3.6) and head dims above 128 (no static figures)."""
+    assert kernels.fused_tma(True, False, 64) and kernels.fused_tma(True, True, 64)
+    assert kernels.fused_tma(True, False, 128) and not kernels.fused_tma(True, True, 128)
+    assert not kernels.fused_tma(True, False, 256) and not kernels.fused_tma(False, False, 64)
+
+
+def test_fused_backward_prune_picks_the_spill_table_of_the_load_path(kernels):
+    """prune_fused_configs reads SM90_FUSED_BWD_KNOWN_SPILLS_TMA for USE_TMA launches, SM90_FUSED_BWD_KNOWN_SPILLS
+    otherwise; with descriptors no kept config is in the TMA table, and the prune is never empty where they launch."""
+    def kept(head_dim, rotary, group, version, tma):
+        kw = {"HEAD_DIM": head_dim, "ROTARY": rotary, "GROUP": group, "USE_TMA": tma}
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in kernels.prune_fused_configs(kernels._FUSED_BWD_CONFIGS, {"LEN_BUCKET": 1024}, kw,
+                                                     version=version)}
+
+    # D128 no rotary, GQA 1: 64x64 w8 spills on pointers under 3.9, not with descriptors
+    assert (64, 64, 8, 2) not in kept(128, False, 1, "3.9", False)
+    assert (64, 64, 8, 2) in kept(128, False, 1, "3.9", True)
+    # D128 no rotary, GQA 4: 16x64 w4 spills with descriptors under 3.6 only
+    assert (16, 64, 4, 2) in kept(128, False, 4, "3.6", False)
+    assert (16, 64, 4, 2) not in kept(128, False, 4, "3.6", True)
+    assert (16, 64, 4, 2) in kept(128, False, 4, "3.9", True)
+    # D64 rotary, GQA 4, 3.6: 64x64 w8 spills on pointers only, 64x128 w8 on both
+    assert (64, 64, 8, 2) not in kept(64, True, 4, "3.6", False)
+    assert (64, 64, 8, 2) in kept(64, True, 4, "3.6", True)
+    assert (64, 128, 8, 2) not in kept(64, True, 4, "3.6", True)
+    for version in ("3.6", "3.9"):
+        for hd in (64, 128):
+            for rotary in (False, True):
+                for group in (1, 4):
+                    if not kernels.fused_tma(True, rotary, hd):
+                        continue
+                    spills = kernels.known_spills("bwd_fused", hd, rotary, group, version,
+                                                  kernels.SM90_FUSED_BWD_KNOWN_SPILLS_TMA)
+                    got = kept(hd, rotary, group, version, True)
+                    assert got and not got & spills and all(c[1] >= 64 for c in got), (version, hd, rotary, group)

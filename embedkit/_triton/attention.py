@@ -631,10 +631,15 @@ def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, 
                            GROUP: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
                            ROT_W: tl.constexpr, REST_W: tl.constexpr,
                            HAS_DLSE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           USE_TMA: tl.constexpr):
     """One program per (key tile, kv head) of the exact grid, kv head fastest (as
     _attn_bwd_dkdv_kernel): dk, dv in registers over the group's heads x query blocks, and each
-    block's dS K added into DQ_ACC (fp32, zeroed by the host; rows no sequence covers stay 0)."""
+    block's dS K added into DQ_ACC (fp32, zeroed by the host; rows no sequence covers stay 0).
+    USE_TMA: the owned k / v tile and the streamed q / dO blocks through descriptors of the sequence
+    (_qk_descs, _rows_desc; q / dO one set per head of the group; rows past the sequence read as zeros,
+    their scores masked as on pointers). lse / delta rows ([Hq, T] fp32: a sequence's rows start at any
+    token, so no 16-byte-aligned descriptor base) and the dq atomics stay on pointers."""
     kv_head, seq, tile = _attn_tile(SCHED, tl.program_id(0), HKV, BLOCK_N)
     start, end = _attn_seq_bounds(cu_seqlens, seq, T)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -652,10 +657,17 @@ def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, 
     if k_lo < end:  # false only for the placeholder tile of an empty first / last sequence
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
+        k_descs = _qk_descs(K + kv_head.to(tl.int64) * stride_kh, start, end, stride_kt, D, HALF, BLOCK_N, ROTARY,
+                            ROT_W, REST_W, USE_TMA)
         ka, kb, kr = _load_qk(K + kv_head.to(tl.int64) * stride_kh, stride_kt, offs_n, n_ok, D, COS, SIN, HALF,
-                              ROTARY, ROT_W, REST_W, DOT_DTYPE)
-        v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
-                     + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+                              ROTARY, ROT_W, REST_W, DOT_DTYPE, k_descs, k_lo - start, USE_TMA)
+        if USE_TMA:
+            v_desc = _rows_desc(V + kv_head.to(tl.int64) * stride_vh, start, end, stride_vt, D, BLOCK_N, HEAD_DIM,
+                                USE_TMA)
+            v = v_desc.load([k_lo - start, 0]).to(DOT_DTYPE)
+        else:  # (the pointer path's code as before the TMA path)
+            v = (tl.load(V + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
+                         + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
         if ROTARY:
             dka = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
             dkb = tl.zeros([BLOCK_N, ROT_W], dtype=tl.float32)
@@ -673,14 +685,20 @@ def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_seqlens, 
         for g in range(GROUP):
             head = (kv_head * GROUP + g).to(tl.int64)
             acc_base = DQ_ACC + head * stride_acc_h
+            q_descs = _qk_descs(Q + head * stride_qh, start, end, stride_qt, D, HALF, BLOCK_M, ROTARY, ROT_W, REST_W,
+                                USE_TMA)
+            do_desc = _rows_desc(DO + head * stride_doh, start, end, stride_dot, D, BLOCK_M, HEAD_DIM, USE_TMA)
             for q_lo in range(lo, end, BLOCK_M):
                 offs_m = q_lo + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < end
                 multi = _attn_multi_key(offs_m, start, end, CAUSAL, HAS_DLSE)
                 qa, qb, qr = _load_qk(Q + head * stride_qh, stride_qt, offs_m, m_ok, D, COS, SIN, HALF,
-                                      ROTARY, ROT_W, REST_W, DOT_DTYPE)
-                do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                              mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
+                                      ROTARY, ROT_W, REST_W, DOT_DTYPE, q_descs, q_lo - start, USE_TMA)
+                if USE_TMA:
+                    do = do_desc.load([q_lo - start, 0]).to(DOT_DTYPE)
+                else:  # (the pointer path's code as before the TMA path)
+                    do = (tl.load(DO + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot
+                                  + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)).to(DOT_DTYPE)
                 lse2 = tl.load(LSE + head * T + offs_m, mask=m_ok, other=0.0) * LOG2E
                 delta = tl.load(DELTA + head * T + offs_m, mask=m_ok, other=0.0)
                 # Transposed scores [BLOCK_N, BLOCK_M] (as the dk / dv kernel): dk / dv need no transpose of P.
@@ -928,6 +946,25 @@ SM90_FUSED_BWD_KNOWN_SPILLS: list[tuple[str, int, bool, int, frozenset | None, f
 ]
 
 
+# The same for the fused kernel's TMA path (USE_TMA), from the same compiles with descriptors (every config,
+# head dims 64 / 128, GROUP 1 / 4, no / full / partial rotary, Triton 3.9 and 3.6). Descriptors free the
+# pointer tiles and masks: at D64 and at D128 without rotary they spill less than pointers (e.g. D128 GQA 4,
+# 3.9: 32x128 w8 from 10 LDL per block to 1, 64x64 w4 from 81 to 48), but not at D128 with rotary under 3.6,
+# where every config spills in its loop at GQA 4 -- those launch on pointers (fused_tma); their rows say why.
+SM90_FUSED_BWD_KNOWN_SPILLS_TMA: list[tuple[str, int, bool, int, frozenset | None, frozenset]] = [
+    ("bwd_fused", 64, False, 2, frozenset({"3.6"}), frozenset({(64, 64, 4, 2)})),
+    ("bwd_fused", 64, True, 2, None, frozenset({(64, 64, 4, 2)})),
+    ("bwd_fused", 64, True, 2, frozenset({"3.6"}), frozenset({(64, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 1, None, frozenset({(64, 64, 4, 2), (64, 128, 8, 2)})),
+    ("bwd_fused", 128, False, 2, None, frozenset({(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)})),
+    ("bwd_fused", 128, False, 2, frozenset({"3.6"}), frozenset({(16, 64, 4, 2)})),
+    ("bwd_fused", 128, True, 1, None, frozenset({(32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)})),
+    ("bwd_fused", 128, True, 1, frozenset({"3.6"}), frozenset({(16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 4, 2)})),
+    ("bwd_fused", 128, True, 2, frozenset({"3.6"}), frozenset({(32, 64, 8, 1), (32, 64, 8, 2)})),
+    ("bwd_fused", 128, True, 2, frozenset({"3.9"}), frozenset({(32, 64, 4, 2)})),
+]
+
+
 def prune_fused_configs(configs, named_args: dict, kwargs: dict, version: str = TRITON_VERSION) -> list:
     """_attn_bwd_fused_kernel's configs: tiles no larger than the length bucket, within shared memory
     (the dk / dv kernel's model: resident k, v; streamed q, dO; dS), no known in-loop spill under this
@@ -938,7 +975,7 @@ def prune_fused_configs(configs, named_args: dict, kwargs: dict, version: str = 
     bucket = named_args["LEN_BUCKET"]
     head_dim = arg("HEAD_DIM") or 64
     spills = known_spills("bwd_fused", head_dim, bool(arg("ROTARY", False)), int(arg("GROUP", 1)), version,
-                          SM90_FUSED_BWD_KNOWN_SPILLS)
+                          SM90_FUSED_BWD_KNOWN_SPILLS_TMA if arg("USE_TMA") else SM90_FUSED_BWD_KNOWN_SPILLS)
 
     def ok(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -956,7 +993,7 @@ def _prune_fused(configs, named_args, **kwargs):
 
 
 # The autotuner runs each config more than once: the atomic dq buffer must start from zero each time.
-_fused_bwd_launch = gpu_autotune(_FUSED_BWD_CONFIGS, _KEY, _prune_fused, reset_to_zero=["DQ_ACC"])(
+_fused_bwd_launch = gpu_autotune(_FUSED_BWD_CONFIGS, _KEY + ["USE_TMA"], _prune_fused, reset_to_zero=["DQ_ACC"])(
     _attn_bwd_fused_kernel)
 
 
@@ -1068,8 +1105,8 @@ def _rotary_args(rotary, q, head_dim: int):
         (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-# Device-side TMA descriptors for the q / k / v / dO loads of the forward, dk / dv and dq kernels where the
-# inputs allow (_use_tma); False forces the pointer path everywhere (tests, A/B benchmarks).
+# Device-side TMA descriptors for the q / k / v / dO loads of the forward, dk / dv, dq and one-kernel backward
+# kernels where the inputs allow (_use_tma); False forces the pointer path everywhere (tests, A/B benchmarks).
 TMA = True
 
 
@@ -1082,6 +1119,15 @@ def _use_tma(half: int, rotary: bool, *ts: torch.Tensor) -> bool:
     descriptors need on a GPU."""
     D = ts[0].shape[-1]
     return TMA and tma_operands(ts, 3, (half, D - 2 * half) if rotary else (D,))
+
+
+def fused_tma(use_tma: bool, rotary: bool, head_dim: int) -> bool:
+    """Whether _attn_bwd_fused_kernel takes the descriptors _use_tma allows. Not with rotary at head dims >= 128:
+    under Triton 3.6 every config spills in its loop with descriptors at GQA 4 (partial rotary; full rotary
+    keeps only 32x64 w8), where the pointer path keeps 16x128 w8 and 32x64 w8 x1 clean
+    (SM90_FUSED_BWD_KNOWN_SPILLS_TMA). Not above 128 either: no static figures there (the resident fp32 dk, dv
+    alone fill the registers)."""
+    return use_tma and head_dim <= 128 and not (rotary and head_dim >= 128)
 
 
 def _grid_seqlen(max_seqlen: int, sched: TileSchedule) -> int:
@@ -1167,12 +1213,11 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     def grid_kv(meta):  # kv head fastest
         return (sched.programs(meta["BLOCK_N"]) * Hkv,)
 
+    use_tma = _use_tma(half, has_rot, q, k, v, grad_out)
     if not deterministic and not fused_dq:  # one kernel, dq by atomics (see _attn_bwd_fused_kernel)
         _attention_bwd_fused(q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, cos, sin, sched, grid_kv,
-                             scalars, Hkv, common)
+                             scalars, Hkv, common, fused_tma(use_tma, has_rot, head_dim))
         return dq, dk, dv
-    # Not in `common`: the one-kernel backward above has no TMA path (its specializations stay as they are).
-    use_tma = _use_tma(half, has_rot, q, k, v, grad_out)
     # dk / dv with rotary at head dims >= 128 stay on pointers: with descriptors every config spills in its
     # loop at GQA 4 under Triton 3.6 (32x64 w8 included; the pointer path's 32x64 does not).
     dkdv_tma = use_tma and not (has_rot and head_dim >= 128)
@@ -1196,7 +1241,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _attention_bwd_fused(q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, cos, sin, sched, grid_kv,
-                         scalars, Hkv, common):
+                         scalars, Hkv, common, use_tma=False):
     """attention_bwd's deterministic=False branch: _attn_bwd_fused_kernel into a zeroed fp32 dq buffer,
     then one cast pass (scale, inverse rotation, dtype) into dq."""
     T, Hq, D = q.shape
@@ -1205,7 +1250,7 @@ def _attention_bwd_fused(q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, 
         q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens, cos, sin, sched.table,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        dq_acc.stride(0), dq_acc.stride(1), *scalars, Hkv, **common)
+        dq_acc.stride(0), dq_acc.stride(1), *scalars, Hkv, USE_TMA=use_tma, **common)
     sm_scale, half = scalars[4], scalars[2]
     block_t = 64 if common["HEAD_DIM"] <= 128 else 32
     _attn_bwd_dq_cast_kernel[(triton.cdiv(T, block_t), Hq)](
