@@ -14,6 +14,17 @@ from numerics import assert_by_rule, max_err
 from test_attention import NAMES, _cu, _inputs, _run, check_against_reference
 
 
+def _assert_paths_agree(tma, ptr, lens, Hq, Hkv, D, dtype, rot, seed):
+    """The TMA and pointer paths' outputs / gradients agree within twice the low-precision reference's error
+    against the fp64 oracle (causal inputs of `seed`)."""
+    (q, k, v, g), rotary = _inputs(lens, Hq, Hkv, D, seed, rot)
+    q, k, v, g = (x.to(dtype).double() for x in (q, k, v, g))
+    oracle = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=torch.float64, causal=True, rotary=rotary)
+    lowp = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=dtype, causal=True, rotary=rotary)
+    for name, a, b, o, lp in zip(NAMES, tma, ptr, oracle, lowp):
+        assert max_err(a, b) <= 2.0 * max_err(lp, o) + 1e-5, name
+
+
 @pytest.fixture
 def kernels():
     from embedkit._triton import attention
@@ -119,12 +130,7 @@ def test_forced_pointers_match_tma(kernels, monkeypatch, gate):
     monkeypatch.setattr(kernels, "TMA", False)
     ptr = check_against_reference(lens, Hq, Hkv, D, dtype, causal=True, rotary=rot, seed=9)
     assert gate and not any(gate)
-    (q, k, v, g), rotary = _inputs(lens, Hq, Hkv, D, 9, rot)
-    q, k, v, g = (x.to(dtype).double() for x in (q, k, v, g))
-    oracle = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=torch.float64, causal=True, rotary=rotary)
-    lowp = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=dtype, causal=True, rotary=rotary)
-    for name, a, b, o, lp in zip(NAMES, tma, ptr, oracle, lowp):
-        assert max_err(a, b) <= 2.0 * max_err(lp, o) + 1e-5, name
+    _assert_paths_agree(tma, ptr, lens, Hq, Hkv, D, dtype, rot, seed=9)
 
 
 def test_prune_picks_the_spill_table_of_the_load_path(kernels):
@@ -189,12 +195,7 @@ def test_fused_backward_forced_pointers_match_tma(kernels, monkeypatch, fused_tm
     monkeypatch.setattr(kernels, "TMA", False)
     ptr = check_against_reference(lens, Hq, Hkv, D, dtype, causal=True, rotary=rot, seed=11, deterministic=False)
     assert fused_tma == [True, False], fused_tma
-    (q, k, v, g), rotary = _inputs(lens, Hq, Hkv, D, 11, rot)
-    q, k, v, g = (x.to(dtype).double() for x in (q, k, v, g))
-    oracle = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=torch.float64, causal=True, rotary=rotary)
-    lowp = _run("reference", q, k, v, g, _cu(lens), max(lens), dtype=dtype, causal=True, rotary=rotary)
-    for name, a, b, o, lp in zip(NAMES, tma, ptr, oracle, lowp):
-        assert max_err(a, b) <= 2.0 * max_err(lp, o) + 1e-5, name
+    _assert_paths_agree(tma, ptr, lens, Hq, Hkv, D, dtype, rot, seed=11)
 
 
 def test_fused_backward_gate(kernels):
