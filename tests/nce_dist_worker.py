@@ -9,6 +9,8 @@ import socket
 
 import torch
 
+from embedkit.train.spawned_rank import end_spawned_rank
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -40,8 +42,10 @@ def worker(rank: int, world: int, port: int, backends: list, cases_path: str, ou
     try:
         for backend in backends:
             _run_cases(rank, world, backend, cases_path, out_dir)
+        dist.barrier()  # every rank past its last collective before any tears gloo down
     finally:
         dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def _run_cases(rank, world, backend, cases_path, out_dir):
@@ -141,6 +145,8 @@ def mismatch_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             loss = _mismatch_call(rank, world, {})  # the ranks are still in step: an agreeing call works
             loss.backward()
             seen["after"] = f"loss {float(loss.detach()):.6f}"
+            dist.barrier()
     finally:
         torch.save(seen, os.path.join(out_dir, f"mismatch-rank{rank}.pt"))
         dist.destroy_process_group()
+    end_spawned_rank()

@@ -11,6 +11,7 @@ import torch
 
 from embedkit import Embedder, EmbedderConfig
 from embedkit.train import Example, Stage, Task, Trainer
+from embedkit.train.spawned_rank import end_spawned_rank
 
 pytestmark = pytest.mark.slow  # spawned gloo ranks training
 
@@ -42,8 +43,10 @@ def _rank_main(rank, port, out):
             state = {k: v.contiguous() for k, v in tr.model.state_dict().items()}
             state["__log_temperature"] = tr.log_temperature.detach().reshape(1)
             save_file(state, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_spawned_rank()  # a finished gloo rank can abort in interpreter finalization
 
 
 class RecordingTrainer(Trainer):
@@ -85,8 +88,10 @@ def _count_main(rank, port, out):
         tr.fit()
         with open(f"{out}.{rank}", "w") as f:
             json.dump(tr.steps_seen, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_spawned_rank()  # a finished gloo rank can abort in interpreter finalization
 
 
 def _free_port():
@@ -145,3 +150,16 @@ def test_ddp_all_reduces_each_bucket_once_per_step_with_cached_chunks(tmp_path):
         assert [s["forwards"] for s in steps] == [1, 1, 4, 4], steps
         for s in steps:  # every bucket once, however many chunks were backpropagated
             assert s["reduced"] and len(s["reduced"]) == len(set(s["reduced"])), (r, steps)
+
+
+def test_end_spawned_rank_flushes_and_exits_with_its_code():
+    import subprocess
+    import sys
+
+    code = ("import sys; from embedkit.train.spawned_rank import end_spawned_rank\n"
+            "sys.stdout.write('out-no-newline'); sys.stderr.write('err-no-newline')\n"
+            "import atexit; atexit.register(lambda: print('finalized'))\n"
+            "end_spawned_rank(3)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out
+    assert out.stdout == "out-no-newline" and out.stderr == "err-no-newline"  # flushed; no atexit ran

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import embedkit
+from embedkit.train.spawned_rank import end_spawned_rank
 
 
 class TwoTower(torch.nn.Module):
@@ -35,7 +36,8 @@ class TwoTower(torch.nn.Module):
 
 def train(rank: int, world: int, args) -> None:
     use_cuda = torch.cuda.is_available() and not args.cpu
-    if "RANK" not in os.environ:  # spawned by this script, not by torchrun
+    spawned = "RANK" not in os.environ  # spawned by this script, not by torchrun
+    if spawned:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(args.port))
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
@@ -73,6 +75,8 @@ def train(rank: int, world: int, args) -> None:
     # "terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
+    if spawned:  # a finished gloo rank can still abort in interpreter finalization: see spawned_rank
+        end_spawned_rank()
 
 
 def main(argv=None) -> None:
