@@ -70,9 +70,8 @@ def train(rank: int, world: int, args) -> None:
         if rank == 0:
             print(f"step {step}: loss {float(global_loss) / world:.4f} "
                   f"(global batch {world * args.batch}, temperature {temperature.item():.4f})", flush=True)
-    # Every rank past its last collective before any rank tears gloo down: a rank that destroys the group
-    # while a peer still reads the last all_reduce's data aborts that peer (seen once in CI: SIGABRT,
-    # "terminate called without an active exception").
+    # Every rank past its last collective before any rank tears gloo down. (The SIGABRT CI saw, "terminate
+    # called without an active exception", came later, in interpreter finalization: end_spawned_rank.)
     dist.barrier()
     dist.destroy_process_group()
     if spawned:  # a finished gloo rank can still abort in interpreter finalization: see spawned_rank

@@ -4,9 +4,9 @@ A spawned gloo rank that has finished its work -- past a barrier, its process gr
 still abort while the interpreter finalizes: C++ objects that own gloo / c10d threads are destroyed
 with those threads still joinable, and std::terminate kills the process ("terminate called without
 an active exception", SIGABRT) after every step succeeded. It is rare (about 1 run in 30 of
-ddp_nce_example on a 2-core machine, after the last step's output) and torch's own fix is open
-(pytorch/pytorch#179291), but it turns a successful run into a failed one. A rank that has nothing
-left to do therefore leaves with os._exit once its output is flushed: no finalization, no abort.
+ddp_nce_example on a 2-core machine, after the last step's output; a fix proposed in torch,
+pytorch/pytorch#179291, was abandoned), but it turns a successful run into a failed one. A rank that
+has nothing left to do therefore leaves with os._exit once its output is flushed: no finalization.
 """
 from __future__ import annotations
 
